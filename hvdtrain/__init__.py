@@ -1,0 +1,1 @@
+"""hvdtrain: DALI on WebDataset shards + Horovod data-parallel training."""

@@ -1,0 +1,117 @@
+"""Horovod, in one place: the only module of hvdtrain that imports horovod.
+
+Order that matters (Horovod's rules): `init()` -> pin the device to `local_rank()` ->
+build the DALI pipeline with shard_id=rank(), num_shards=size() -> `wrap_optimizer()`
+(DistributedOptimizer with backward_passes_per_step = grad_accum_steps) ->
+`broadcast_state()` so every rank starts from rank 0's parameters and optimizer state.
+
+Every rank must run the same collectives in the same order; a rank that skips one
+leaves the others waiting in it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+import horovod.torch as hvd
+
+_initialised = False
+
+
+def init() -> None:
+    """Start Horovod (idempotent) and pin this process to its GPU, if there is one."""
+    global _initialised
+    if not _initialised:
+        hvd.init()
+        _initialised = True
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+
+
+def rank() -> int:
+    return hvd.rank()
+
+
+def local_rank() -> int:
+    return hvd.local_rank()
+
+
+def size() -> int:
+    return hvd.size()
+
+
+def local_size() -> int:
+    return hvd.local_size()
+
+
+def is_primary() -> bool:
+    return hvd.rank() == 0
+
+
+def device() -> torch.device:
+    """cuda:<local rank> where there is a GPU, else cpu."""
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def allreduce_mean(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """Mean over ranks. One collective: batch several metrics into one tensor."""
+    return hvd.allreduce(t, op=hvd.Average, name=name)
+
+
+def allreduce_sum(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    return hvd.allreduce(t, op=hvd.Sum, name=name)
+
+
+def allgather(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0, in rank order."""
+    return hvd.allgather(t, name=name)
+
+
+def allgather_object(obj: Any, name: str | None = None) -> list[Any]:
+    """Every rank's `obj`, in rank order (pickled; for small things such as key lists)."""
+    return hvd.allgather_object(obj, name=name)
+
+
+def broadcast_object(obj: Any, root: int = 0, name: str | None = None) -> Any:
+    return hvd.broadcast_object(obj, root_rank=root, name=name)
+
+
+def wrap_optimizer(opt: torch.optim.Optimizer, model: torch.nn.Module, backward_passes_per_step: int,
+                   fp16_compression: bool = False) -> torch.optim.Optimizer:
+    """DistributedOptimizer: gradients are averaged over ranks every
+    `backward_passes_per_step` backward passes (the caller divides the loss by that
+    number). More backward passes than that before `step()` raises, and so does
+    `zero_grad()` between `backward()` and `step()`."""
+    compression = hvd.Compression.fp16 if fp16_compression else hvd.Compression.none
+    return hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                    backward_passes_per_step=backward_passes_per_step,
+                                    compression=compression)
+
+
+def broadcast_state(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None, root: int = 0) -> None:
+    """Rank `root`'s parameters and buffers (and optimizer state) to every rank."""
+    hvd.broadcast_parameters(model.state_dict(), root_rank=root)
+    if opt is not None:
+        hvd.broadcast_optimizer_state(opt, root_rank=root)
+
+
+def barrier() -> None:
+    hvd.barrier()
+
+
+def shutdown() -> None:
+    global _initialised
+    if _initialised:
+        hvd.shutdown()
+        _initialised = False
+
+
+def cores_per_rank() -> int:
+    """CPU cores this process may use: the affinity set shared among local ranks."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_size()))

@@ -1,0 +1,74 @@
+"""Report writers: JSON, Markdown and PNG beside each other in the run folder."""
+from __future__ import annotations
+
+import json
+import os
+
+from bench import slo as S
+
+
+def write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def loss_plot(path: str, losses: list[float], title: str) -> str | None:
+    """Loss per optimizer step as a PNG; None (and no file) if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    ax.plot(range(1, len(losses) + 1), losses, lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over ranks)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def sanity_table(r: dict) -> str:
+    mem = r["max_memory_gib"]
+    gpu = r["gpu"]
+    util = (f"{gpu['util_mean_pct']:.1f}% mean, p10 {gpu['util_p10_pct']:.1f}%, {gpu['samples']} samples"
+            if gpu["evaluated"] else f"not evaluated: {gpu['why']}")
+    c = r["config"]
+    lines = [
+        f"hvdtrain sanity: {r['verdict']}",
+        f"  code      {r['git_sha']}{' (dirty)' if r['git_dirty'] else ''}",
+        f"  config    {r['config_hash']}  preset {c['preset']}, batch {c['train']['batch_size']}/rank x "
+        f"accum {c['train']['grad_accum_steps']} x {r['ranks']} ranks, lr {c['optim']['lr']}, "
+        f"embed {c['model']['embed_dim']}, seed {c['seed']}, {c['train']['steps']} steps",
+        f"  data      {r['data']['train']['spec']} ({r['data']['train']['samples']} samples, "
+        f"fingerprint {r['data']['train']['fingerprint']})",
+        f"  loader    {r['loader_img_s']:.1f} img/s (DALI {r['decode']}, {r['dali_threads']} thread(s)/rank, "
+        f"all ranks)",
+        f"  loss      first10 {r['loss_first10']:.4f} (ln {c['train']['batch_size']} = {r['ln_batch']:.4f})"
+        f"  last10 {r['loss_last10']:.4f}  reduction {r['loss_reduction']:.4f}",
+        f"  time      {r['wall_time_s']:.1f} s ({r['wall_time_s'] / 60:.2f} min)  train "
+        f"{r['images_per_s']:.1f} img/s (all ranks), data wait {100 * r['data_wait_share']:.1f}%",
+        f"  memory    max {mem:.2f} GiB ({r['memory_kind']})",
+        f"  GPU util  {util}",
+        "",
+        S.table(r["slos"], S.load(r.get("slo_file"))),
+        "",
+        f"verdict: {r['verdict']}",
+    ]
+    return "\n".join(lines)
+
+
+def sanity_markdown(r: dict) -> str:
+    body = sanity_table(r)
+    return (f"# hvdtrain sanity — {r['verdict']}\n\n"
+            f"Run `{r['run_dir']}`, code `{r['git_sha']}`{' (dirty: ' + ', '.join(r['git_changed']) + ')' if r['git_dirty'] else ''}, "
+            f"config hash `{r['config_hash']}`, data fingerprint `{r['data']['train']['fingerprint']}`.\n\n"
+            f"```\n{body}\n```\n\n![loss per step](loss.png)\n\n"
+            f"Versions: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}.\n")
