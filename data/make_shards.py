@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from data.wds import Sample, ShardError, resolve_shards, write_index, write_split
+from data.wds import Sample, ShardError, resolve_shards, write_index, write_info, write_split
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
@@ -134,9 +134,13 @@ def make(src: str, out: str, layout: str = "auto", shard_size: int = 1000, seed:
     for split, items in splits.items():
         random.Random(seed).shuffle(items)  # DALI reads tars in order: shuffle before writing
         rejected: list[tuple[str, str]] = []
-        info = write_split(to_samples(items, split, rejected), os.path.join(out, split), classes,
-                           split, shard_size, {"source": os.path.abspath(src), "layout": layout,
-                                               "rejected": len(rejected)})
+        split_dir = os.path.join(out, split)
+        info = write_split(to_samples(items, split, rejected), split_dir, classes, split, shard_size,
+                           {"source": os.path.abspath(src), "layout": layout})
+        # counted only now: the generator above rejects while it is written
+        info = write_info(split_dir, info["shards"], classes, split,
+                          {"source": info["source"], "layout": layout, "rejected": len(rejected),
+                           "rejected_files": [f"{p}: {why}" for p, why in rejected[:1000]]})
         report[split] = (info, rejected)
     return report
 

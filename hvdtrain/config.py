@@ -80,6 +80,7 @@ class Config:
 def sanity() -> Config:
     """The seed's Day-2 GO/NO-GO configuration (batch 16 x accum 8, lr 5e-4, embed 256)."""
     cfg = Config(preset="sanity")
+    cfg.data.size = 48  # crops of the 64 px synthetic images: 200 steps fit in ~5 min on 2 CPU cores
     cfg.run.name = "sanity"
     return cfg
 
@@ -92,7 +93,7 @@ def ci() -> Config:
     cfg.data.shuffle_buffer = 64
     cfg.model.width = 8
     cfg.model.embed_dim = 32
-    cfg.train.steps = 6
+    cfg.train.steps = 20
     cfg.train.batch_size = 8
     cfg.train.grad_accum_steps = 2
     cfg.train.log_every = 2

@@ -17,12 +17,12 @@ def _git(*args: str) -> str | None:
         out = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return out.stdout.rstrip("\n") if out.returncode == 0 else None  # keep status columns
 
 
 def code_state() -> dict:
     """{'git_sha', 'git_dirty', 'git_changed'}; sha 'unknown' outside a git checkout."""
-    sha = _git("rev-parse", "HEAD")
+    sha = (_git("rev-parse", "HEAD") or "").strip() or None
     if sha is None:
         return {"git_sha": "unknown (not a git checkout)", "git_dirty": None, "git_changed": []}
     status = _git("status", "--porcelain", "--untracked-files=no") or ""

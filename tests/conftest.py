@@ -1,0 +1,34 @@
+"""Shared fixtures: small real shard sets made from real JPEGs."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data import synth  # noqa: E402
+from data.wds import Sample, write_split  # noqa: E402
+
+
+def jpeg(seed: int, size: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+    return synth.jpeg_bytes(Image.fromarray(arr))
+
+
+def unique_shards(out: str, n: int, shard_size: int, classes: int = 10, size: int = 32) -> dict:
+    """n samples with keys u0000000.. and label = index % classes."""
+    samples = (Sample(f"u{i:07d}", jpeg(i, size), i % classes) for i in range(n))
+    return write_split(samples, out, [str(c) for c in range(classes)], "train", shard_size)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("synth"))
+    synth.make(root, classes=10, train=256, val=64, size=64, seed=7, shard_size=100)
+    return root

@@ -1,0 +1,96 @@
+"""Whole commands as a user types them: real horovodrun with 2 processes, real shards.
+Every command runs under a timeout that fails the test instead of hanging CI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import webdataset as wds
+
+from tests.conftest import ROOT, jpeg
+
+BIN = os.path.dirname(sys.executable)
+HOROVODRUN = [os.path.join(BIN, "horovodrun"), "-np", "2", "-H", "localhost:2"]
+
+
+def run(cmd, timeout=300, **kw):
+    """subprocess.run's timeout kills the launcher with SIGKILL, so a stuck job fails the test."""
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_sanity_ci_preset_two_ranks_writes_a_complete_report(tmp_path, synth_data):
+    r = run(HOROVODRUN + [sys.executable, "-m", "hvdtrain.sanity", "--preset", "ci",
+                          f"--data.train={synth_data}/train", f"--run.dir={tmp_path}/run"])
+    out = r.stdout + r.stderr
+    assert r.returncode in (0, 1), out[-3000:]
+    rep = json.load(open(tmp_path / "run" / "sanity.json"))
+    for key in ("verdict", "config", "git_sha", "loss_first10", "loss_last10", "loss_reduction",
+                "wall_time_s", "images_per_s", "slos"):
+        assert key in rep, key
+    assert rep["ranks"] == 2 and rep["config"]["preset"] == "ci"
+    assert len(rep["git_sha"]) == 40 and rep["data"]["train"]["samples"] == 256
+    assert rep["loss_reduction"] == pytest.approx(rep["loss_first10"] - rep["loss_last10"])
+    slos = {s["name"]: s for s in rep["slos"]}
+    assert set(slos) == {"loader_img_s", "loss_reduction", "sanity_time_min", "gpu_util_pct"}
+    assert slos["gpu_util_pct"]["passed"] is None and slos["gpu_util_pct"]["value"] is None  # no GPU here
+    assert rep["verdict"] == ("GO" if all(s["passed"] is not False for s in rep["slos"]) else "NO-GO")
+    assert (r.returncode == 0) == (rep["verdict"] == "GO")
+    md = (tmp_path / "run" / "sanity.md").read_text()
+    assert rep["git_sha"] in md and "NOT EVALUATED" in md and (tmp_path / "run" / "loss.png").exists()
+    assert f"verdict: {rep['verdict']}" in r.stdout
+
+
+def test_sanity_impossible_slo_is_no_go_with_exit_1(tmp_path, synth_data):
+    (tmp_path / "slo.json").write_text(json.dumps({"loss_reduction": 100}))
+    r = run(HOROVODRUN + [sys.executable, "-m", "hvdtrain.sanity", "--preset", "ci", "--train.steps=4",
+                          f"--data.train={synth_data}/train", f"--run.dir={tmp_path}/run",
+                          f"--slo={tmp_path}/slo.json"])
+    assert r.returncode != 0
+    rep = json.load(open(tmp_path / "run" / "sanity.json"))
+    assert rep["verdict"] == "NO-GO" and "verdict: NO-GO" in r.stdout
+
+
+def test_shardwriter_shards_train_with_two_ranks(tmp_path):
+    """Shards from webdataset's own ShardWriter: text .cls, no index, no _info.json."""
+    with wds.ShardWriter(str(tmp_path / "ext-%06d.tar"), maxcount=40) as sink:
+        for i in range(96):
+            sink.write({"__key__": f"k{i:05d}", "jpg": jpeg(i), "cls": str(i % 3)})
+    r = run(HOROVODRUN + [sys.executable, "-m", "hvdtrain.train", "--preset", "ci", "--train.steps=3",
+                          f"--data.train={tmp_path}/ext-{{000000..000002}}.tar", f"--run.dir={tmp_path}/run"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "done: 3 steps" in r.stdout and "fingerprint q" in r.stdout
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 3 and all(x == x for x in (l["loss"] for l in lines))  # finite, logged
+    assert json.load(open(tmp_path / "run" / "config.json"))["data"]["train"]["shards"] == 3
+
+
+def test_bad_data_path_and_bad_key_fail_clearly(tmp_path):
+    r = run([sys.executable, "-m", "hvdtrain.sanity", "--train.stepz=3"], timeout=120)
+    assert r.returncode == 2 and "unknown config key --train.stepz" in r.stderr
+    r = run(HOROVODRUN + [sys.executable, "-m", "hvdtrain.sanity", "--preset", "ci",
+                          f"--data.train={tmp_path}/none-{{000..001}}.tar"])
+    assert r.returncode != 0 and "2 of 2 shard(s) missing" in r.stdout + r.stderr
+
+
+def test_synth_cli(tmp_path):
+    r = run([sys.executable, "-m", "data.synth", str(tmp_path), "--classes", "3", "--train", "30",
+             "--val", "9", "--size", "32", "--seed", "1", "--shard-size", "20"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    info = json.load(open(tmp_path / "train" / "_info.json"))
+    assert info["total"] == 30 and info["num_classes"] == 3 and len(info["shards"]) == 2
+    assert json.load(open(tmp_path / "val" / "_info.json"))["total"] == 9
+
+
+def test_bench_loader_prints_table_and_bench_json_last(tmp_path, synth_data):
+    r = run([sys.executable, "-m", "bench.loader", "--data", f"{synth_data}/train", "--size", "32",
+             "--batch-size", "16", "--threads", "1", "--workers", "1", "--windows", "2",
+             "--window-batches", "2", "--warmup", "1"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("BENCH_JSON ")
+    j = json.loads(last[len("BENCH_JSON "):])
+    assert j["results"]["dali-cpu"]["img_s"] > 0 and j["results"]["torch"]["img_s"] > 0
+    assert j["results"]["dali-gpu"]["skipped"] == "no GPU" and j["error"] is None
+    assert j["slos"][0]["name"] == "loader_img_s" and len(j["git_sha"]) == 40
+    assert "dali-cpu" in r.stdout and "vs ceiling" in r.stdout

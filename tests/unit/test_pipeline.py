@@ -1,0 +1,76 @@
+"""The DALI pipeline and loader on real shards, in one process (CPU backend)."""
+import math
+
+import pytest
+import torch
+
+from data.wds import open_shards
+from hvdtrain import config as C
+from hvdtrain import model as M
+from hvdtrain.loader import DaliLoader, DataError, parse_labels
+from hvdtrain.pipeline import LABEL_WIDTH, PipeSpec
+from tests.conftest import unique_shards
+
+
+def spec(**kw):
+    base = dict(batch_size=8, num_threads=1, shard_id=0, num_shards=1, device_id=None, seed=3, size=32,
+                shuffle_buffer=16)
+    base.update(kw)
+    return PipeSpec(**base)
+
+
+def test_labels_and_keys_come_out_right(tmp_path):
+    unique_shards(str(tmp_path), n=40, shard_size=15, classes=7)
+    loader = DaliLoader(open_shards(str(tmp_path)), spec(train=False), num_classes=7)
+    seen = {}
+    for b in loader.epoch_batches():
+        assert b.views[0].shape == (b.labels.shape[0], 3, 32, 32) and b.views[0].dtype == torch.float32
+        for key, label in zip(b.keys(), b.labels.tolist()):
+            seen[key] = label
+    assert len(seen) == 40 and loader.epoch == 1
+    assert all(label == int(key[1:8]) % 7 for key, label in seen.items())  # key u0000012.jpg -> 12 % 7
+
+
+def test_two_views_differ_and_epochs_wrap(tmp_path):
+    unique_shards(str(tmp_path), n=32, shard_size=16)
+    loader = DaliLoader(open_shards(str(tmp_path)), spec(views=2))
+    assert len(loader) == 4
+    batches = loader.forever()
+    b = next(batches)
+    assert len(b.views) == 2 and not torch.equal(b.views[0], b.views[1])
+    for _ in range(8):
+        next(batches)
+    assert loader.epoch == 2
+
+
+def test_parse_labels_ascii_digits_and_errors():
+    def pad(texts):
+        out = torch.zeros(len(texts), LABEL_WIDTH, dtype=torch.uint8)
+        for i, t in enumerate(texts):
+            out[i, :len(t)] = torch.tensor(list(t))
+        return out
+    assert parse_labels(pad([b"0", b"7", b"199", b"42\n", b" 5"])).tolist() == [0, 7, 199, 42, 5]
+    with pytest.raises(DataError, match=r"batch row 1: label b'cat'"):
+        parse_labels(pad([b"1", b"cat"]))
+    with pytest.raises(DataError, match="not a decimal class index"):
+        parse_labels(pad([b""]))
+
+
+def test_out_of_range_label_names_the_sample(tmp_path):
+    unique_shards(str(tmp_path), n=16, shard_size=16, classes=10)
+    loader = DaliLoader(open_shards(str(tmp_path)), spec(train=False), num_classes=5)
+    with pytest.raises(DataError, match=r"train-000000.tar:\d+:u\d{7}.jpg: label \d out of range \[0, 5\)"):
+        next(loader.epoch_batches())
+
+
+def test_initial_contrastive_loss_is_ln_batch(synth_data):
+    """Golden number: an untrained encoder cannot tell images apart, so InfoNCE starts
+    at ln(B) (the seed recorded 2.7692 against ln 16 = 2.7726)."""
+    cfg = C.sanity()
+    torch.manual_seed(cfg.seed)
+    enc = M.build("convnet", cfg.model.width, cfg.model.embed_dim)
+    loader = DaliLoader(open_shards(synth_data + "/train"), spec(batch_size=16, views=2, size=64))
+    with torch.no_grad():
+        losses = [M.info_nce(enc(b.views[0]), enc(b.views[1]), cfg.model.temperature).item()
+                  for b, _ in zip(loader.forever(), range(4))]
+    assert abs(sum(losses) / len(losses) - math.log(16)) < 0.1, losses

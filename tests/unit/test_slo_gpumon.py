@@ -1,0 +1,72 @@
+"""SLO definitions and the NVML sampler (with a scripted fake NVML)."""
+import json
+import types
+
+import pytest
+
+from bench import slo as S
+from hvdtrain.gpumon import GpuMonitor, summarise
+
+
+def test_defaults_are_the_seeds():
+    d = S.load()
+    assert (d["loader_img_s"].threshold, d["loss_reduction"].threshold, d["sanity_time_min"].threshold,
+            d["gpu_util_pct"].threshold) == (300, 0.15, 25, 85)
+
+
+def test_overrides_from_json_and_toml(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps({"loader_img_s": 500}))
+    (tmp_path / "s.toml").write_text("gpu_util_pct = 90\n")
+    assert S.load(str(tmp_path / "s.json"))["loader_img_s"].threshold == 500
+    assert S.load(str(tmp_path / "s.toml"))["gpu_util_pct"].threshold == 90
+    (tmp_path / "bad.json").write_text(json.dumps({"loader_imgs": 1}))
+    with pytest.raises(ValueError, match="unknown SLO 'loader_imgs'"):
+        S.load(str(tmp_path / "bad.json"))
+
+
+def test_pass_fail_not_evaluated_and_verdict():
+    d = S.load()
+    r = [S.check(d["loader_img_s"], 301), S.check(d["sanity_time_min"], 26), S.check(d["gpu_util_pct"], None, "no GPU")]
+    assert [S.status(x) for x in r] == ["PASS", "FAIL", "NOT EVALUATED"]
+    assert r[2]["passed"] is None and r[2]["not_evaluated"] == "no GPU"
+    assert S.verdict(r) == "NO-GO" and S.verdict([r[0], r[2]]) == "GO"
+    assert "NOT EVALUATED (no GPU)" in S.table(r, d)
+
+
+class FakeNvml:
+    """Scripted readings: utilisation 10, 20, ..., then holds the last."""
+    NVML_CLOCK_SM = 1
+
+    def __init__(self, utils):
+        self.utils, self.i = list(utils), 0
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        u = self.utils[min(self.i, len(self.utils) - 1)]
+        self.i += 1
+        return types.SimpleNamespace(gpu=u)
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return types.SimpleNamespace(used=2 * 2**30)
+
+    def nvmlDeviceGetClockInfo(self, h, which):
+        return 1980
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 350_000
+
+
+def test_sampler_statistics_with_fake_nvml():
+    mon = GpuMonitor(None, interval_s=0.01, nvml=FakeNvml([10, 20, 30, 40, 50, 60, 70, 80, 90, 100]), handle=1)
+    import time
+    mon.start()
+    time.sleep(0.3)
+    r = mon.stop()
+    assert r["evaluated"] and r["samples"] >= 10
+    assert r["mem_used_max_gib"] == 2 and r["sm_clock_mean_mhz"] == 1980 and r["power_mean_w"] == 350
+    s = summarise([{"t": i, "util_pct": u, "mem_used_gib": 1} for i, u in enumerate(range(0, 101, 10))])
+    assert (s["util_mean_pct"], s["util_p10_pct"], s["util_p50_pct"]) == (50, 10, 50)
+
+
+def test_no_gpu_is_not_evaluated_never_zero():
+    r = GpuMonitor(None).start().stop()
+    assert r["evaluated"] is False and r["util_mean_pct"] is None and r["why"] == "no GPU"
