@@ -23,6 +23,8 @@ PY=$VENV/bin/python
 BOOT=${PYTHON_BOOTSTRAP:-python3}
 TORCH_MODE=${HVDTRAIN_TORCH:-pip}
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
+# pip, minus the warnings some machines' pip.conf causes for absent local index folders
+pipq() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 STAMP_INPUTS=(constraints.txt pyproject.toml launch/setup.sh launch/install_horovod.sh)
 STAMP_KEY=$( { cat "${STAMP_INPUTS[@]}"; echo "$TORCH_MODE"; "$BOOT" --version; } | sha256sum | cut -c1-16)
@@ -52,14 +54,14 @@ else
             echo "setup: no NVIDIA GPU: installing the CPU build of $TORCH_PIN"
         fi
         # Never let pip resolve an unpinned torch: on a CPU machine that downloads GBs of CUDA.
-        "$PY" -m pip install -q "$TORCH_PIN" || die "pip could not install $TORCH_PIN"
+        pipq install -q "$TORCH_PIN" || die "pip could not install $TORCH_PIN"
     fi
-    "$PY" -m pip install -q -c "$CONSTRAINTS" setuptools wheel packaging cloudpickle psutil pyyaml \
+    pipq install -q -c "$CONSTRAINTS" setuptools wheel packaging cloudpickle psutil pyyaml \
         || die "pip could not install build tools"
-    "$PY" -m pip install -q -c "$CONSTRAINTS" nvidia-dali-cuda120 webdataset numpy pillow nvidia-ml-py \
+    pipq install -q -c "$CONSTRAINTS" nvidia-dali-cuda120 webdataset numpy pillow nvidia-ml-py \
         pytest pytest-timeout tqdm matplotlib tensorboard || die "pip could not install the dependencies"
     PYTHON=$PY launch/install_horovod.sh
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || die "pip install -e . failed"
+    pipq install -q --no-deps --no-build-isolation -e . || die "pip install -e . failed"
     "$PY" -c "import torch, horovod.torch, nvidia.dali, webdataset, hvdtrain" \
         || die "the environment does not import; see the messages above"
     touch "$STAMP"

@@ -2,6 +2,7 @@
 Every command runs under a timeout that fails the test instead of hanging CI."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,9 +15,18 @@ BIN = os.path.dirname(sys.executable)
 HOROVODRUN = [os.path.join(BIN, "horovodrun"), "-np", "2", "-H", "localhost:2"]
 
 
-def run(cmd, timeout=300, **kw):
-    """subprocess.run's timeout kills the launcher with SIGKILL, so a stuck job fails the test."""
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
+def run(cmd, timeout=300):
+    """Run in its own process group; past `timeout` the whole group (launcher and ranks)
+    gets SIGKILL and the test fails, so a hung collective cannot hang CI."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{(out + err)[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def test_sanity_ci_preset_two_ranks_writes_a_complete_report(tmp_path, synth_data):
