@@ -51,8 +51,8 @@ def sanity_table(r: dict) -> str:
         f"fingerprint {r['data']['train']['fingerprint']})",
         f"  loader    {r['loader_img_s']:.1f} img/s (DALI {r['decode']}, {r['dali_threads']} thread(s)/rank, "
         f"all ranks)",
-        f"  loss      first10 {r['loss_first10']:.4f} (ln {c['train']['batch_size']} = {r['ln_batch']:.4f})"
-        f"  last10 {r['loss_last10']:.4f}  reduction {r['loss_reduction']:.4f}",
+        f"  loss      step1 {r['loss_step1']:.4f} (ln {c['train']['batch_size']} = {r['ln_batch']:.4f})"
+        f"  first10 {r['loss_first10']:.4f}  last10 {r['loss_last10']:.4f}  reduction {r['loss_reduction']:.4f}",
         f"  time      {r['wall_time_s']:.1f} s ({r['wall_time_s'] / 60:.2f} min)  train "
         f"{r['images_per_s']:.1f} img/s (all ranks), data wait {100 * r['data_wait_share']:.1f}%",
         f"  memory    max {mem:.2f} GiB ({r['memory_kind']})",

@@ -103,7 +103,7 @@ def run(cfg: C.Config, slo_file: str | None) -> dict:
     return {"verdict": S.verdict(results), "config": C.to_dict(cfg), "config_hash": chash, **code,
             "run_dir": run_dir, "data": data, "ranks": dist.size(), "device": str(state.device),
             "torch_threads": torch_threads, "dali_threads": dali_threads, "decode": loader.spec.decode,
-            "loss_first10": first, "loss_last10": last, "loss_reduction": first - last,
+            "loss_step1": losses[0], "loss_first10": first, "loss_last10": last, "loss_reduction": first - last,
             "ln_batch": math.log(cfg.train.batch_size), "loss_per_step": losses,
             "wall_time_s": wall_s, "train_time_s": res.wall_s, "images_per_s": agg["images_per_s"],
             "steady_images_per_s": agg["steady_images_per_s"], "data_wait_share": agg["data_wait_share"],
