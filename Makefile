@@ -6,7 +6,7 @@ ARGS    ?=
 # every multi-process test and run is bounded: a hung collective fails, never blocks CI
 TIMEOUT ?= 1200
 
-.PHONY: setup sanity test test-unit test-parallel test-e2e bench clean
+.PHONY: setup sanity test test-unit test-parallel test-e2e test-slurm bench clean
 
 setup:
 	@launch/setup.sh
@@ -15,9 +15,9 @@ setup:
 sanity: setup
 	timeout -k 30 $(TIMEOUT) $(HVDRUN) -np $(NP) -H localhost:$(NP) $(PY) -m hvdtrain.sanity $(ARGS)
 
-## set-up, then every test: one process, then 2 Horovod ranks, then whole commands
+## set-up, then every test: one process, 2 Horovod ranks, whole commands, a real Slurm cluster
 test: setup
-	$(MAKE) --no-print-directory test-unit test-parallel test-e2e
+	$(MAKE) --no-print-directory test-unit test-parallel test-e2e test-slurm
 
 test-unit:
 	$(PY) -m pytest -q tests/unit
@@ -28,6 +28,16 @@ test-parallel:
 
 test-e2e:
 	$(PY) -m pytest -q tests/e2e
+
+# a one-node Slurm cluster on loopback (apt-get installs Debian's packages if missing;
+# HVDTRAIN_SKIP_SLURM=1 leaves this room out and says so)
+test-slurm:
+ifeq ($(HVDTRAIN_SKIP_SLURM),1)
+	@echo "test-slurm: SKIPPED (HVDTRAIN_SKIP_SLURM=1): the sbatch scripts were not tested"
+else
+	launch/install_slurm.sh
+	$(PY) -m pytest -q tests/slurm
+endif
 
 bench:
 	$(PY) -m bench.loader $(ARGS)

@@ -115,3 +115,33 @@ def cores_per_rank() -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(1, cores // max(1, local_size()))
+
+
+# ---------------------------------------------------------------- launching without horovodrun
+_rendezvous = None
+
+
+def start_rendezvous_server(alloc: list[tuple[str, int]]) -> int:
+    """Horovod's Gloo rendezvous server for an allocation [(host, slots)], as horovodrun
+    starts it; returns its port. For `LAUNCHER=srun` (launch/slurm.py), where each
+    Slurm task is one rank and finds the server through HOROVOD_GLOO_RENDEZVOUS_ADDR/PORT."""
+    global _rendezvous
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+    from horovod.runner.http.http_server import RendezvousServer
+
+    hosts = parse_hosts(",".join(f"{h}:{k}" for h, k in alloc))
+    plan = get_host_assignments(hosts, sum(k for _, k in alloc))
+    _rendezvous = RendezvousServer(verbose=0)
+    port = _rendezvous.start()
+    _rendezvous.init(plan)
+    return port
+
+
+def serve_forever() -> None:
+    """Keep the rendezvous server's process alive until it is signalled."""
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    while True:
+        time.sleep(3600)

@@ -44,6 +44,14 @@ def versions() -> dict:
     return v
 
 
+def slurm_job() -> dict | None:
+    """The Slurm job this run belongs to, if any (recorded in every report)."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    return {k.lower(): os.environ.get(k) for k in ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST",
+                                                   "SLURM_NTASKS", "SLURM_TASKS_PER_NODE", "SLURM_SUBMIT_DIR")}
+
+
 def run_id(prefix: str) -> str:
     return f"{prefix}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
@@ -55,6 +63,10 @@ def banner(code: dict, config_hash: str, data: dict, ranks: int, device: str) ->
     lines = [f"code    {code['git_sha']}{dirty}",
              f"config  {config_hash}",
              f"ranks   {ranks} x {device}   host {platform.node()}   python {sys.version.split()[0]}"]
+    job = slurm_job()
+    if job:
+        lines.append(f"slurm   job {job['slurm_job_id']} ({job['slurm_job_name']}) on {job['slurm_job_nodelist']}, "
+                     f"{job['slurm_ntasks']} task(s)")
     for split, d in data.items():
         lines.append(f"data    {split}: {d['spec']} -> {d['shards']} shard(s) {d['first']} .. "
                      f"{os.path.basename(d['last'])}, {d['samples']} samples, fingerprint {d['fingerprint']}")

@@ -109,6 +109,7 @@ def run(cfg: C.Config, slo_file: str | None) -> dict:
             "steady_images_per_s": agg["steady_images_per_s"], "data_wait_share": agg["data_wait_share"],
             "loader_img_s": loader_img_s, "max_memory_gib": mem, "memory_kind": mem_kind, "gpu": gpu,
             "slos": results, "slo_file": slo_file, "versions": provenance.versions(),
+            "slurm": provenance.slurm_job(),
             "epochs_seen": loader.epoch}
 
 

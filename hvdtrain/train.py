@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(provenance.banner(code, chash, data, dist.size(), str(dist.device())), flush=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({"config": C.to_dict(cfg), "config_hash": chash, **code, "data": data,
+                       "slurm": provenance.slurm_job(),
                        "versions": provenance.versions()}, f, indent=1)
     state = make_state(cfg, shards.num_classes)
     loader = open_loader(cfg, shards, dali_threads)

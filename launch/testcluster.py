@@ -1,0 +1,203 @@
+"""A one-node Slurm cluster on loopback, for tests: munged + slurmctld + slurmd.
+
+    python -m launch.testcluster up DIR      # prints `export SLURM_CONF=DIR/slurm.conf`
+    python -m launch.testcluster down DIR
+
+Everything lives in DIR (config, keys, sockets, state, logs); nothing in /etc changes.
+Clients find the cluster through SLURM_CONF. Daemons start with stdin from /dev/null
+and their own log files, and are stopped by PID. Needs Debian's `slurmctld slurmd
+slurm-client munge` (launch/install_slurm.sh) and root (slurmd runs jobs as their user).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+DAEMONS = ("slurmd", "slurmctld", "munged")
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_facts() -> tuple[str, int, int]:
+    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
+    name = re.search(r"NodeName=(\S+)", out).group(1)
+    cpus = int(re.search(r"CPUs=(\d+)", out).group(1))
+    mem = int(re.search(r"RealMemory=(\d+)", out).group(1))
+    return name, cpus, mem
+
+
+def write_config(d: str) -> str:
+    node, cpus, mem = _node_facts()
+    for sub in ("munge", "state", "spool", "log"):
+        os.makedirs(os.path.join(d, sub), exist_ok=True)
+    os.chmod(os.path.join(d, "munge"), 0o755)  # munged's socket folder: world-enterable
+    key = os.path.join(d, "munge.key")
+    if not os.path.exists(key):
+        with open(key, "wb") as f:
+            f.write(os.urandom(1024))
+    os.chmod(key, 0o400)
+    conf = f"""# written by launch/testcluster.py (random FirstJobId: runs/slurm-<id> never collide across clusters)
+ClusterName=hvdtest
+FirstJobId={random.randint(1_000_000, 60_000_000)}
+SlurmctldHost={node}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={d}/munge/munge.socket.2
+CryptoType=crypto/munge
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+KillWait=10
+MinJobAge=600
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem} State=UNKNOWN
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+"""
+    path = os.path.join(d, "slurm.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    return path
+
+
+def _start(d: str, name: str, argv: list[str], env: dict) -> int:
+    log = open(os.path.join(d, "log", f"{name}.stdout"), "ab")
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                         start_new_session=True)
+    with open(os.path.join(d, f"{name}.daemon.pid"), "w") as f:
+        f.write(str(p.pid))
+    return p.pid
+
+
+def _wait(what: str, ok, timeout_s: float, d: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        time.sleep(0.3)
+    logs = ""
+    for f in sorted(os.listdir(os.path.join(d, "log"))):
+        with open(os.path.join(d, "log", f), errors="replace") as fh:
+            logs += f"\n--- {f} (tail)\n" + "".join(fh.readlines()[-15:])
+    raise ClusterError(f"test cluster in {d}: {what} not ready after {timeout_s:.0f}s{logs}")
+
+
+def env_for(d: str) -> dict:
+    return {**os.environ, "SLURM_CONF": os.path.join(d, "slurm.conf")}
+
+
+def up(d: str) -> dict:
+    """Start the cluster in folder `d`; returns the environment clients need."""
+    for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
+        if shutil.which(tool) is None:
+            raise ClusterError(f"{tool} not found: install Debian's slurmctld slurmd slurm-client munge "
+                               "(launch/install_slurm.sh)")
+    os.makedirs(d, exist_ok=True)
+    conf = write_config(d)
+    env = env_for(d)
+    sock = os.path.join(d, "munge", "munge.socket.2")
+    _start(d, "munged", ["munged", "--foreground", "--force", f"--socket={sock}",
+                         f"--key-file={d}/munge.key", f"--pid-file={d}/munged.pid",
+                         f"--log-file={d}/log/munged.log", f"--seed-file={d}/munge.seed"], env)
+    _wait("munged", lambda: os.path.exists(sock), 20, d)
+    _start(d, "slurmctld", ["slurmctld", "-D", "-i", "-f", conf], env)
+    _wait("slurmctld", lambda: subprocess.run(["scontrol", "ping"], env=env, capture_output=True,
+                                              text=True).stdout.count("UP") > 0, 30, d)
+    node = _node_facts()[0]
+    _start(d, "slurmd", ["slurmd", "-D", "-f", conf, "-N", node], env)
+
+    def idle() -> bool:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+        return "idle" in out or "mixed" in out
+    _wait("node idle in sinfo", idle, 60, d)
+    return env
+
+
+def down(d: str, timeout_s: float = 20) -> list[str]:
+    """Stop the daemons by PID (TERM, then KILL); returns the names that needed KILL."""
+    pids = {}
+    for name in DAEMONS:
+        path = os.path.join(d, f"{name}.daemon.pid")
+        if os.path.exists(path):
+            pids[name] = int(open(path).read())
+    for pid in pids.values():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    killed = []
+    deadline = time.monotonic() + timeout_s
+    for name, pid in pids.items():
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(name)
+        os.remove(os.path.join(d, f"{name}.daemon.pid"))
+    return killed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("up", "down"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    d = os.path.abspath(argv[1])
+    try:
+        if argv[0] == "up":
+            up(d)
+            print(f"export SLURM_CONF={d}/slurm.conf")
+        else:
+            down(d)
+    except ClusterError as e:
+        print(f"testcluster: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

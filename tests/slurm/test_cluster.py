@@ -1,0 +1,123 @@
+"""The real launch/*.sbatch scripts, submitted with sbatch to a real one-node Slurm
+cluster (munged + slurmctld + slurmd on loopback, launch/testcluster.py). The cluster is
+torn down by PID at the end, also when a test fails."""
+import json
+import os
+import subprocess
+import tempfile
+import time
+
+import pytest
+import webdataset as wds
+
+from launch import testcluster
+from tests.conftest import ROOT, jpeg
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+            "DEADLINE"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    d = tempfile.mkdtemp(prefix="hvdslurm-")
+    try:
+        env = testcluster.up(d)
+    except Exception:
+        testcluster.down(d)
+        raise
+    yield env
+    subprocess.run(["scancel", "--user", os.environ.get("USER", "root")], env=env, capture_output=True)
+    killed = testcluster.down(d)
+    leftovers = subprocess.run(["pgrep", "-f", d], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"daemons still running after teardown: {leftovers}"
+    assert not killed, f"needed SIGKILL to stop: {killed}"
+
+
+def sbatch(env, script, *args, extra_env=None):
+    r = subprocess.run(["sbatch", "--parsable", os.path.join("launch", script), *args], cwd=ROOT,
+                       env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def job_field(env, job, field):
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    for part in out.split():
+        if part.startswith(field + "="):
+            return part.split("=", 1)[1]
+    return None
+
+
+def wait_job(env, job, timeout_s=420):
+    """Poll scontrol (there is no sacct without a database) until the job ends."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = job_field(env, job, "JobState")
+        if state in TERMINAL:
+            return state, open(os.path.join(ROOT, "runs", f"slurm-{job}.out")).read()
+        time.sleep(1)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job} still {state} after {timeout_s}s")
+
+
+def test_sanity_sbatch_two_tasks_completes_with_report(cluster, synth_data):
+    job = sbatch(cluster, "sanity.sbatch", "--preset", "ci", f"--data.train={synth_data}/train")
+    state, out = wait_job(cluster, job)
+    assert state == "COMPLETED", out[-3000:]
+    assert "verdict: GO" in out and f"slurm   job {job} (hvdtrain-sanity)" in out
+    rep = json.load(open(os.path.join(ROOT, "runs", f"slurm-{job}", "sanity.json")))
+    assert rep["ranks"] == 2 and rep["verdict"] == "GO" and rep["slurm"]["slurm_job_id"] == job
+    assert job_field(cluster, job, "NumTasks") == "2"
+
+
+def test_srun_launcher_each_task_is_a_rank(cluster, synth_data):
+    job = sbatch(cluster, "sanity.sbatch", "--preset", "ci", f"--data.train={synth_data}/train",
+                 extra_env={"LAUNCHER": "srun"})
+    state, out = wait_job(cluster, job)
+    assert state == "COMPLETED", out[-3000:]
+    assert "launcher srun" in out and "ranks   2 x cpu" in out
+    assert json.load(open(os.path.join(ROOT, "runs", f"slurm-{job}", "sanity.json")))["ranks"] == 2
+
+
+def test_failing_training_job_ends_failed_with_its_error(cluster, tmp_path):
+    with wds.ShardWriter(str(tmp_path / "bad-%06d.tar"), maxcount=100) as sink:
+        for i in range(40):
+            sink.write({"__key__": f"k{i:04d}", "jpg": jpeg(i), "cls": "cat"})  # not a class index
+    job = sbatch(cluster, "train.sbatch", "--preset", "ci", f"--data.train={tmp_path}/bad-000000.tar")
+    state, out = wait_job(cluster, job)
+    assert state == "FAILED", out[-3000:]
+    assert "label b'cat' is not a decimal class index" in out and "bad-000000.tar" in out
+    assert job_field(cluster, job, "ExitCode") != "0:0"
+
+
+def test_scancel_leaves_no_stray_processes(cluster, synth_data, tmp_path):
+    marker = str(tmp_path / "cancel-me")
+    job = sbatch(cluster, "sanity.sbatch", "--preset", "ci", "--train.steps=100000",
+                 f"--data.train={synth_data}/train", f"--run.dir={marker}")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # training has started on both ranks
+        out = open(os.path.join(ROOT, "runs", f"slurm-{job}.out")).read() if os.path.exists(
+            os.path.join(ROOT, "runs", f"slurm-{job}.out")) else ""
+        if "step " in out:
+            break
+        time.sleep(1)
+    procs = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert len(procs) >= 3, "expected horovodrun and two ranks running"
+    subprocess.run(["scancel", job], env=cluster, check=True)
+    state, _ = wait_job(cluster, job, timeout_s=60)
+    assert state == "CANCELLED"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        procs = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+        if not procs:
+            break
+        time.sleep(0.5)
+    assert not procs, f"processes left after scancel: {procs}"
+
+
+def test_dry_run_job_prints_command_and_runs_nothing(cluster):
+    job = sbatch(cluster, "train.sbatch", "--preset", "ci", "--optim.lr=0.2", extra_env={"DRY_RUN": "1"})
+    state, out = wait_job(cluster, job, timeout_s=60)
+    assert state == "COMPLETED"
+    assert f"-m hvdtrain.train --preset ci --optim.lr=0.2 --run.dir=runs/slurm-{job}" in out
+    assert not os.path.exists(os.path.join(ROOT, "runs", f"slurm-{job}"))
