@@ -31,6 +31,17 @@ class DataConfig:
     prefetch: int = 2        # DALI prefetch queue depth, batches
     decode: str = "auto"     # auto | cpu | mixed (mixed = nvJPEG on the GPU)
     shuffle_buffer: int = 1024  # DALI initial_fill: samples in the shuffle buffer
+    normalize: str = "auto"  # auto | dali | kernel (uint8 out of DALI, kernels.normalize on the
+                             # training device); auto = kernel with decode=cpu, dali with mixed
+    channels_last: bool = False  # model input in channels_last memory format
+
+
+@dataclass
+class AugConfig:
+    mixup: float = 0.0       # mixup Beta(alpha, alpha); 0 = off (task=classify only)
+    cutmix: float = 0.0      # cutmix Beta(alpha, alpha); 0 = off (task=classify only)
+    switch_prob: float = 0.5  # with both on: probability of cutmix for a batch
+    label_smoothing: float = 0.0  # classify: smoothing of the (soft) targets
 
 
 @dataclass
@@ -68,6 +79,7 @@ class RunConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -182,6 +194,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.task must be contrastive or classify, not {t.task!r}")
     if cfg.data.decode not in ("auto", "cpu", "mixed"):
         raise ConfigError(f"data.decode must be auto, cpu or mixed, not {cfg.data.decode!r}")
+    if cfg.data.normalize not in ("auto", "dali", "kernel"):
+        raise ConfigError(f"data.normalize must be auto, dali or kernel, not {cfg.data.normalize!r}")
+    if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and t.task != "classify":
+        raise ConfigError("aug.mixup / aug.cutmix need train.task=classify")
     if cfg.optim.name not in ("adamw", "sgd"):
         raise ConfigError(f"optim.name must be adamw or sgd, not {cfg.optim.name!r}")
     if not 0 < cfg.data.min_scale <= 1:

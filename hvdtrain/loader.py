@@ -77,10 +77,16 @@ class DaliLoader:
     number of batches per epoch: unequal counts would leave a Horovod collective waiting.
     """
 
-    def __init__(self, shards: ShardSet, spec: PipeSpec, num_classes: int | None = None):
+    def __init__(self, shards: ShardSet, spec: PipeSpec, num_classes: int | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False):
+        """`device`, `dtype`, `channels_last`: where and how views arrive (normalize=kernel:
+        uint8 crops are moved there first, then normalized by kernels.normalize)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.shards, self.spec, self.num_classes = shards, spec, num_classes
+        self.device, self.dtype, self.channels_last = device or torch.device("cpu"), dtype, channels_last
+        self._mean, self._std = torch.tensor(MEAN), torch.tensor(STD)
         self.names = pipeline.output_names(spec)
         self.pipe = pipeline.build(shards, spec)
         policy = LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL
@@ -102,9 +108,21 @@ class DaliLoader:
                 i = int(((labels < 0) | (labels >= self.num_classes)).nonzero()[0, 0])
                 raise DataError(f"{decode_source(sources[i])}: label {int(labels[i])} out of range "
                                 f"[0, {self.num_classes}) for {self.shards.spec}")
-        batch = Batch([out[n] for n in self.names if n.startswith("view")], labels, sources)
+        views = [out[n] for n in self.names if n.startswith("view")]
+        if self.spec.normalize == "kernel":
+            views = [self._normalize(v, out.get(f"flip{i}")) for i, v in enumerate(views)]
+        batch = Batch(views, labels, sources)
         self.last_source = decode_source(sources[-1])
         return batch
+
+    def _normalize(self, v: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+        """uint8 NHWC -> normalized NCHW on the target device (Triton on CUDA, torch elsewhere)."""
+        from kernels.normalize import normalize
+
+        v = v.to(self.device, non_blocking=True)  # uint8: a quarter of float32's PCIe bytes
+        if flip is not None:
+            flip = flip.view(-1).to(self.device, non_blocking=True).bool()
+        return normalize(v, self._mean, self._std, flip, self.dtype, self.channels_last)
 
     def _next(self) -> dict:
         try:

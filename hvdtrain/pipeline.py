@@ -40,24 +40,34 @@ class PipeSpec:
     shuffle_buffer: int = 1024
     prefetch: int = 2
     augment: bool = True        # False = decode-only ceiling (bench): decode + fixed resize
+    normalize: str = "dali"     # dali: float CHW out of DALI | kernel: uint8 HWC + flip flags out,
+                                # normalized on the target device by kernels.normalize (4x fewer bytes)
 
 
 def train_view(images, size: int, min_scale: float, device: str):
-    """One random view: random-resized crop then a coin-flip mirror, normalized, CHW."""
+    """One random view: a random-resized crop (uint8 HWC) and its coin-flip flag."""
     crop = fn.random_resized_crop(images, size=(size, size), random_area=(min_scale, 1.0),
                                   device=device)
-    return normalize(crop, mirror=fn.random.coin_flip())
+    return crop, fn.random.coin_flip()
 
 
 def val_view(images, size: int, device: str):
-    """Deterministic view: shorter side to size*8/7, centre crop size x size."""
+    """Deterministic view: shorter side to size*8/7, centre crop size x size (uint8 HWC)."""
     resized = fn.resize(images, resize_shorter=int(round(size * 8 / 7)), device=device)
-    return normalize(fn.crop(resized, crop=(size, size), device=device), mirror=0)
+    return fn.crop(resized, crop=(size, size), device=device)
 
 
 def normalize(images, mirror):
+    """Cast, mirror, (x - mean) / std, HWC -> CHW float: DALI's fused op."""
     return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
                                     mean=MEAN, std=STD)
+
+
+def finish(views: list, flips: list, spec: PipeSpec) -> list:
+    """DALI-normalized views, or (normalize=kernel) uint8 views followed by their flip flags."""
+    if spec.normalize == "kernel":
+        return views + flips
+    return [normalize(v, mirror=f) for v, f in zip(views, flips)]
 
 
 @pipeline_def
@@ -75,21 +85,22 @@ def _wds_pipeline(shards: ShardSet, spec: PipeSpec):
     decoder_device = "mixed" if mixed else "cpu"
     if not spec.augment:
         decoded = fn.decoders.image(images, device=decoder_device, output_type=types.RGB)
-        views = [normalize(fn.resize(decoded, size=(spec.size, spec.size), device=device), mirror=0)]
+        outs = finish([fn.resize(decoded, size=(spec.size, spec.size), device=device)], [0], spec)[:1]
     elif spec.train and spec.views == 1:
         # decode only the crop window: fewer pixels through the IDCT, faster on CPU too
         crop = fn.decoders.image_random_crop(images, device=decoder_device, output_type=types.RGB,
                                              random_area=(spec.min_scale, 1.0))
-        views = [normalize(fn.resize(crop, size=(spec.size, spec.size), device=device),
-                           mirror=fn.random.coin_flip())]
+        outs = finish([fn.resize(crop, size=(spec.size, spec.size), device=device)],
+                      [fn.random.coin_flip()], spec)
     else:
         decoded = fn.decoders.image(images, device=decoder_device, output_type=types.RGB)
         if spec.train:
-            views = [train_view(decoded, spec.size, spec.min_scale, device) for _ in range(spec.views)]
+            pairs = [train_view(decoded, spec.size, spec.min_scale, device) for _ in range(spec.views)]
+            outs = finish([v for v, _ in pairs], [f for _, f in pairs], spec)
         else:
-            views = [val_view(decoded, spec.size, device)]
+            outs = finish([val_view(decoded, spec.size, device)], [0], spec)[:1]
     labels = fn.pad(labels, fill_value=0, shape=[LABEL_WIDTH])
-    return (*views, labels, source)
+    return (*outs, labels, source)
 
 
 def build(shards: ShardSet, spec: PipeSpec):
@@ -104,4 +115,5 @@ def build(shards: ShardSet, spec: PipeSpec):
 
 def output_names(spec: PipeSpec) -> list[str]:
     n = spec.views if (spec.train and spec.augment) else 1
-    return [f"view{i}" for i in range(n)] + ["labels", "source"]
+    flips = [f"flip{i}" for i in range(n)] if spec.normalize == "kernel" and spec.train and spec.augment else []
+    return [f"view{i}" for i in range(n)] + flips + ["labels", "source"]

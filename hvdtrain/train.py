@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from data.wds import ShardError, ShardSet, open_shards
+import kernels
+from kernels import mixup
 from hvdtrain import config as C
 from hvdtrain import dist, model as M, provenance
 from hvdtrain.loader import Batch, DaliLoader, DataError
@@ -34,6 +36,8 @@ class TrainState:
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     device: torch.device
+    num_classes: int | None = None
+    gen: torch.Generator | None = None   # host RNG for per-batch mixup/cutmix parameters
     step: int = 0
 
 
@@ -64,14 +68,16 @@ def open_loader(cfg: C.Config, shards: ShardSet, dali_threads: int, train: bool 
     """The DALI loader for this rank: shard_id = global rank, device_id = local rank."""
     gpu = torch.cuda.is_available()
     decode = cfg.data.decode if cfg.data.decode != "auto" else ("mixed" if gpu else "cpu")
+    norm = cfg.data.normalize if cfg.data.normalize != "auto" else ("kernel" if decode == "cpu" else "dali")
     if views is None:
         views = 2 if cfg.train.task == "contrastive" else 1
     spec = PipeSpec(batch_size=cfg.train.batch_size, num_threads=dali_threads, shard_id=dist.rank(),
                     num_shards=dist.size(), device_id=dist.local_rank() if gpu else None,
                     seed=cfg.seed * 1000 + dist.rank(), size=cfg.data.size, min_scale=cfg.data.min_scale,
                     views=views, train=train, decode=decode, shuffle_buffer=cfg.data.shuffle_buffer,
-                    prefetch=cfg.data.prefetch)
-    return DaliLoader(shards, spec, num_classes=shards.num_classes)
+                    prefetch=cfg.data.prefetch, normalize=norm)
+    return DaliLoader(shards, spec, num_classes=shards.num_classes, device=dist.device(),
+                      channels_last=cfg.data.channels_last)
 
 
 def make_state(cfg: C.Config, num_classes: int | None) -> TrainState:
@@ -89,7 +95,10 @@ def make_state(cfg: C.Config, num_classes: int | None) -> TrainState:
         opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     opt = dist.wrap_optimizer(opt, model, backward_passes_per_step=cfg.train.grad_accum_steps)
     dist.broadcast_state(model, opt)
-    return TrainState(cfg, model, opt, device)
+    if cfg.data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank())
+    return TrainState(cfg, model, opt, device, num_classes, gen)
 
 
 def compute_loss(state: TrainState, batch: Batch) -> torch.Tensor:
@@ -97,7 +106,15 @@ def compute_loss(state: TrainState, batch: Batch) -> torch.Tensor:
     if state.cfg.train.task == "contrastive":
         z1, z2 = state.model(views[0]), state.model(views[1])
         return M.info_nce(z1, z2, state.cfg.model.temperature)
-    return F.cross_entropy(state.model(views[0]), batch.labels.to(state.device, non_blocking=True))
+    labels = batch.labels.to(state.device, non_blocking=True)
+    a = state.cfg.aug
+    if a.mixup > 0 or a.cutmix > 0:
+        # one fused pass for images + soft targets (Triton on CUDA, torch reference elsewhere)
+        x = views[0]
+        p = mixup.sample_params(x.shape[2], x.shape[3], a.mixup, a.cutmix, a.switch_prob, state.gen)
+        x, targets = mixup.mix(x, labels, state.num_classes, p, a.label_smoothing)
+        return mixup.soft_cross_entropy(state.model(x), targets)
+    return F.cross_entropy(state.model(views[0]), labels, label_smoothing=a.label_smoothing)
 
 
 def train_step(state: TrainState, micro_batches: list[Batch]) -> dict[str, torch.Tensor]:
@@ -200,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                        "versions": provenance.versions()}, f, indent=1)
     state = make_state(cfg, shards.num_classes)
     loader = open_loader(cfg, shards, dali_threads)
+    if dist.is_primary():
+        a = cfg.aug
+        print(f"input   DALI decode {loader.spec.decode}, normalize {loader.spec.normalize}, mixup {a.mixup}, "
+              f"cutmix {a.cutmix}; kernels: {kernels.describe(state.device)}", flush=True)
     metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a") if dist.is_primary() else None
 
     def on_log(step, values, res, elapsed):

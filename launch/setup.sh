@@ -30,7 +30,7 @@ STAMP_INPUTS=(constraints.txt pyproject.toml launch/setup.sh launch/install_horo
 STAMP_KEY=$( { cat "${STAMP_INPUTS[@]}"; echo "$TORCH_MODE"; "$BOOT" --version; } | sha256sum | cut -c1-16)
 STAMP=$VENV/.hvdtrain-setup-$STAMP_KEY
 
-if [[ -f "$STAMP" ]] && "$PY" -c "import torch, horovod.torch, nvidia.dali, webdataset, hvdtrain" 2>/dev/null; then
+if [[ -f "$STAMP" ]] && "$PY" -c "import torch, horovod.torch, nvidia.dali, webdataset, triton, hvdtrain" 2>/dev/null; then
     echo "setup: .venv is up to date ($STAMP_KEY)"
 else
     if [[ ! -x "$PY" ]]; then
@@ -44,7 +44,8 @@ else
     rm -f "$VENV"/.hvdtrain-setup-*
     CONSTRAINTS=$VENV/constraints.txt
     if [[ "$TORCH_MODE" == system ]]; then
-        grep -v '^torch==' constraints.txt >"$CONSTRAINTS"   # keep the torch we were given
+        # keep the torch we were given, and the triton that matches it
+        grep -v -E '^(torch|triton)==' constraints.txt >"$CONSTRAINTS"
     else
         cp constraints.txt "$CONSTRAINTS"
         TORCH_PIN=$(grep '^torch==' constraints.txt)
@@ -60,6 +61,10 @@ else
         || die "pip could not install build tools"
     pipq install -q -c "$CONSTRAINTS" nvidia-dali-cuda120 webdataset numpy pillow nvidia-ml-py \
         pytest pytest-timeout tqdm matplotlib tensorboard || die "pip could not install the dependencies"
+    # Triton kernels (kernels/): the GPU path, and the CPU tests through TRITON_INTERPRET=1
+    if [[ "$TORCH_MODE" != system ]] || ! "$PY" -c "import triton" 2>/dev/null; then
+        pipq install -q -c constraints.txt triton || die "pip could not install triton"
+    fi
     PYTHON=$PY launch/install_horovod.sh
     pipq install -q --no-deps --no-build-isolation -e . || die "pip install -e . failed"
     "$PY" -c "import torch, horovod.torch, nvidia.dali, webdataset, hvdtrain" \

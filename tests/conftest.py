@@ -8,6 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import torch  # noqa: E402 (before triton: decides whether Triton must interpret)
+
+# Triton kernels run on the CPU through the interpreter where there is no GPU; the
+# variable must be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

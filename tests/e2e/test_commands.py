@@ -15,11 +15,11 @@ BIN = os.path.dirname(sys.executable)
 HOROVODRUN = [os.path.join(BIN, "horovodrun"), "-np", "2", "-H", "localhost:2"]
 
 
-def run(cmd, timeout=300):
+def run(cmd, timeout=300, env=None):
     """Run in its own process group; past `timeout` the whole group (launcher and ranks)
     gets SIGKILL and the test fails, so a hung collective cannot hang CI."""
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, env=env)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -104,3 +104,29 @@ def test_bench_loader_prints_table_and_bench_json_last(tmp_path, synth_data):
     assert j["results"]["dali-gpu"]["skipped"] == "no GPU" and j["error"] is None
     assert j["slos"][0]["name"] == "loader_img_s" and len(j["git_sha"]) == 40
     assert "dali-cpu" in r.stdout and "vs ceiling" in r.stdout
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_classify_with_mixup_and_cutmix_two_ranks(tmp_path, synth_data, backend):
+    """The kernels in the training path: torch reference (the CPU default) and the Triton
+    kernels forced through the interpreter."""
+    env = {**os.environ, "HVDTRAIN_KERNELS": backend, "TRITON_INTERPRET": "1"}
+    r = run(HOROVODRUN + [sys.executable, "-m", "hvdtrain.train", "--preset", "ci", "--train.task=classify",
+                          "--train.steps=4", "--aug.mixup=0.4", "--aug.cutmix=1.0", "--aug.label_smoothing=0.1",
+                          f"--data.train={synth_data}/train", f"--run.dir={tmp_path}/run"], env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    want = "triton (interpreter)" if backend == "triton" else "torch reference"
+    assert f"normalize kernel, mixup 0.4, cutmix 1.0; kernels: {want}" in r.stdout
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < v < 10 for v in losses)
+
+
+def test_bench_kernels_runs_and_labels_interpreter_times():
+    r = run([sys.executable, "-m", "bench.kernels", "--repeats", "1"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    j = json.loads(r.stdout.strip().splitlines()[-1][len("BENCH_JSON "):])
+    impls = {(x["op"], x["impl"]) for x in j["results"]}
+    for op in ("normalize", "mix", "soft CE fwd+bwd"):
+        assert (op, "torch ref" if op != "normalize" else "torch ref (uint8 in)") in impls
+        assert (op, "triton (interpreter)") in impls
+    assert j["interpreter"] is True and "interpreter times are not speeds" in r.stdout

@@ -74,3 +74,23 @@ def test_initial_contrastive_loss_is_ln_batch(synth_data):
         losses = [M.info_nce(enc(b.views[0]), enc(b.views[1]), cfg.model.temperature).item()
                   for b, _ in zip(loader.forever(), range(4))]
     assert abs(sum(losses) / len(losses) - math.log(16)) < 0.1, losses
+
+
+def test_kernel_normalize_path_matches_dalis_normalize(tmp_path):
+    """uint8 out of DALI + kernels.normalize on the torch side == DALI's crop_mirror_normalize."""
+    unique_shards(str(tmp_path), n=24, shard_size=24)
+    shards = open_shards(str(tmp_path))
+    a = next(DaliLoader(shards, spec(train=False, normalize="dali")).epoch_batches())
+    b = next(DaliLoader(shards, spec(train=False, normalize="kernel")).epoch_batches())
+    assert a.keys() == b.keys() and b.views[0].dtype == torch.float32
+    assert torch.allclose(a.views[0], b.views[0], atol=1e-5)
+
+
+def test_kernel_normalize_train_views_and_channels_last(tmp_path):
+    unique_shards(str(tmp_path), n=16, shard_size=16)
+    loader = DaliLoader(open_shards(str(tmp_path)), spec(views=2, normalize="kernel"), channels_last=True)
+    assert loader.names == ["view0", "view1", "flip0", "flip1", "labels", "source"]
+    b = next(loader.epoch_batches())
+    for v in b.views:
+        assert v.shape == (8, 3, 32, 32) and v.is_contiguous(memory_format=torch.channels_last)
+        assert -3 < float(v.mean()) < 3 and float(v.std()) > 0.1  # normalized, not raw pixels
