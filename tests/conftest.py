@@ -39,3 +39,9 @@ def synth_data(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("synth"))
     synth.make(root, classes=10, train=256, val=64, size=64, seed=7, shard_size=100)
     return root
+
+
+def pytest_sessionstart(session):
+    """HVDTRAIN_REQUIRE_GPU=1: GPU paths must really run, not skip or fall back."""
+    if os.environ.get("HVDTRAIN_REQUIRE_GPU") == "1" and not torch.cuda.is_available():
+        raise pytest.UsageError("HVDTRAIN_REQUIRE_GPU=1 but torch sees no CUDA device")
