@@ -10,7 +10,9 @@ is "not evaluated" — never 0.0 (the seed's 0.00 % was a measurement fault).
 """
 from __future__ import annotations
 
+import shutil
 import statistics
+import subprocess
 import threading
 import time
 from typing import Any
@@ -88,6 +90,7 @@ class GpuMonitor:
         if self.handle is not None:
             self._thread = threading.Thread(target=self._run, name="gpumon", daemon=True)
             self._thread.start()
+            self._dmon = start_dmon(self.nvml, self.handle)
         return self
 
     def stop(self) -> dict:
@@ -95,7 +98,50 @@ class GpuMonitor:
             return not_evaluated(self.why_not or "monitor not started")
         self._stop.set()
         self._thread.join()
-        return summarise(self.samples)
+        out = summarise(self.samples)
+        out["dmon"] = stop_dmon(getattr(self, "_dmon", None))
+        return out
+
+
+def start_dmon(nvml: Any, handle: Any) -> subprocess.Popen | None:
+    """`nvidia-smi dmon -s um -i <NVML index>` beside the sampler, as a cross-check.
+    nvidia-smi counts GPUs as NVML does, so the index comes from the handle, not torch."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        idx = nvml.nvmlDeviceGetIndex(handle)
+        return subprocess.Popen(["nvidia-smi", "dmon", "-s", "um", "-i", str(idx)], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+    except Exception:  # noqa: BLE001 - the cross-check is optional
+        return None
+
+
+def stop_dmon(p: subprocess.Popen | None) -> dict:
+    if p is None:
+        return {"evaluated": False, "why": "nvidia-smi not found"}
+    p.terminate()
+    try:
+        out, _ = p.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+    return parse_dmon(out)
+
+
+def parse_dmon(text: str) -> dict:
+    """Mean `sm` and `mem` columns of `nvidia-smi dmon -s um` output ('-' readings skipped)."""
+    cols, rows = None, []
+    for line in text.splitlines():
+        parts = line.lstrip("#").split()
+        if line.startswith("#") and parts and parts[0] == "gpu":
+            cols = parts
+        elif cols and parts and not line.startswith("#") and len(parts) == len(cols):
+            rows.append(dict(zip(cols, parts)))
+    def mean(col):
+        vals = [float(r[col]) for r in rows if col in r and r[col].replace(".", "", 1).isdigit()]
+        return statistics.fmean(vals) if vals else None
+    return {"evaluated": bool(rows), "why": "" if rows else "no dmon rows", "samples": len(rows),
+            "sm_mean_pct": mean("sm"), "mem_mean_pct": mean("mem")}
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -40,6 +40,9 @@ def sanity_table(r: dict) -> str:
     gpu = r["gpu"]
     util = (f"{gpu['util_mean_pct']:.1f}% mean, p10 {gpu['util_p10_pct']:.1f}%, {gpu['samples']} samples"
             if gpu["evaluated"] else f"not evaluated: {gpu['why']}")
+    dmon = gpu.get("dmon") or {}
+    if dmon.get("evaluated"):
+        util += f"; nvidia-smi dmon sm {dmon['sm_mean_pct']:.1f}% ({dmon['samples']} rows)"
     c = r["config"]
     lines = [
         f"hvdtrain sanity: {r['verdict']}",

@@ -130,3 +130,26 @@ def test_bench_kernels_runs_and_labels_interpreter_times():
         assert (op, "torch ref" if op != "normalize" else "torch ref (uint8 in)") in impls
         assert (op, "triton (interpreter)") in impls
     assert j["interpreter"] is True and "interpreter times are not speeds" in r.stdout
+
+
+def test_bench_allreduce_two_ranks(tmp_path):
+    r = run(HOROVODRUN + [sys.executable, "-m", "bench.allreduce", "--max-mib", "1", "--repeats", "2",
+                          "--run-dir", str(tmp_path)])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    j = json.load(open(tmp_path / "bench-allreduce.json"))
+    assert j["ranks"] == 2 and [x["bytes"] for x in j["results"] if not x["fp16"]] == [4096, 16384, 65536, 262144, 1048576]
+    for x in j["results"]:
+        assert x["time_ms"] > 0 and x["busbw_gb_s"] == pytest.approx(x["algbw_gb_s"])  # 2(n-1)/n = 1 at n=2
+    assert (tmp_path / "bench-allreduce.md").exists() and (tmp_path / "bench-allreduce.png").exists()
+    assert r.stdout.strip().splitlines()[-1].split(":", 1)[-1].startswith("BENCH_JSON ")
+
+
+def test_bench_train_real_vs_synthetic_two_ranks(tmp_path, synth_data):
+    r = run(HOROVODRUN + [sys.executable, "-m", "bench.train", "--preset", "ci", "--train.steps=3", "--warmup=1",
+                          f"--data.train={synth_data}/train", f"--run-dir={tmp_path}"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    j = json.load(open(tmp_path / "bench-train.json"))
+    assert j["ranks"] == 2 and j["real"]["images"] == 2 * 3 * 8 * 2  # ranks x steps x batch x accum
+    assert j["synthetic"]["data_wait_share"] < j["real"]["data_wait_share"] or j["real"]["data_wait_share"] < 0.05
+    assert j["real_over_synthetic"] == pytest.approx(j["real"]["steady_images_per_s"] / j["synthetic"]["steady_images_per_s"])
+    assert "loader overhead ratio real/synthetic" in r.stdout

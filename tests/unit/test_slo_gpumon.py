@@ -70,3 +70,15 @@ def test_sampler_statistics_with_fake_nvml():
 def test_no_gpu_is_not_evaluated_never_zero():
     r = GpuMonitor(None).start().stop()
     assert r["evaluated"] is False and r["util_mean_pct"] is None and r["why"] == "no GPU"
+
+
+def test_parse_nvidia_smi_dmon_output():
+    from hvdtrain.gpumon import parse_dmon
+    text = """# gpu    sm   mem   enc   dec   jpg   ofa    fb  bar1  ccpm
+# Idx     %     %     %     %     %     %    MB    MB    MB
+    0    90    40     0     0     -     -  1300     5     0
+    0    80    20     0     0     -     -  1300     5     0
+"""
+    r = parse_dmon(text)
+    assert r["evaluated"] and r["samples"] == 2 and r["sm_mean_pct"] == 85 and r["mem_mean_pct"] == 30
+    assert parse_dmon("")["evaluated"] is False

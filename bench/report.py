@@ -1,0 +1,46 @@
+"""Where a bench writes: runs/<id>/bench-<name>.json, bench-<name>.md and a PNG chart,
+then the console's last line `BENCH_JSON {...}` (versions, device, git SHA, config, error)."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from hvdtrain import provenance
+
+
+def envelope(bench: str, config: dict, error: str | None, **payload) -> dict:
+    code = provenance.code_state()
+    return {"bench": bench, **payload, "config": config, "versions": provenance.versions(),
+            "git_sha": code["git_sha"], "git_dirty": code["git_dirty"], "cores": os.cpu_count(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "slurm": provenance.slurm_job(), "error": error}
+
+
+def write(run_dir: str, name: str, result: dict, markdown: str, chart=None) -> str:
+    """Write the JSON and Markdown (and, if `chart(path)` is given, the PNG); returns run_dir."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, f"bench-{name}.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    png = None
+    if chart is not None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            png = os.path.join(run_dir, f"bench-{name}.png")
+            chart(png)
+        except ImportError:
+            png = None
+    with open(os.path.join(run_dir, f"bench-{name}.md"), "w") as f:
+        f.write(markdown + (f"\n\n![chart](bench-{name}.png)\n" if png else "\n"))
+    return run_dir
+
+
+def default_dir(name: str) -> str:
+    return os.path.join("runs", provenance.run_id(f"bench-{name}"))
+
+
+def last_line(result: dict) -> str:
+    return "BENCH_JSON " + json.dumps(result, default=str)
