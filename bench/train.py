@@ -16,6 +16,8 @@ import itertools
 import sys
 
 from bench import report
+from bench import slo as S
+from hvdtrain.gpumon import GpuMonitor
 from data.wds import ShardError, open_shards
 from hvdtrain import config as C
 from hvdtrain import dist
@@ -34,6 +36,7 @@ class InMemoryLoader:
 
 
 def measure(state: T.TrainState, loader, warmup: int, steps: int) -> T.LoopResult:
+    """Warm-up steps, then the timed steps (a LoopResult of the timed ones only)."""
     T.run_loop(state, loader, warmup)
     return T.run_loop(state, loader, steps)
 
@@ -41,8 +44,9 @@ def measure(state: T.TrainState, loader, warmup: int, steps: int) -> T.LoopResul
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg, extra = C.parse_args(argv, default_preset="sanity", extra_flags=("warmup", "run-dir"))
-    except C.ConfigError as e:
+        cfg, extra = C.parse_args(argv, default_preset="sanity", extra_flags=("warmup", "run-dir", "slo"))
+        slos = S.load(extra.get("slo"))
+    except (C.ConfigError, OSError, ValueError) as e:
         print(f"bench.train: {e}", file=sys.stderr)
         return 2
     warmup = int(extra.get("warmup", 3))
@@ -59,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     state = T.make_state(cfg, shards.num_classes)
     loader = T.open_loader(cfg, shards, dali_threads)
-    real = T.aggregate_throughput(measure(state, loader, warmup, cfg.train.steps))
+    T.run_loop(state, loader, warmup)
+    mon = GpuMonitor(state.device).start()  # the measured window only
+    real = T.aggregate_throughput(T.run_loop(state, loader, cfg.train.steps))
+    gpu = mon.stop()
+    checks = [S.check(slos["gpu_util_pct"], gpu["util_mean_pct"], gpu.get("why", ""))]
     it = loader.forever()
     held = [next(it) for _ in range(cfg.train.grad_accum_steps * 2)]  # same shapes, now in memory
     synth = T.aggregate_throughput(measure(state, InMemoryLoader(held), warmup, cfg.train.steps))
@@ -73,13 +81,31 @@ def main(argv: list[str] | None = None) -> int:
                  f"{100 * real['data_wait_share']:>9.1f}%",
                  f"{'synthetic, in memory':<28} {synth['steady_images_per_s']:>18.1f} "
                  f"{100 * synth['data_wait_share']:>9.1f}%",
-                 f"loader overhead ratio real/synthetic: {ratio:.3f}"]
+                 f"loader overhead ratio real/synthetic: {ratio:.3f}", "",
+                 S.table(checks, slos)]
         table = "\n".join(lines)
         print(table)
+        timeline = gpu.pop("timeline", None)
         result = report.envelope("train", C.to_dict(cfg), None, ranks=dist.size(), real=real, synthetic=synth,
-                                 real_over_synthetic=ratio, data=shards.describe(), warmup_steps=warmup)
+                                 real_over_synthetic=ratio, data=shards.describe(), warmup_steps=warmup,
+                                 gpu=gpu, slos=checks)
+
+        def chart(path):
+            import matplotlib.pyplot as plt
+
+            fig, axes = plt.subplots(1, 2 if timeline else 1, figsize=(9 if timeline else 5, 3), dpi=110,
+                                     squeeze=False)
+            ax = axes[0][0]
+            ax.bar(["real shards", "synthetic"], [real["steady_images_per_s"], synth["steady_images_per_s"]])
+            ax.set_ylabel("images/s, all ranks")
+            ax.set_title(f"real/synthetic {ratio:.3f}", fontsize=9)
+            if timeline:
+                report.util_axes(axes[0][1], timeline)
+            fig.tight_layout()
+            fig.savefig(path)
+            plt.close(fig)
         d = report.write(extra.get("run-dir") or report.default_dir("train"), "train", result,
-                         f"# bench.train\n\n```\n{table}\n```")
+                         f"# bench.train\n\n```\n{table}\n```", chart)
         print(f"report: {d}/bench-train.md")
         print(report.last_line(result))
     dist.barrier()

@@ -35,6 +35,25 @@ def loss_plot(path: str, losses: list[float], title: str) -> str | None:
     return path
 
 
+def util_plot(path: str, timeline: list[tuple[float, float]]) -> str | None:
+    """The GPU utilisation timeline of the measured window as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from bench.report import util_axes
+
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=110)
+    util_axes(ax, timeline)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def sanity_table(r: dict) -> str:
     mem = r["max_memory_gib"]
     gpu = r["gpu"]

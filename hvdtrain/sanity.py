@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         d = r["run_dir"]
         report.loss_plot(os.path.join(d, "loss.png"), r["loss_per_step"],
                          f"sanity {r['verdict']}  {r['git_sha'][:10]}  cfg {r['config_hash']}")
+        if r["gpu"].get("timeline"):
+            report.util_plot(os.path.join(d, "gpu_util.png"), r["gpu"]["timeline"])
         report.write_json(os.path.join(d, "sanity.json"), r)
         with open(os.path.join(d, "sanity.md"), "w") as f:
             f.write(report.sanity_markdown(r))

@@ -152,4 +152,6 @@ def test_bench_train_real_vs_synthetic_two_ranks(tmp_path, synth_data):
     assert j["ranks"] == 2 and j["real"]["images"] == 2 * 3 * 8 * 2  # ranks x steps x batch x accum
     assert j["synthetic"]["data_wait_share"] < j["real"]["data_wait_share"] or j["real"]["data_wait_share"] < 0.05
     assert j["real_over_synthetic"] == pytest.approx(j["real"]["steady_images_per_s"] / j["synthetic"]["steady_images_per_s"])
-    assert "loader overhead ratio real/synthetic" in r.stdout
+    assert "loader overhead ratio real/synthetic" in r.stdout and "NOT EVALUATED (no GPU)" in r.stdout
+    assert j["slos"][0]["name"] == "gpu_util_pct" and j["slos"][0]["passed"] is None
+    assert (tmp_path / "bench-train.png").exists() and (tmp_path / "bench-train.md").exists()

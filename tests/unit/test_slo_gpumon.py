@@ -82,3 +82,10 @@ def test_parse_nvidia_smi_dmon_output():
     r = parse_dmon(text)
     assert r["evaluated"] and r["samples"] == 2 and r["sm_mean_pct"] == 85 and r["mem_mean_pct"] == 30
     assert parse_dmon("")["evaluated"] is False
+
+
+def test_utilisation_timeline_plot(tmp_path):
+    from hvdtrain.report import util_plot
+    s = summarise([{"t": i * 0.1, "util_pct": u, "mem_used_gib": 1} for i, u in enumerate([0, 50, 90, 95, 97])])
+    path = util_plot(str(tmp_path / "gpu_util.png"), s["timeline"])
+    assert path and (tmp_path / "gpu_util.png").stat().st_size > 1000
