@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             fig.tight_layout()
             fig.savefig(path)
             plt.close(fig)
-        d = report.write(a.run_dir or report.default_dir("allreduce"), "allreduce", result,
-                         f"# bench.allreduce\n\n```\n{table}\n```", chart)
-        print(f"report: {d}/bench-allreduce.md")
-        print(report.last_line(result))
+        report.publish(a.run_dir, "allreduce", result, table, chart)
     dist.barrier()
     return 0
 

@@ -38,6 +38,14 @@ def write(run_dir: str, name: str, result: dict, markdown: str, chart=None) -> s
     return run_dir
 
 
+def publish(run_dir: str, name: str, result: dict, table: str, chart=None) -> str:
+    """Write the report files, print where they are, then the one last `BENCH_JSON` line."""
+    d = write(run_dir or default_dir(name), name, result, f"# bench.{name}\n\n```\n{table}\n```", chart)
+    print(f"report: {d}/bench-{name}.md")
+    print(last_line(result), flush=True)
+    return d
+
+
 def default_dir(name: str) -> str:
     return os.path.join("runs", provenance.run_id(f"bench-{name}"))
 

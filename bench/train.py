@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             fig.tight_layout()
             fig.savefig(path)
             plt.close(fig)
-        d = report.write(extra.get("run-dir") or report.default_dir("train"), "train", result,
-                         f"# bench.train\n\n```\n{table}\n```", chart)
-        print(f"report: {d}/bench-train.md")
-        print(report.last_line(result))
+        report.publish(extra.get("run-dir", ""), "train", result, table, chart)
     dist.barrier()
     return 0
 
