@@ -92,7 +92,8 @@ def pil_decode_batches(shards, batch_size: int):
 
 def make_iter(name: str, shards, a, threads: int):
     if name == "pil-decode":
-        return pil_decode_batches(shards, a.batch_size) if threads == 1 or "," not in str(a.threads) else None
+        # one core whatever the thread count: measured once, at the sweep's first count
+        return pil_decode_batches(shards, a.batch_size) if threads == int(str(a.threads).split(",")[0]) else None
     if name == "torch":
         return TorchLoader(shards, a.batch_size, a.workers or threads, a.size, seed=a.seed).forever()
     if name == "dali-gpu" and not torch.cuda.is_available():
@@ -180,11 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
-    d = report.write(a.run_dir or report.default_dir("loader"), "loader", result,
-                     "# bench.loader\n\n| loader | threads | img/s | vs ceiling |\n|---|---|---|---|\n" + table_md,
-                     chart)
-    print(f"report: {d}/bench-loader.md")
-    print(report.last_line(result))
+    report.publish(a.run_dir, "loader", result, "", chart,
+                   markdown="| loader | threads | img/s | vs ceiling |\n|---|---|---|---|\n" + table_md)
     if tmp is not None:
         tmp.cleanup()
     return 1 if error else 0
@@ -197,7 +195,7 @@ def run_one(name: str, shards, a, threads: int) -> dict:
     try:
         it = make_iter(name, shards, a, threads)
         if it is None:
-            return {"img_s": None, "skipped": "no GPU" if name == "dali-gpu" else "measured at 1 thread"}
+            return {"img_s": None, "skipped": "no GPU" if name == "dali-gpu" else "one core: measured once"}
         mon = GpuMonitor(torch.device("cuda", 0) if name == "dali-gpu" else None)
         windows = a.windows
         if a.seconds:  # calibrate the window count from one window's rate

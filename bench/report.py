@@ -38,9 +38,11 @@ def write(run_dir: str, name: str, result: dict, markdown: str, chart=None) -> s
     return run_dir
 
 
-def publish(run_dir: str, name: str, result: dict, table: str, chart=None) -> str:
-    """Write the report files, print where they are, then the one last `BENCH_JSON` line."""
-    d = write(run_dir or default_dir(name), name, result, f"# bench.{name}\n\n```\n{table}\n```", chart)
+def publish(run_dir: str, name: str, result: dict, table: str, chart=None, markdown: str | None = None) -> str:
+    """Write the report files, print where they are, then the one last `BENCH_JSON` line.
+    The Markdown body is `markdown` if given, else the console `table` in a code block."""
+    body = markdown if markdown is not None else f"```\n{table}\n```"
+    d = write(run_dir or default_dir(name), name, result, f"# bench.{name}\n\n{body}", chart)
     print(f"report: {d}/bench-{name}.md")
     print(last_line(result), flush=True)
     return d

@@ -35,9 +35,12 @@ class InMemoryLoader:
         return itertools.cycle(self.batches)
 
 
-def measure(state: T.TrainState, loader, warmup: int, steps: int) -> T.LoopResult:
-    """Warm-up steps, then the timed steps (a LoopResult of the timed ones only)."""
+def measure(state: T.TrainState, loader, warmup: int, steps: int, mon: GpuMonitor | None = None) -> T.LoopResult:
+    """Warm-up steps, then the timed steps (a LoopResult of the timed ones only); `mon`, if
+    given, samples the GPU over the timed steps only."""
     T.run_loop(state, loader, warmup)
+    if mon is not None:
+        mon.start()
     return T.run_loop(state, loader, steps)
 
 
@@ -63,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     state = T.make_state(cfg, shards.num_classes)
     loader = T.open_loader(cfg, shards, dali_threads)
-    T.run_loop(state, loader, warmup)
-    mon = GpuMonitor(state.device).start()  # the measured window only
-    real = T.aggregate_throughput(T.run_loop(state, loader, cfg.train.steps))
+    mon = GpuMonitor(state.device)
+    real = T.aggregate_throughput(measure(state, loader, warmup, cfg.train.steps, mon))
     gpu = mon.stop()
     checks = [S.check(slos["gpu_util_pct"], gpu["util_mean_pct"], gpu.get("why", ""))]
     it = loader.forever()

@@ -63,11 +63,12 @@ def normalize(images, mirror):
                                     mean=MEAN, std=STD)
 
 
-def finish(views: list, flips: list, spec: PipeSpec) -> list:
-    """DALI-normalized views, or (normalize=kernel) uint8 views followed by their flip flags."""
+def finish(views: list, flips: list | None, spec: PipeSpec) -> list:
+    """DALI-normalized views, or (normalize=kernel) uint8 views followed by their flip flags.
+    `flips=None`: deterministic views, never mirrored (and no flag outputs)."""
     if spec.normalize == "kernel":
-        return views + flips
-    return [normalize(v, mirror=f) for v, f in zip(views, flips)]
+        return views + (flips or [])
+    return [normalize(v, mirror=f) for v, f in zip(views, flips or [0] * len(views))]
 
 
 @pipeline_def
@@ -85,7 +86,7 @@ def _wds_pipeline(shards: ShardSet, spec: PipeSpec):
     decoder_device = "mixed" if mixed else "cpu"
     if not spec.augment:
         decoded = fn.decoders.image(images, device=decoder_device, output_type=types.RGB)
-        outs = finish([fn.resize(decoded, size=(spec.size, spec.size), device=device)], [0], spec)[:1]
+        outs = finish([fn.resize(decoded, size=(spec.size, spec.size), device=device)], None, spec)
     elif spec.train and spec.views == 1:
         # decode only the crop window: fewer pixels through the IDCT, faster on CPU too
         crop = fn.decoders.image_random_crop(images, device=decoder_device, output_type=types.RGB,
@@ -98,7 +99,7 @@ def _wds_pipeline(shards: ShardSet, spec: PipeSpec):
             pairs = [train_view(decoded, spec.size, spec.min_scale, device) for _ in range(spec.views)]
             outs = finish([v for v, _ in pairs], [f for _, f in pairs], spec)
         else:
-            outs = finish([val_view(decoded, spec.size, device)], [0], spec)[:1]
+            outs = finish([val_view(decoded, spec.size, device)], None, spec)
     labels = fn.pad(labels, fill_value=0, shape=[LABEL_WIDTH])
     return (*outs, labels, source)
 

@@ -14,14 +14,22 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def loss_plot(path: str, losses: list[float], title: str) -> str | None:
-    """Loss per optimizer step as a PNG; None (and no file) if matplotlib is missing."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def loss_plot(path: str, losses: list[float], title: str) -> str | None:
+    """Loss per optimizer step as a PNG; None (and no file) if matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
     ax.plot(range(1, len(losses) + 1), losses, lw=1)
@@ -37,12 +45,8 @@ def loss_plot(path: str, losses: list[float], title: str) -> str | None:
 
 def util_plot(path: str, timeline: list[tuple[float, float]]) -> str | None:
     """The GPU utilisation timeline of the measured window as a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     from bench.report import util_axes
 

@@ -109,7 +109,7 @@ def compute_loss(state: TrainState, batch: Batch) -> torch.Tensor:
     labels = batch.labels.to(state.device, non_blocking=True)
     a = state.cfg.aug
     if a.mixup > 0 or a.cutmix > 0:
-        # one fused pass for images + soft targets (Triton on CUDA, torch reference elsewhere)
+        # images + soft targets: one image kernel and one target kernel on CUDA, torch elsewhere
         x = views[0]
         p = mixup.sample_params(x.shape[2], x.shape[3], a.mixup, a.cutmix, a.switch_prob, state.gen)
         x, targets = mixup.mix(x, labels, state.num_classes, p, a.label_smoothing)
