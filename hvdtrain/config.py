@@ -34,6 +34,10 @@ class DataConfig:
     normalize: str = "auto"  # auto | dali | kernel (uint8 out of DALI, kernels.normalize on the
                              # training device); auto = kernel with decode=cpu, dali with mixed
     channels_last: bool = False  # model input in channels_last memory format
+    shuffle: bool = True     # train: DALI random_shuffle (off = shard order, for equality tests)
+    augment: bool = True     # train: random-resized crop + flip (off = the val resize + centre crop)
+    val_batch_size: int = 0  # validation batch per rank, images; 0 = train.batch_size
+    on_error: str = "stop"   # stop | skip: what a bad sample in training does (see docs/reliability.md)
 
 
 @dataclass
@@ -46,10 +50,13 @@ class AugConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "convnet"    # convnet (the sanity encoder)
-    width: int = 32          # channels of the first conv stage; doubles each stage
-    embed_dim: int = 256     # encoder output / projection dimension
+    name: str = "convnet"    # convnet (the sanity encoder, GroupNorm) | resnet18 | resnet50
+    width: int = 32          # convnet: channels of the first stage; doubles each stage
+    embed_dim: int = 256     # convnet output / contrastive projection dimension
     temperature: float = 0.1  # InfoNCE temperature
+    norm: str = "bn"         # resnets: bn (BatchNorm, per rank) | gn (GroupNorm: batch-independent)
+    small_stem: bool = False  # resnets: 3x3 stride-1 stem, no max-pool (for 32-64 px inputs)
+    gather_negatives: bool = False  # contrastive: negatives from every rank's batch (allgather)
 
 
 @dataclass
@@ -60,20 +67,41 @@ class TrainConfig:
     log_every: int = 10      # optimizer steps between console/metrics lines (a host sync point)
     task: str = "contrastive"  # contrastive (two-view InfoNCE) | classify
     torch_threads: int = 0   # 0 = cores per local rank
+    amp: str = "auto"        # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16 (with GradScaler)
+    fp16_allreduce: bool = False  # horovod Compression.fp16 for gradients
+    clip_grad_norm: float = 0.0   # max global gradient L2 norm; 0 = no clipping
+    eval_every: int = 0      # optimizer steps between validation passes; 0 = only at the end
+    val_loss_bound: float = 3.0  # stop if val loss > this x ln(num_classes) (contrastive: ln(batch)); 0 = off
+    ckpt_every: int = 0      # optimizer steps between checkpoints; 0 = only at the end
+    keep_last: int = 3       # checkpoints kept (plus best.pt)
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"      # adamw | sgd
-    lr: float = 0.0005       # learning rate, not scaled (the sanity's seed value)
+    lr: float = 0.0005       # learning rate at lr_ref_batch images per step (the sanity's seed value)
+    lr_ref_batch: int = 0    # 0 = lr is used as is; N = lr per N images, scaled by global batch / N
+                             # (global batch = batch_size x ranks x grad_accum_steps)
     weight_decay: float = 0.0
+    wd_norm_bias: bool = False  # False: no weight decay on norm weights and biases (1-d params)
     momentum: float = 0.9    # sgd only
+    nesterov: bool = False   # sgd only
+    schedule: str = "constant"  # constant | cosine | step
+    warmup_steps: int = 0    # linear warm-up from 0, optimizer steps
+    min_lr_ratio: float = 0.0   # cosine: final lr as a fraction of the peak
+    step_at: list = field(default_factory=lambda: [0.3, 0.6, 0.8])  # step: fractions of train.steps
+    step_gamma: float = 0.1  # step: lr multiplier at each of step_at
 
 
 @dataclass
 class RunConfig:
     dir: str = ""            # run folder; "" = runs/<run-id>/
     name: str = "run"        # prefix of the generated run id
+    resume: str = ""         # "" = fresh start | auto (newest good checkpoint in run.dir) | a .pt path
+    resume_anyway: bool = False  # resume despite a different config hash or data fingerprint
+    progress: bool = True    # rank 0 tqdm progress bar
+    tensorboard: bool = True  # TensorBoard event files in the run folder
+    watchdog_s: float = 120.0  # a collective that waits longer than this ends the job (0 = off)
 
 
 @dataclass
@@ -114,7 +142,72 @@ def ci() -> Config:
     return cfg
 
 
-PRESETS: dict[str, typing.Callable[[], Config]] = {"sanity": sanity, "ci": ci}
+def tinyimagenet() -> Config:
+    """200 classes at 64x64 from `data.make_shards` Tiny-ImageNet shards: ResNet-18 with a
+    small stem, SGD + nesterov, 0.2 per 256 images, 2 warm-up epochs' worth of steps, cosine.
+
+        horovodrun -np 2 python -m hvdtrain.train --preset tinyimagenet \
+            --data.train=shards/tiny/train --data.val=shards/tiny/val
+    """
+    cfg = Config(preset="tinyimagenet")
+    cfg.data.size = 64
+    cfg.data.min_scale = 0.35
+    cfg.data.threads = 8
+    cfg.model.name = "resnet18"
+    cfg.model.small_stem = True
+    cfg.train.task = "classify"
+    cfg.train.batch_size = 128
+    cfg.train.grad_accum_steps = 1
+    cfg.train.steps = 30_000          # ~77 epochs of 100k images at a global batch of 256
+    cfg.train.log_every = 50
+    cfg.train.eval_every = 2_000
+    cfg.train.ckpt_every = 2_000
+    cfg.aug.label_smoothing = 0.1
+    o = cfg.optim
+    o.name, o.lr, o.lr_ref_batch, o.momentum, o.nesterov = "sgd", 0.2, 256, 0.9, True
+    o.weight_decay, o.schedule, o.warmup_steps = 5e-4, "cosine", 800
+    cfg.run.name = "tinyimagenet"
+    return cfg
+
+
+def resnet50() -> Config:
+    """The ImageNet recipe (Goyal et al.; NVIDIA DeepLearningExamples): ResNet-50 at 224 px,
+    AMP, channels_last, SGD 0.1 per 256 images scaled with the global batch, 5 warm-up
+    epochs, cosine, label smoothing 0.1, no weight decay on norms and biases.
+
+        horovodrun -np 8 python -m hvdtrain.train --preset resnet50 \
+            --data.train=/data/imagenet/train --data.val=/data/imagenet/val
+    """
+    cfg = Config(preset="resnet50")
+    cfg.data.size = 224
+    cfg.data.min_scale = 0.08
+    cfg.data.threads = 8
+    cfg.data.channels_last = True
+    cfg.model.name = "resnet50"
+    cfg.train.task = "classify"
+    cfg.train.batch_size = 256
+    cfg.train.grad_accum_steps = 1
+    cfg.train.steps = 90 * 5005 // 4   # 90 epochs of 1.28M images at a global batch of 1024 (4 ranks)
+    cfg.train.log_every = 100
+    cfg.train.eval_every = 5005
+    cfg.train.ckpt_every = 5005
+    cfg.train.amp = "auto"
+    cfg.aug.label_smoothing = 0.1
+    o = cfg.optim
+    o.name, o.lr, o.lr_ref_batch, o.momentum, o.nesterov = "sgd", 0.1, 256, 0.9, False
+    o.weight_decay, o.schedule, o.warmup_steps = 1e-4, "cosine", 5 * 1250  # 5 epochs at 1024
+    cfg.run.name = "resnet50"
+    return cfg
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {"sanity": sanity, "ci": ci, "tinyimagenet": tinyimagenet,
+                                                   "resnet50": resnet50}
+
+# short flags a user types, mapped to config keys; None = a switch (no value)
+ALIASES: dict[str, tuple[str, str | None]] = {
+    "task": ("train.task", None), "resume": ("run.resume", None),
+    "resume-anyway": ("run.resume_anyway", "True"), "steps": ("train.steps", None),
+}
 
 
 # ---------------------------------------------------------------- overrides
@@ -167,6 +260,10 @@ def parse_args(argv: list[str], default_preset: str = "sanity",
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: use --section.key=value")
         key, eq, value = arg[2:].partition("=")
+        if key in ALIASES:
+            key, fixed = ALIASES[key]
+            if fixed is not None and not eq:
+                value, eq = fixed, "="
         if not eq:
             value = next(it, None)
             if value is None:
@@ -202,6 +299,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.name must be adamw or sgd, not {cfg.optim.name!r}")
     if not 0 < cfg.data.min_scale <= 1:
         raise ConfigError("data.min_scale must be in (0, 1]")
+    choices = {"model.name": (cfg.model.name, ("convnet", "resnet18", "resnet50")),
+               "model.norm": (cfg.model.norm, ("bn", "gn")),
+               "train.amp": (t.amp, ("auto", "off", "bf16", "fp16")),
+               "optim.schedule": (cfg.optim.schedule, ("constant", "cosine", "step")),
+               "data.on_error": (cfg.data.on_error, ("stop", "skip"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+    if cfg.model.gather_negatives and t.task != "contrastive":
+        raise ConfigError("model.gather_negatives needs train.task=contrastive")
 
 
 # ---------------------------------------------------------------- serialisation
@@ -210,9 +317,11 @@ def to_dict(cfg: Config) -> dict:
 
 
 def config_hash(cfg: Config) -> str:
-    """Hash of what changes the maths: the run folder's name is left out."""
+    """Hash of what changes the maths. Left out: the run section (folder, resume, display)
+    and the data paths (the data fingerprint stands for the data, wherever it lives)."""
     d = to_dict(cfg)
-    d["run"] = {k: v for k, v in d["run"].items() if k not in ("dir", "name")}
+    d.pop("run")
+    d["data"] = {k: v for k, v in d["data"].items() if k not in ("train", "val")}
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -222,6 +331,8 @@ def from_dict(d: dict) -> Config:
     for section, values in d.items():
         if isinstance(values, dict):
             for k, v in values.items():
+                if not hasattr(getattr(cfg, section), k):
+                    raise ConfigError(f"unknown config key {section}.{k} (a config from another version?)")
                 setattr(getattr(cfg, section), k, v)
         else:
             setattr(cfg, section, values)

@@ -93,10 +93,20 @@ def wrap_optimizer(opt: torch.optim.Optimizer, model: torch.nn.Module, backward_
 
 
 def broadcast_state(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None, root: int = 0) -> None:
-    """Rank `root`'s parameters and buffers (and optimizer state) to every rank."""
-    hvd.broadcast_parameters(model.state_dict(), root_rank=root)
+    """Rank `root`'s optimizer state, then its parameters and buffers, to every rank.
+
+    Optimizer first: Horovod initialises an empty optimizer state with one zero-gradient
+    step, which moves the parameters under weight decay; on a resumed run only the
+    non-root ranks take that step, so the parameters must be sent after it."""
     if opt is not None:
         hvd.broadcast_optimizer_state(opt, root_rank=root)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=root)
+
+
+def allgather_grad(t: torch.Tensor) -> torch.Tensor:
+    """allgather that gradients flow back through (each rank gets its slice's gradient):
+    contrastive negatives from every rank."""
+    return hvd.allgather(t)
 
 
 def barrier() -> None:

@@ -79,21 +79,30 @@ class DaliLoader:
 
     def __init__(self, shards: ShardSet, spec: PipeSpec, num_classes: int | None = None,
                  device: torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 channels_last: bool = False):
+                 channels_last: bool = False, drop_last: bool | None = None,
+                 checkpoint: bytes | None = None, epoch: int = 0):
         """`device`, `dtype`, `channels_last`: where and how views arrive (normalize=kernel:
-        uint8 crops are moved there first, then normalized by kernels.normalize)."""
+        uint8 crops are moved there first, then normalized by kernels.normalize).
+        `drop_last`: drop the partial last batch (default: spec.train). `checkpoint`,
+        `epoch`: resume from a `checkpoint()` taken mid-epoch."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.shards, self.spec, self.num_classes = shards, spec, num_classes
         self.device, self.dtype, self.channels_last = device or torch.device("cpu"), dtype, channels_last
         self._mean, self._std = torch.tensor(MEAN), torch.tensor(STD)
         self.names = pipeline.output_names(spec)
-        self.pipe = pipeline.build(shards, spec)
-        policy = LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL
+        self.pipe = pipeline.build(shards, spec, checkpoint)
+        drop = spec.train if drop_last is None else drop_last
+        policy = LastBatchPolicy.DROP if drop else LastBatchPolicy.PARTIAL
         self._it = DALIGenericIterator([self.pipe], self.names, reader_name="Reader",
                                        last_batch_policy=policy, auto_reset=False)
-        self.epoch = 0
+        self.epoch = epoch
         self.last_source = "(no batch read yet)"
+
+    def checkpoint(self) -> bytes:
+        """The reader position and random states after the last batch handed out (the
+        iterator accounts for batches DALI has prefetched but we have not consumed)."""
+        return self._it.checkpoints()[0]
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""

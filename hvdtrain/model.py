@@ -4,6 +4,12 @@
 (no batch statistics, so a micro-batch's result does not depend on its neighbours and
 gradient accumulation equals one large batch), global average pooling and a linear
 projection to `embed_dim`.
+
+`ResNet` is ResNet-18 / ResNet-50 (He et al. 2015, torchvision's v1.5 layout: stride in
+the 3x3 conv of a bottleneck), written here because there is no CPU build of
+torchvision on our machines. The last norm of each residual branch starts at zero
+(Goyal et al.), so every block starts as the identity. `norm="gn"` swaps BatchNorm for
+GroupNorm where batch-independence matters (the np=1 / np=2 equality).
 """
 from __future__ import annotations
 
@@ -47,21 +53,131 @@ class Classifier(nn.Module):
         return self.head(F.relu(self.encoder(x)))
 
 
-def build(name: str, width: int, embed_dim: int, num_classes: int | None = None) -> nn.Module:
-    if name != "convnet":
-        raise ValueError(f"unknown model {name!r} (have: convnet)")
-    enc = ConvEncoder(width, embed_dim)
-    return enc if num_classes is None else Classifier(enc, embed_dim, num_classes)
+def _norm(kind: str, c: int) -> nn.Module:
+    return nn.BatchNorm2d(c) if kind == "bn" else nn.GroupNorm(min(32, c // 4), c)
 
 
-def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, c: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, c, 3, stride, 1, bias=False), _norm(norm, c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), _norm(norm, c)
+        nn.init.zeros_(self.bn2.weight)
+        self.down = _shortcut(cin, c, stride, norm)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(self.bn2(self.conv2(y)) + self.down(x), inplace=True)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, c: int, stride: int, norm: str):
+        super().__init__()
+        cout = c * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, c, 1, bias=False), _norm(norm, c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, stride, 1, bias=False), _norm(norm, c)
+        self.conv3, self.bn3 = nn.Conv2d(c, cout, 1, bias=False), _norm(norm, cout)
+        nn.init.zeros_(self.bn3.weight)
+        self.down = _shortcut(cin, cout, stride, norm)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        y = F.relu(self.bn2(self.conv2(y)), inplace=True)
+        return F.relu(self.bn3(self.conv3(y)) + self.down(x), inplace=True)
+
+
+def _shortcut(cin: int, cout: int, stride: int, norm: str) -> nn.Module:
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _norm(norm, cout))
+
+
+RESNETS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
+
+
+class ResNet(nn.Module):
+    """Encoder: stem -> 4 stages -> global average pool; `out_dim` features (512 or 2048)."""
+
+    def __init__(self, name: str, norm: str = "bn", small_stem: bool = False):
+        super().__init__()
+        block, depths = RESNETS[name]
+        if small_stem:  # 32-64 px inputs: keep the resolution the 7x7/2 + pool would throw away
+            self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), _norm(norm, 64), nn.ReLU(inplace=True))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), _norm(norm, 64), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, 2, 1))
+        layers, cin = [], 64
+        for i, depth in enumerate(depths):
+            c = 64 * 2 ** i
+            for j in range(depth):
+                layers.append(block(cin, c, 2 if (j == 0 and i > 0) else 1, norm))
+                cin = c * block.expansion
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = cin
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.stem(x)).mean(dim=(2, 3))
+
+
+class Projected(nn.Module):
+    """Contrastive head on a ResNet: features -> MLP -> embed_dim (SimCLR's projection)."""
+
+    def __init__(self, encoder: nn.Module, feat_dim: int, embed_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(inplace=True), nn.Linear(feat_dim, embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def build(name: str, width: int, embed_dim: int, num_classes: int | None = None, norm: str = "bn",
+          small_stem: bool = False) -> nn.Module:
+    """`num_classes` set: a classifier (logits); None: an embedding model (contrastive)."""
+    if name == "convnet":
+        enc = ConvEncoder(width, embed_dim)
+        return enc if num_classes is None else Classifier(enc, embed_dim, num_classes)
+    if name not in RESNETS:
+        raise ValueError(f"unknown model {name!r} (have: convnet, {', '.join(RESNETS)})")
+    enc = ResNet(name, norm, small_stem)
+    if num_classes is None:
+        return Projected(enc, enc.out_dim, embed_dim)
+    model = nn.Sequential(enc, nn.Linear(enc.out_dim, num_classes))
+    return model
+
+
+def head_classes(model: nn.Module) -> int | None:
+    """Number of outputs of a classifier's last linear layer (None for embedding models)."""
+    if isinstance(model, Classifier):
+        return model.head.out_features
+    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
+        return model[-1].out_features
+    return None
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather=None, rank: int = 0) -> torch.Tensor:
     """Symmetric two-view InfoNCE: view i of one image must pick view i of the same image
     among the B images of its micro-batch. With uninformative embeddings every choice is
-    equally likely, so the loss starts at ln(B) (ln 16 = 2.7726 for the sanity)."""
+    equally likely, so the loss starts at ln(B) (ln 16 = 2.7726 for the sanity).
+
+    `gather` (dist.allgather_grad): the candidates are every rank's views (B x ranks
+    negatives, gradients flow back through the gather); `rank` places this rank's rows."""
     z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
-    logits = z1 @ z2.t() / temperature
     target = torch.arange(z1.shape[0], device=z1.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    if gather is None:
+        logits = z1 @ z2.t() / temperature
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    all1, all2 = gather(z1), gather(z2)
+    target = target + rank * z1.shape[0]
+    return 0.5 * (F.cross_entropy(z1 @ all2.t() / temperature, target)
+                  + F.cross_entropy(z2 @ all1.t() / temperature, target))
 
 
 def ln(x: float) -> float:

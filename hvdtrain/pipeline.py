@@ -42,6 +42,7 @@ class PipeSpec:
     augment: bool = True        # False = decode-only ceiling (bench): decode + fixed resize
     normalize: str = "dali"     # dali: float CHW out of DALI | kernel: uint8 HWC + flip flags out,
                                 # normalized on the target device by kernels.normalize (4x fewer bytes)
+    shuffle: bool | None = None  # reader random_shuffle; None = train
 
 
 def train_view(images, size: int, min_scale: float, device: str):
@@ -76,7 +77,7 @@ def _wds_pipeline(shards: ShardSet, spec: PipeSpec):
     images, labels = fn.readers.webdataset(
         paths=shards.paths, index_paths=shards.index_paths, ext=[IMAGE_EXT, "cls"],
         case_sensitive_extensions=False, missing_component_behavior="error",
-        random_shuffle=spec.train, initial_fill=spec.shuffle_buffer,
+        random_shuffle=spec.train if spec.shuffle is None else spec.shuffle, initial_fill=spec.shuffle_buffer,
         shard_id=spec.shard_id, num_shards=spec.num_shards,
         pad_last_batch=True,  # every rank gets the same number of iterations per epoch
         name="Reader")
@@ -104,12 +105,16 @@ def _wds_pipeline(shards: ShardSet, spec: PipeSpec):
     return (*outs, labels, source)
 
 
-def build(shards: ShardSet, spec: PipeSpec):
-    """Build the DALI pipeline; outputs are `view0[, view1], labels, source`."""
+def build(shards: ShardSet, spec: PipeSpec, checkpoint: bytes | None = None):
+    """Build the DALI pipeline; outputs are `view0[, view1], labels, source`.
+
+    Checkpointing is always on (DALI: no cost): `checkpoint` restores the reader position
+    and every random operator's state from a saved `DaliLoader.checkpoint()`."""
     if spec.decode == "mixed" and spec.device_id is None:
         raise ValueError("decode=mixed needs a GPU (device_id); use decode=cpu")
     pipe = _wds_pipeline(shards, spec, batch_size=spec.batch_size, num_threads=spec.num_threads,
-                         device_id=spec.device_id, seed=spec.seed, prefetch_queue_depth=spec.prefetch)
+                         device_id=spec.device_id, seed=spec.seed, prefetch_queue_depth=spec.prefetch,
+                         enable_checkpointing=True, checkpoint=checkpoint)
     pipe.build()
     return pipe
 

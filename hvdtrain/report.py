@@ -98,3 +98,35 @@ def sanity_markdown(r: dict) -> str:
             f"config hash `{r['config_hash']}`, data fingerprint `{r['data']['train']['fingerprint']}`.\n\n"
             f"```\n{body}\n```\n\n![loss per step](loss.png)\n\n"
             f"Versions: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}.\n")
+
+
+def curves_plot(metrics_path: str, path: str, title: str) -> str | None:
+    """curves.png from metrics.jsonl: train and val loss, val accuracy, learning rate.
+    A resumed run logs some steps twice; the later record of a step wins."""
+    plt = _pyplot()
+    if plt is None or not os.path.exists(metrics_path):
+        return None
+    train, val = {}, {}
+    with open(metrics_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            (val if "val_loss" in rec else train)[rec["step"]] = rec
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=100)
+    ts, vs = sorted(train), sorted(val)
+    axes[0].plot(ts, [train[s]["train_loss"] for s in ts], lw=1, label="train (mean over ranks)")
+    if vs:
+        axes[0].plot(vs, [val[s]["val_loss"] for s in vs], "o-", ms=3, label="val")
+        axes[1].plot(vs, [val[s]["val_top1"] for s in vs], "o-", ms=3, label="top-1")
+        axes[1].plot(vs, [val[s]["val_top5"] for s in vs], "o-", ms=3, label="top-5")
+    axes[2].plot(ts, [train[s]["lr"] for s in ts], lw=1)
+    for ax, name in zip(axes, ("loss", "val accuracy", "learning rate")):
+        ax.set_xlabel("optimizer step")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -80,7 +80,7 @@ def run(cfg: C.Config, slo_file: str | None) -> dict:
     loader_img_s = probe_loader(loader)
     mon = GpuMonitor(state.device)
 
-    def on_log(step, values, res, elapsed):
+    def on_log(step, values, res, elapsed, *_):
         if step == cfg.train.log_every:
             mon.start()  # sample the measured window only: after the first log interval
         if dist.is_primary():

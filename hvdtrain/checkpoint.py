@@ -1,0 +1,208 @@
+"""Checkpoints: atomic save on rank 0, keep-last-N plus best, safe load, resume checks,
+and the run folder's pid lock.
+
+A checkpoint is `<run>/ckpt-<step:08d>.pt`, written as `<name>.tmp-<pid>`, fsynced and
+renamed, then the folder is fsynced: a kill at any moment leaves either the old set or
+the old set plus a complete new file, never a half file under a checkpoint's name.
+`best.pt` is a hard link to the checkpoint with the lowest validation loss.
+
+Files are read with `torch.load(weights_only=True)`: tensors, numbers, strings, bytes,
+lists and dicts only, so loading a checkpoint cannot run code from it.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import re
+import time
+
+import torch
+
+FORMAT = "hvdtrain-ckpt-v1"
+_NAME = re.compile(r"ckpt-(\d{8})\.pt$")
+LOCK_NAME = ".lock"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file."""
+
+
+class ResumeRefused(RuntimeError):
+    """The checkpoint belongs to another config or data set (see --resume-anyway)."""
+
+
+class LockError(RuntimeError):
+    """The run folder is in use by a live run."""
+
+
+# ---------------------------------------------------------------- writing
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_save(payload: dict, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path) or ".")
+    except (OSError, RuntimeError) as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        prev = latest_path(os.path.dirname(path))
+        keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; {keep}. "
+                              f"Free space in {os.path.dirname(path) or '.'} (or lower train.keep_last) "
+                              f"and resume with --resume auto") from e
+
+
+def save(run_dir: str, payload: dict, step: int, keep_last: int, best: bool = False) -> str:
+    """Write `ckpt-<step>.pt` atomically, prune to the newest `keep_last`, link best.pt."""
+    path = os.path.join(run_dir, f"ckpt-{step:08d}.pt")
+    _atomic_save(payload, path)
+    if best:
+        tmp = os.path.join(run_dir, f"best.pt.tmp-{os.getpid()}")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        os.link(path, tmp)  # same inode: pruning ckpt-<step>.pt later leaves best.pt whole
+        os.replace(tmp, os.path.join(run_dir, "best.pt"))
+        _fsync_dir(run_dir)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        os.remove(old)
+    return path
+
+
+# ---------------------------------------------------------------- reading
+def list_checkpoints(run_dir: str) -> list[str]:
+    """`ckpt-*.pt` in step order (temporary files are not checkpoints)."""
+    found = [p for p in glob.glob(os.path.join(glob.escape(run_dir), "ckpt-*.pt")) if _NAME.search(p)]
+    return sorted(found)
+
+
+def latest_path(run_dir: str) -> str | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load(path: str) -> dict:
+    """Read a checkpoint without executing anything from it (weights_only=True)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, unpickling refusal, ...: all say "unreadable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable: {first}") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not an hvdtrain checkpoint ({FORMAT})")
+    return payload
+
+
+def find_resume(run_dir: str, log=print) -> tuple[str, dict] | None:
+    """The newest checkpoint in `run_dir` that loads; unreadable ones are reported and skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load(path)
+        except CheckpointError as e:
+            log(f"warning: skipping {e}")
+    return None
+
+
+def check_provenance(saved: dict, current: dict, anyway: bool) -> list[str]:
+    """Compare a checkpoint's config hash and data fingerprints with this run's.
+    Raises ResumeRefused naming both values unless `anyway`; returns the differences."""
+    diffs = []
+    if saved.get("config_hash") != current["config_hash"]:
+        diffs.append(f"config hash {saved.get('config_hash')} (checkpoint) != {current['config_hash']} (this run)")
+    for split, fp in current["data_fingerprint"].items():
+        old = saved.get("data_fingerprint", {}).get(split)
+        if old != fp:
+            diffs.append(f"{split} data fingerprint {old} (checkpoint) != {fp} (this run)")
+    if diffs and not anyway:
+        raise ResumeRefused("refusing to resume: " + "; ".join(diffs) +
+                            ". Pass --resume-anyway to continue on purpose, or start a fresh --run.dir")
+    return diffs
+
+
+# ---------------------------------------------------------------- the run folder's lock
+def _proc_start(pid: int) -> str | None:
+    """Process start time in clock ticks (/proc/<pid>/stat field 22): tells a live pid from
+    a recycled one."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    if pid <= 0:  # never os.kill(-1, ...): that addresses every process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or _proc_start(pid) in (None, start)
+
+
+class RunLock:
+    """`<run>/.lock` holding this process's pid, host and start time (O_EXCL create).
+
+    A live holder on this host refuses the second run; a dead holder's lock is taken
+    over with a warning; a holder on another host cannot be checked and refuses."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK_NAME)
+        self.me = {"pid": os.getpid(), "host": platform.node(), "start": _proc_start(os.getpid()),
+                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.held = False
+
+    def acquire(self, log=print) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("host") != self.me["host"]:
+                    raise LockError(f"run folder {os.path.dirname(self.path)} is locked by pid "
+                                    f"{holder.get('pid')} on host {holder.get('host')} (since "
+                                    f"{holder.get('since')}); if that run is dead, delete {self.path}")
+                if _alive(int(holder.get("pid", -1)), holder.get("start")):
+                    raise LockError(f"run folder {os.path.dirname(self.path)} is in use by a live run "
+                                    f"(pid {holder['pid']} since {holder.get('since')}); wait for it, "
+                                    f"stop it, or choose another --run.dir")
+                log(f"warning: taking over the stale lock {self.path} of dead pid {holder.get('pid')} "
+                    f"(since {holder.get('since')})")
+                os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+            self.held = True
+            return
+        raise LockError(f"could not take {self.path}: another run is racing for it")
+
+    def _holder(self) -> dict:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {"pid": -1, "host": self.me["host"]}  # unreadable: treat as stale
+
+    def release(self) -> None:
+        if self.held and self._holder().get("pid") == self.me["pid"]:
+            os.remove(self.path)
+        self.held = False

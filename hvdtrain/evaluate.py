@@ -1,0 +1,82 @@
+"""Validation: one pass over the whole val set, each sample counted exactly once across
+ranks, reduced with one allreduce; and the checks that stop a run on the wrong data.
+
+Each rank reads its contiguous part of the val set (DALI shards by global sample index);
+`pad_last_batch=True` gives every rank the same number of batches and the iterator's
+PARTIAL policy drops the padding, so a val set that does not divide by ranks x batch is
+still counted once. Loss sum, top-1, top-5 and count accumulate on the device and cross
+the wire once, at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from data.wds import ShardSet
+from hvdtrain import dist, model as M
+
+
+class DataMismatch(RuntimeError):
+    """Train data, val data and model disagree about the classes."""
+
+
+def check_classes(train: ShardSet, val: ShardSet | None, task: str, head: int | None) -> None:
+    """Before the first step: train vs val classes, and both vs the model's head."""
+    if val is not None and train.num_classes and val.num_classes:
+        if train.num_classes != val.num_classes:
+            raise DataMismatch(f"train data {train.spec} has {train.num_classes} classes but val data {val.spec} "
+                               f"has {val.num_classes} ({train.info_path} vs {val.info_path})")
+        if train.classes and val.classes and train.classes != val.classes:
+            diff = [(i, a, b) for i, (a, b) in enumerate(zip(train.classes, val.classes)) if a != b]
+            raise DataMismatch(f"train data {train.spec} and val data {val.spec} name their classes differently "
+                               f"(first differences, index: train vs val: {diff[:3]}); they were not built "
+                               f"from the same class list")
+    if task == "classify" and head is not None and train.num_classes and head != train.num_classes:
+        raise DataMismatch(f"the model's head has {head} outputs but {train.spec} has {train.num_classes} classes")
+
+
+def val_bound(factor: float, task: str, num_classes: int | None, batch: int) -> float | None:
+    """The largest believable val loss: factor x ln(classes) (contrastive: ln(batch))."""
+    if factor <= 0:
+        return None
+    k = num_classes if task == "classify" else batch
+    return factor * math.log(max(2, k or 2))
+
+
+def evaluate(state, loader, autocast=contextlib.nullcontext) -> dict:
+    """Loss and accuracy over the whole val set on all ranks (one allreduce)."""
+    cfg, model = state.cfg, state.model
+    sums = torch.zeros(4, dtype=torch.float64, device=state.device)  # loss sum, top-1, top-5, count
+    model.eval()
+    with torch.no_grad():
+        for b in loader.epoch_batches():
+            with autocast():
+                if cfg.train.task == "classify":
+                    logits = model(b.views[0]).float()
+                    y = b.labels.to(state.device, non_blocking=True)
+                    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                    hit = top == y[:, None]
+                    sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                                         hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
+                                         torch.tensor(float(y.numel()), dtype=torch.float64, device=state.device)])
+                else:
+                    z1, z2 = model(b.views[0]).float(), model(b.views[1]).float()
+                    n = z1.shape[0]
+                    loss = M.info_nce(z1, z2, cfg.model.temperature)
+                    logits = F.normalize(z1, dim=1) @ F.normalize(z2, dim=1).t()
+                    top1 = (logits.argmax(dim=1) == torch.arange(n, device=state.device)).sum()
+                    sums += torch.stack([loss.double() * n, top1.double(), top1.double(),
+                                         torch.tensor(float(n), dtype=torch.float64, device=state.device)])
+    model.train()
+    total = dist.allreduce_sum(sums.cpu(), name="val_sums").tolist()  # one collective per val pass
+    n = max(total[3], 1.0)
+    return {"val_loss": total[0] / n, "val_top1": total[1] / n, "val_top5": total[2] / n,
+            "val_samples": int(total[3])}
+
+
+def describe_val(val: ShardSet) -> str:
+    return (f"{val.spec} ({len(val.paths)} shard(s) {val.paths[0]} .. {val.paths[-1]}, {val.total} samples, "
+            f"fingerprint {val.fingerprint})")

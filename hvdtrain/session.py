@@ -1,0 +1,301 @@
+"""One training run around the step and loop of `hvdtrain.train`: the run folder and its
+lock, the provenance banner, resume, the validation schedule and its guard,
+checkpoints, and the logs (console, tqdm, metrics.jsonl, TensorBoard, curves.png).
+
+Decisions that only rank 0 can make (the folder, the lock, which checkpoint) are made
+there and broadcast, so every rank starts, resumes or refuses together. Exit codes:
+0 done; 1 the run failed while training (non-finite loss, val-loss guard, bad sample,
+checkpoint write); 2 refused to start (data, classes, lock, resume checks).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from data.wds import ShardError, ShardSet, open_shards
+import kernels
+from hvdtrain import checkpoint as ckpt
+from hvdtrain import config as C
+from hvdtrain import dist, evaluate as E, optim, provenance, report
+from hvdtrain import model as M
+from hvdtrain import train as T
+from hvdtrain.loader import DataError
+
+
+class Refused(RuntimeError):
+    """The run must not start; the message says why and what to do."""
+
+
+def _say(msg: str) -> None:
+    if dist.is_primary():
+        print(msg, flush=True)
+
+
+def open_data(cfg: C.Config) -> tuple[ShardSet, ShardSet | None, dict]:
+    if not cfg.data.train:
+        raise Refused("no training data: pass --data.train=DIR (or a .tar, or a brace pattern)")
+    try:
+        train = open_shards(cfg.data.train)
+        val = open_shards(cfg.data.val) if cfg.data.val else None
+    except ShardError as e:
+        raise Refused(f"data error: {e}") from e
+    data = {"train": train.describe()}
+    if val is not None:
+        data["val"] = val.describe()
+    return train, val, data
+
+
+# ---------------------------------------------------------------- start: folder, lock, resume
+def _prepare_primary(cfg: C.Config, current: dict, num_classes: int | None):
+    """Rank 0: run folder, lock, and the checkpoint to resume from (checked)."""
+    if cfg.run.resume == "auto" and not cfg.run.dir:
+        raise Refused("--resume auto needs --run.dir=FOLDER: the run folder to continue")
+    run_dir = cfg.run.dir or os.path.join("runs", provenance.run_id(cfg.run.name))
+    os.makedirs(run_dir, exist_ok=True)
+    lock = ckpt.RunLock(run_dir)
+    lock.acquire(log=_say)
+    try:
+        payload, path, notes = None, None, []
+        if cfg.run.resume == "auto":
+            found = ckpt.find_resume(run_dir, log=_say)
+            if found is None:
+                notes.append(f"resume: no checkpoint in {run_dir}: starting from step 0")
+            else:
+                path, payload = found
+        elif cfg.run.resume:
+            path, payload = cfg.run.resume, ckpt.load(cfg.run.resume)
+        elif ckpt.list_checkpoints(run_dir):
+            raise Refused(f"{run_dir} already holds checkpoints ({os.path.basename(ckpt.latest_path(run_dir))}); "
+                          f"continue it with --resume auto, or choose another --run.dir")
+        if payload is not None:
+            diffs = ckpt.check_provenance(payload["provenance"], current, cfg.run.resume_anyway)
+            notes += [f"warning: --resume-anyway: {d}" for d in diffs]
+            if cfg.train.task == "classify" and payload.get("num_classes") != num_classes:
+                raise Refused(f"checkpoint {path} has a {payload.get('num_classes')}-class head but the data has "
+                              f"{num_classes} classes")
+            notes.append(f"resume: {path} (step {payload['step']}, epoch {payload['epoch']}, "
+                         f"saved by {payload['world_size']} rank(s) at {payload['provenance']['git_sha'][:12]})")
+    except (ckpt.CheckpointError, ckpt.ResumeRefused, Refused):
+        lock.release()
+        raise
+    return run_dir, lock, payload, path, notes
+
+
+def prepare(cfg: C.Config, current: dict, num_classes: int | None):
+    """Every rank: (run_dir, lock or None, checkpoint payload on rank 0, resume info)."""
+    info, lock, payload = {"error": None}, None, None
+    if dist.is_primary():
+        try:
+            run_dir, lock, payload, path, notes = _prepare_primary(cfg, current, num_classes)
+            resume = None if payload is None else {k: payload[k] for k in ("step", "epoch", "world_size", "ranks",
+                                                                              "best_val_loss")}
+            info = {"error": None, "run_dir": run_dir, "resume": resume, "path": path, "notes": notes}
+        except (ckpt.CheckpointError, ckpt.ResumeRefused, ckpt.LockError, Refused) as e:
+            info = {"error": str(e)}
+    info = dist.broadcast_object(info, name="prepare")  # small: per-rank reader states, not weights
+    if info["error"]:
+        raise Refused(info["error"])
+    return info, lock, payload
+
+
+def restore_rank(info: dict) -> tuple[bytes | None, int, torch.Tensor | None, list[str]]:
+    """This rank's DALI reader state, epoch and mixup RNG state from the resume info."""
+    r = info["resume"]
+    if r is None:
+        return None, 0, None, []
+    if r["world_size"] != dist.size():
+        return None, r["epoch"], None, [f"warning: the checkpoint was saved by {r['world_size']} rank(s), this run has "
+                                  f"{dist.size()}: each reader restarts epoch {r['epoch']} from its start (samples "
+                                  f"seen earlier in that epoch are seen again)"]
+    mine = r["ranks"][dist.rank()]
+    torch.set_rng_state(mine["torch_rng"])
+    return mine["dali"], mine["epoch"], mine["gen"], []
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(state: T.TrainState, loader, run_dir: str, prov: dict, best_val: float | None,
+                    best: bool) -> None:
+    """Every rank hands rank 0 its reader and RNG state (one allgather); rank 0 writes;
+    the outcome is broadcast so a failed write stops every rank."""
+    mine = {"dali": loader.checkpoint(), "gen": state.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "epoch": loader.epoch}
+    ranks = dist.allgather_object(mine, name="ckpt_ranks")
+    err = None
+    if dist.is_primary():
+        payload = {"format": ckpt.FORMAT, "step": state.step, "epoch": loader.epoch,
+                   "model": state.model.state_dict(), "optimizer": state.opt.state_dict(),
+                   "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+                   "world_size": dist.size(), "ranks": ranks, "num_classes": state.num_classes,
+                   "best_val_loss": best_val, "provenance": prov, "config": C.to_dict(state.cfg),
+                   "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            ckpt.save(run_dir, payload, state.step, state.cfg.train.keep_last, best)
+        except ckpt.CheckpointError as e:
+            err = str(e)
+    err = dist.broadcast_object(err, name="ckpt_status")
+    if err:
+        raise ckpt.CheckpointError(err)
+
+
+# ---------------------------------------------------------------- logs
+class Logs:
+    """Rank 0's console lines, progress bar, metrics.jsonl and TensorBoard scalars."""
+
+    def __init__(self, cfg: C.Config, run_dir: str, start_step: int):
+        self.on = dist.is_primary()
+        self.bar = self.tb = self.metrics = None
+        self.tty = False
+        if not self.on:
+            return
+        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if cfg.run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(run_dir)
+        if cfg.run.progress:
+            from tqdm import tqdm
+
+            self.tty = sys.stderr.isatty()  # under horovodrun never: a redraw every 30 s, not 2 per second
+            self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            mininterval=0.5 if self.tty else 30, file=sys.stderr)
+
+    def record(self, rec: dict, line: str | None = None) -> None:
+        if not self.on:
+            return
+        self.metrics.write(json.dumps(rec) + "\n")
+        self.metrics.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, rec["step"])
+        if line:  # on a terminal, above the bar; in a log file (horovodrun, sbatch), a plain line
+            (self.bar.write if self.bar is not None and self.tty else print)(line, flush=True)
+        if self.bar is not None and "throughput_img_s" in rec:
+            self.bar.set_postfix({"loss": f"{rec['train_loss']:.4f}", "img/s": f"{rec['throughput_img_s']:.0f}"},
+                                 refresh=False)
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if not self.on:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.metrics.close()
+
+
+# ---------------------------------------------------------------- the run
+def fit(cfg: C.Config) -> int:
+    torch_threads, dali_threads = T.configure_threads(cfg)
+    train, val, data = open_data(cfg)
+    num_classes = train.num_classes
+    try:
+        E.check_classes(train, val, cfg.train.task, None)
+    except E.DataMismatch as e:
+        raise Refused(str(e)) from e
+    code, chash = provenance.code_state(), C.config_hash(cfg)
+    prov = {**code, "config_hash": chash, "data_fingerprint": {k: d["fingerprint"] for k, d in data.items()}}
+    info, lock, payload = prepare(cfg, prov, num_classes)
+    try:
+        return _run(cfg, train, val, data, info, payload, prov, torch_threads, dali_threads)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg, train, val, data, info, payload, prov, torch_threads, dali_threads) -> int:
+    run_dir = info["run_dir"]
+    dali_state, epoch, gen_state, notes = restore_rank(info)
+    state = T.make_state(cfg, train.num_classes, payload)
+    E.check_classes(train, val, cfg.train.task, M.head_classes(state.model))
+    if gen_state is not None:
+        state.gen.set_state(gen_state)
+    loader = T.open_loader(cfg, train, dali_threads, checkpoint=dali_state, epoch=epoch)
+    val_loader = T.open_loader(cfg, val, dali_threads, train=False) if val is not None else None
+    if dist.is_primary():
+        print(provenance.banner(prov, prov["config_hash"], data, dist.size(), str(dist.device())), flush=True)
+        print(f"run     {run_dir}   preset {cfg.preset}, task {cfg.train.task}, model {cfg.model.name}, "
+              f"global batch {optim.global_batch(cfg, dist.size())}, peak lr {optim.peak_lr(cfg, dist.size()):.4g}, "
+              f"amp {state.amp or 'off'}, threads torch {torch_threads} / DALI {dali_threads}", flush=True)
+        print(f"input   DALI decode {loader.spec.decode}, normalize {loader.spec.normalize}; "
+              f"kernels: {kernels.describe(state.device)}", flush=True)
+        for n in info["notes"] + notes:
+            print(n, flush=True)
+        report.write_json(os.path.join(run_dir, "config.json"),
+                          {"config": C.to_dict(cfg), **prov, "data": data, "resumed_from": info["path"],
+                           "start_step": state.step, "ranks": dist.size(), "slurm": provenance.slurm_job(),
+                           "versions": provenance.versions()})
+    logs = Logs(cfg, run_dir, state.step)
+    bound = E.val_bound(cfg.train.val_loss_bound, cfg.train.task, train.num_classes,
+                        cfg.data.val_batch_size or cfg.train.batch_size)
+    best_val = info["resume"]["best_val_loss"] if info["resume"] else None
+    last_val: dict = {}
+
+    def on_log(step, values, res, elapsed, out):
+        rec = {"step": step, "train_loss": sum(values) / len(values), "lr": state.opt.param_groups[0]["lr"],
+               "throughput_img_s": res.interval_img_s, "elapsed_s": round(elapsed, 3), "epoch": loader.epoch,
+               "data_wait_share": res.data_wait_s / max(elapsed, 1e-9), "train_loss_per_step": values}
+        if "grad_norm" in out:
+            rec["grad_norm"] = float(out["grad_norm"])
+        logs.record(rec, f"step {step:6d}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.3g}  "
+                         f"{res.interval_img_s:.0f} img/s (all ranks)  epoch {loader.epoch}")
+
+    def on_step(st):
+        nonlocal best_val
+        s, last = st.step, st.step == cfg.train.steps
+        ev, ck = cfg.train.eval_every, cfg.train.ckpt_every
+        is_best = False
+        if val_loader is not None and ((ev and s % ev == 0) or last):
+            r = E.evaluate(st, val_loader, lambda: T.autocast(st))
+            last_val.update(r)
+            logs.record({"step": s, **r}, f"val   {s:6d}  loss {r['val_loss']:.4f}  top-1 {r['val_top1']:.4f}  "
+                                          f"top-5 {r['val_top5']:.4f}  ({r['val_samples']} samples)")
+            if bound is not None and r["val_loss"] > bound:
+                raise T.TrainingError(
+                    f"validation loss {r['val_loss']:.4g} at step {s} is above the bound {bound:.3g} "
+                    f"({cfg.train.val_loss_bound} x ln({train.num_classes if cfg.train.task == 'classify' else 'batch'})) "
+                    f"on val data {E.describe_val(val)}: the model and this data disagree (wrong data or labels, "
+                    f"stale code, or a diverged run). Check the banner above; train.val_loss_bound=0 turns this off")
+            is_best = best_val is None or r["val_loss"] < best_val
+            best_val = r["val_loss"] if is_best else best_val
+        if (ck and s % ck == 0) or last or is_best:
+            save_checkpoint(st, loader, run_dir, prov, best_val, is_best)
+        logs.tick()
+
+    try:
+        res = T.run_loop(state, loader, cfg.train.steps - state.step, on_log, on_step)
+    finally:
+        logs.close()
+    agg = T.aggregate_throughput(res)
+    if dist.is_primary():
+        report.curves_plot(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "curves.png"),
+                           f"{cfg.preset} {cfg.train.task} {cfg.model.name}  {prov['git_sha'][:10]}  cfg {prov['config_hash']}")
+        summary = {"steps": state.step, "images": agg["images"], "images_per_s": agg["images_per_s"],
+                   "steady_images_per_s": agg["steady_images_per_s"], "data_wait_share": agg["data_wait_share"],
+                   "best_val_loss": best_val, **last_val, "run_dir": run_dir}
+        report.write_json(os.path.join(run_dir, "summary.json"), summary)
+        val_txt = (f", val loss {last_val['val_loss']:.4f} top-1 {last_val['val_top1']:.4f}" if last_val else "")
+        print(f"done: step {state.step}, {agg['images']} images this session, {agg['images_per_s']:.1f} img/s "
+              f"(all ranks){val_txt}; run folder {run_dir}", flush=True)
+    return 0
+
+
+def main(cfg: C.Config) -> int:
+    try:
+        return fit(cfg)
+    except Refused as e:
+        if dist.is_primary():  # every rank refuses together; one message is enough
+            print(f"hvdtrain.train: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except (DataError, T.TrainingError, ckpt.CheckpointError) as e:
+        print(f"hvdtrain.train: rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
+        code = 1
+    return code
