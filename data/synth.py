@@ -1,6 +1,7 @@
 """A learnable procedural image set, JPEG-encoded, written as WebDataset shards.
 
     python -m data.synth OUT --classes 10 --train 4096 --val 1024 --size 64 --seed 1337
+    python -m data.synth TREE --tree tinyimagenet --classes 20 --train 200 --val 25   # loose JPEGs
 
 Each class has its own shape (disc, square, triangle, cross, ring, stripes, ...), colour
 and texture; position, scale, rotation, background and pixel noise vary per image, so
@@ -105,6 +106,33 @@ def make(out: str, classes: int, train: int, val: int, size: int, seed: int,
     return infos
 
 
+def write_tinyimagenet_tree(out: str, classes: int, train_per_class: int, val_per_class: int, size: int,
+                            seed: int) -> list[str]:
+    """The same images as loose JPEGs in Tiny-ImageNet's layout (wnids.txt,
+    train/<wnid>/images/<wnid>_<i>.JPEG, val/images + val_annotations.txt), to exercise
+    `data.make_shards` end to end where the real Tiny-ImageNet cannot be downloaded."""
+    rng = np.random.default_rng([seed, 7])
+    wnids = [f"n{90000000 + c:08d}" for c in range(classes)]
+    with open(os.path.join(_mkdir(out), "wnids.txt"), "w") as f:
+        f.write("\n".join(wnids) + "\n")
+    for c, w in enumerate(wnids):
+        folder = _mkdir(os.path.join(out, "train", w, "images"))
+        for i in range(train_per_class):
+            render(c, classes, size, rng).save(os.path.join(folder, f"{w}_{i}.JPEG"), quality=90)
+    folder = _mkdir(os.path.join(out, "val", "images"))
+    with open(os.path.join(out, "val", "val_annotations.txt"), "w") as f:
+        for i in range(classes * val_per_class):
+            c = i % classes
+            render(c, classes, size, rng).save(os.path.join(folder, f"val_{i}.JPEG"), quality=90)
+            f.write(f"val_{i}.JPEG\t{wnids[c]}\t0\t0\t{size - 1}\t{size - 1}\n")
+    return wnids
+
+
+def _mkdir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.synth", description=__doc__.split("\n\n")[0])
     p.add_argument("out")
@@ -114,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64, help="image side, pixels")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
+    p.add_argument("--tree", choices=["tinyimagenet"], help="write loose JPEGs in this layout instead of "
+                   "shards (--train/--val are then images per class); build shards with data.make_shards")
     a = p.parse_args(argv)
+    if a.tree:
+        wnids = write_tinyimagenet_tree(a.out, a.classes, a.train, a.val, a.size, a.seed)
+        print(f"{a.out}: Tiny-ImageNet layout, {len(wnids)} classes, {a.train} train + {a.val} val images each")
+        return 0
     infos = make(a.out, a.classes, a.train, a.val, a.size, a.seed, a.shard_size)
     for split, info in infos.items():
         print(f"{split}: {info['total']} samples in {len(info['shards'])} shard(s) under "

@@ -12,6 +12,7 @@ lists and dicts only, so loading a checkpoint cannot run code from it.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import platform
@@ -48,9 +49,11 @@ def _fsync_dir(path: str) -> None:
 
 def _atomic_save(payload: dict, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    buf = io.BytesIO()
+    torch.save(payload, buf)  # in memory first: a failed file write then raises OSError with its
+    try:                      # errno (ENOSPC, EFBIG), where torch.save's own writer only says "enforce fail"
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -11,22 +11,7 @@ import webdataset as wds
 
 from tests.conftest import ROOT, jpeg
 
-BIN = os.path.dirname(sys.executable)
-HOROVODRUN = [os.path.join(BIN, "horovodrun"), "-np", "2", "-H", "localhost:2"]
-
-
-def run(cmd, timeout=300, env=None):
-    """Run in its own process group; past `timeout` the whole group (launcher and ranks)
-    gets SIGKILL and the test fails, so a hung collective cannot hang CI."""
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, env=env)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{(out + err)[-3000:]}")
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+from tests.e2e.harness import BIN, HOROVODRUN, run  # noqa: F401
 
 
 def test_sanity_ci_preset_two_ranks_writes_a_complete_report(tmp_path, synth_data):

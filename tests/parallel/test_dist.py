@@ -61,14 +61,17 @@ def test_parameters_identical_on_all_ranks_after_training(shared_dir):
     _, dali_threads = T.configure_threads(cfg)
     state = T.make_state(cfg, shards.num_classes)
     before = _param_vector(state.model).clone()
-    res = T.run_loop(state, T.open_loader(cfg, shards, dali_threads), cfg.train.steps)
+    loader = T.open_loader(cfg, shards, dali_threads)
+    res = T.run_loop(state, loader, cfg.train.steps)
     after = _param_vector(state.model)
     assert not torch.equal(before, after), "training did not change the parameters"
     every = dist.allgather(after.unsqueeze(0), name="params_after")
     for r in range(1, dist.size()):
         assert torch.equal(every[0], every[r]), f"rank {r} parameters differ from rank 0"
     losses = dist.allgather_object(res.step_losses, name="losses_per_rank")
-    assert losses[0] != losses[1], "ranks trained on the same data"
+    assert losses[0] == losses[1], "logged losses are the mean over ranks: the same on every rank"
+    last = dist.allgather_object(loader.last_source, name="last_source")
+    assert len(set(last)) == dist.size(), f"ranks trained on the same data: {last}"
 
 
 def test_accumulated_micro_batches_equal_one_large_batch():
