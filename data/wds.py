@@ -156,6 +156,30 @@ def index_path_for(tar_path: str) -> str:
     return tar_path[:-4] + ".idx" if tar_path.endswith(".tar") else tar_path + ".idx"
 
 
+def check_index_fits(tar_path: str, idx_path: str) -> None:
+    """Cheap start-up check (two small reads): the index's first and last members lie
+    inside the tar and the tar headers there carry their names. Catches truncated tars
+    and stale indexes before DALI reads garbage; `data.verify` checks everything."""
+    with open(idx_path) as f:
+        lines = [line.split() for line in f]
+    if len(lines) < 2:
+        return
+    size = os.path.getsize(tar_path)
+    with open(tar_path, "rb") as t:
+        for row in (lines[1], lines[-1]):
+            ext, off, n, name = row[0], int(row[1]), int(row[2]), row[3]
+            if off + n > size:
+                raise ShardError(f"{tar_path}: truncated tar ({size} bytes) or stale index {idx_path} (member "
+                                 f"{name} at {off}+{n} lies past the end); re-copy the shard, or check it with "
+                                 f"`python -m data.verify {tar_path}`")
+            t.seek(off - 512)
+            header = t.read(100).rstrip(b"\0").decode(errors="replace")
+            if header != name:
+                raise ShardError(f"{tar_path}: stale index {idx_path}: it says {name} starts at {off}, the tar "
+                                 f"has {header!r} there; rebuild it with `python -m data.make_shards "
+                                 f"--index-only {os.path.dirname(tar_path) or '.'}`")
+
+
 def read_index_count(idx_path: str) -> int:
     with open(idx_path) as f:
         head = f.readline().split()
@@ -259,12 +283,13 @@ class ShardSet:
                 "fingerprint": self.fingerprint, "info": self.info_path}
 
 
-def open_shards(spec: str, build_missing_index: bool = True) -> ShardSet:
+def open_shards(spec: str, build_missing_index: bool = True, check_fit: bool = True) -> ShardSet:
     """Resolve `spec`, check or build the `.idx` beside each tar, read `_info.json`.
 
     Shards from other tools (webdataset's ShardWriter) have no index: it is built beside
     the tar when the folder is writable (`build_missing_index`), else the error says how
-    (`python -m data.make_shards --index-only DIR`).
+    (`python -m data.make_shards --index-only DIR`). `check_fit=False` leaves truncated
+    tars to the caller (`--data.on_error=skip` drops the samples they lost).
     """
     paths = resolve_shards(spec)
     index_paths, counts = [], []
@@ -279,6 +304,8 @@ def open_shards(spec: str, build_missing_index: bool = True) -> ShardSet:
             except OSError as e:
                 raise ShardError(f"{p}: cannot write its index {idx} ({e}); build indexes "
                                  f"elsewhere with `wds2idx {p} OTHER.idx`") from e
+        if check_fit:
+            check_index_fits(p, idx)
         index_paths.append(idx)
         counts.append(read_index_count(idx))
     info = _find_info(paths)

@@ -16,8 +16,15 @@ from typing import Any
 import torch
 
 import horovod.torch as hvd
+from horovod.common.exceptions import HorovodInternalError
 
 _initialised = False
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """A collective failed: a peer rank stopped, or Horovod shut down after an error."""
+    return isinstance(e, HorovodInternalError) or (
+        isinstance(e, RuntimeError) and "Horovod has been shut down" in str(e))
 
 
 def init() -> None:

@@ -46,13 +46,16 @@ def val_bound(factor: float, task: str, num_classes: int | None, batch: int) -> 
     return factor * math.log(max(2, k or 2))
 
 
-def evaluate(state, loader, autocast=contextlib.nullcontext) -> dict:
-    """Loss and accuracy over the whole val set on all ranks (one allreduce)."""
+def evaluate(state, loader, autocast=contextlib.nullcontext, beat=None) -> dict:
+    """Loss and accuracy over the whole val set on all ranks (one allreduce).
+    `beat`: called per batch (the watchdog's sign of progress)."""
     cfg, model = state.cfg, state.model
     sums = torch.zeros(4, dtype=torch.float64, device=state.device)  # loss sum, top-1, top-5, count
     model.eval()
     with torch.no_grad():
         for b in loader.epoch_batches():
+            if beat is not None:
+                beat()
             with autocast():
                 if cfg.train.task == "classify":
                     logits = model(b.views[0]).float()

@@ -39,6 +39,14 @@ class Batch:
         return [self.source(i).rsplit(":", 1)[-1] for i in range(self.sources.shape[0])]
 
 
+def dali_reason(e: BaseException) -> str:
+    """The informative line of a DALI error: the one after "encountered:", else the first."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
+        return lines[lines.index("encountered:") + 1]
+    return lines[0] if lines else repr(e)
+
+
 def decode_source(row: torch.Tensor) -> str:
     return bytes(row.numpy()).rstrip(b"\0").decode(errors="replace")
 
@@ -91,13 +99,16 @@ class DaliLoader:
         self.device, self.dtype, self.channels_last = device or torch.device("cpu"), dtype, channels_last
         self._mean, self._std = torch.tensor(MEAN), torch.tensor(STD)
         self.names = pipeline.output_names(spec)
-        self.pipe = pipeline.build(shards, spec, checkpoint)
-        drop = spec.train if drop_last is None else drop_last
-        policy = LastBatchPolicy.DROP if drop else LastBatchPolicy.PARTIAL
-        self._it = DALIGenericIterator([self.pipe], self.names, reader_name="Reader",
-                                       last_batch_policy=policy, auto_reset=False)
         self.epoch = epoch
         self.last_source = "(no batch read yet)"
+        drop = spec.train if drop_last is None else drop_last
+        policy = LastBatchPolicy.DROP if drop else LastBatchPolicy.PARTIAL
+        try:  # DALI reads the index and prefetches the first batches here: errors start here too
+            self.pipe = pipeline.build(shards, spec, checkpoint)
+            self._it = DALIGenericIterator([self.pipe], self.names, reader_name="Reader",
+                                           last_batch_policy=policy, auto_reset=False)
+        except RuntimeError as e:
+            raise self._data_error(e, "could not start reading") from e
 
     def checkpoint(self) -> bytes:
         """The reader position and random states after the last batch handed out (the
@@ -139,9 +150,24 @@ class DaliLoader:
         except StopIteration:
             raise
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-            raise DataError(f"DALI stopped reading {self.shards.spec} (epoch {self.epoch}; the last "
-                            f"good batch ended at {self.last_source}): {first}") from e
+            raise self._data_error(e, "stopped reading") from e
+
+    def _data_error(self, e: RuntimeError, what: str) -> DataError:
+        """DALI's error does not name the sample: scan this rank's part of the data for it."""
+        from data import verify
+
+        found, complete = verify.locate(self.shards, self.spec.shard_id, self.spec.num_shards, self.num_classes)
+        if found:
+            more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+            where = (f" A scan of rank {self.spec.shard_id}'s samples found: "
+                     + "; ".join(str(p) for p in found[:3]) + more + ".")
+        else:
+            where = f" A scan of rank {self.spec.shard_id}'s samples found no bad sample" + (
+                "." if complete else " in its time budget.")
+        return DataError(f"DALI {what} {self.shards.spec} (rank {self.spec.shard_id}, epoch {self.epoch}; the "
+                         f"last good batch ended at {self.last_source}): {dali_reason(e)}.{where} List every "
+                         f"problem with `python -m data.verify {self.shards.spec}`, or train past bad samples "
+                         f"with --data.on_error=skip")
 
     def epoch_batches(self):
         """One epoch of batches on this rank."""

@@ -12,22 +12,31 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, repo: str = REPO) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.rstrip("\n") if out.returncode == 0 else None  # keep status columns
 
 
-def code_state() -> dict:
-    """{'git_sha', 'git_dirty', 'git_changed'}; sha 'unknown' outside a git checkout."""
-    sha = (_git("rev-parse", "HEAD") or "").strip() or None
+def code_state(repo: str = REPO) -> dict:
+    """{'git_sha', 'git_dirty', 'git_changed', 'git_behind', 'git_upstream', 'code_path'};
+    sha 'unknown' outside a git checkout. `git_behind`: commits the checkout lacks from
+    its upstream branch as of the last fetch (a stale checkout); no network is used."""
+    base = {"code_path": repo}
+    sha = (_git("rev-parse", "HEAD", repo=repo) or "").strip() or None
     if sha is None:
-        return {"git_sha": "unknown (not a git checkout)", "git_dirty": None, "git_changed": []}
-    status = _git("status", "--porcelain", "--untracked-files=no") or ""
+        return {**base, "git_sha": "unknown (not a git checkout)", "git_dirty": None, "git_changed": [],
+                "git_behind": None, "git_upstream": None}
+    status = _git("status", "--porcelain", "--untracked-files=no", repo=repo) or ""
     changed = [line[3:] for line in status.splitlines() if line.strip()]
-    return {"git_sha": sha, "git_dirty": bool(changed), "git_changed": changed[:20]}
+    upstream = (_git("rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{u}", repo=repo) or "").strip() or None
+    behind = None
+    if upstream:
+        behind = int((_git("rev-list", "--count", "HEAD..@{u}", repo=repo) or "0").strip() or 0)
+    return {**base, "git_sha": sha, "git_dirty": bool(changed), "git_changed": changed[:20],
+            "git_behind": behind, "git_upstream": upstream}
 
 
 def versions() -> dict:
@@ -60,7 +69,10 @@ def banner(code: dict, config_hash: str, data: dict, ranks: int, device: str) ->
     dirty = ""
     if code["git_dirty"]:
         dirty = f" DIRTY ({len(code['git_changed'])} changed: {', '.join(code['git_changed'][:5])})"
-    lines = [f"code    {code['git_sha']}{dirty}",
+    if code.get("git_behind"):
+        dirty += (f" STALE: {code['git_behind']} commit(s) behind {code['git_upstream']} as of the last fetch "
+                  f"(git pull before trusting this run)")
+    lines = [f"code    {code['git_sha']}{dirty}   from {code.get('code_path', REPO)}",
              f"config  {config_hash}",
              f"ranks   {ranks} x {device}   host {platform.node()}   python {sys.version.split()[0]}"]
     job = slurm_job()
@@ -70,4 +82,7 @@ def banner(code: dict, config_hash: str, data: dict, ranks: int, device: str) ->
     for split, d in data.items():
         lines.append(f"data    {split}: {d['spec']} -> {d['shards']} shard(s) {d['first']} .. "
                      f"{os.path.basename(d['last'])}, {d['samples']} samples, fingerprint {d['fingerprint']}")
+        if d.get("skipped") is not None:
+            first = f": {d['skipped'][0]}" + (" ..." if len(d["skipped"]) > 1 else "") if d["skipped"] else ""
+            lines.append(f"data    {split}: skipping {len(d['skipped'])} bad sample(s) (data.on_error=skip){first}")
     return "\n".join(lines)

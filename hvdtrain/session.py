@@ -5,17 +5,23 @@ checkpoints, and the logs (console, tqdm, metrics.jsonl, TensorBoard, curves.png
 Decisions that only rank 0 can make (the folder, the lock, which checkpoint) are made
 there and broadcast, so every rank starts, resumes or refuses together. Exit codes:
 0 done; 1 the run failed while training (non-finite loss, val-loss guard, bad sample,
-checkpoint write); 2 refused to start (data, classes, lock, resume checks).
+checkpoint write); 2 refused to start (data, classes, lock, resume checks); 3 another
+rank stopped or hung (a failed collective, or the watchdog: `hvdtrain.watchdog`).
 """
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
 
+from data import verify
 from data.wds import ShardError, ShardSet, open_shards
 import kernels
 from hvdtrain import checkpoint as ckpt
@@ -24,6 +30,7 @@ from hvdtrain import dist, evaluate as E, optim, provenance, report
 from hvdtrain import model as M
 from hvdtrain import train as T
 from hvdtrain.loader import DataError
+from hvdtrain.watchdog import EXIT_STALLED, Watchdog
 
 
 class Refused(RuntimeError):
@@ -38,15 +45,51 @@ def _say(msg: str) -> None:
 def open_data(cfg: C.Config) -> tuple[ShardSet, ShardSet | None, dict]:
     if not cfg.data.train:
         raise Refused("no training data: pass --data.train=DIR (or a .tar, or a brace pattern)")
+    skip = cfg.data.on_error == "skip"
     try:
-        train = open_shards(cfg.data.train)
-        val = open_shards(cfg.data.val) if cfg.data.val else None
+        train = open_shards(cfg.data.train, check_fit=not skip)
+        val = open_shards(cfg.data.val, check_fit=not skip) if cfg.data.val else None
     except ShardError as e:
         raise Refused(f"data error: {e}") from e
     data = {"train": train.describe()}
     if val is not None:
         data["val"] = val.describe()
+    if skip:
+        train, data["train"]["skipped"] = skip_bad(train, train.num_classes)
+        if val is not None:
+            val, data["val"]["skipped"] = skip_bad(val, train.num_classes)
     return train, val, data
+
+
+def skip_bad(shards: ShardSet, num_classes: int | None) -> tuple[ShardSet, list[str]]:
+    """--data.on_error=skip: the ranks check the shards between them (shard i on rank
+    i % size: every image decoded once), share the indexes of the good samples (one
+    allgather), and each writes them into its own temporary folder for DALI."""
+    mine = {}
+    scratch = tempfile.mkdtemp(prefix=f"hvdtrain-skip-r{dist.rank()}-")
+    atexit.register(shutil.rmtree, scratch, True)
+    for i, tar in enumerate(shards.paths):
+        if i % dist.size() == dist.rank():
+            out = os.path.join(scratch, f"{i:06d}.idx")
+            _, skipped = verify.skip_index(tar, out, num_classes)
+            mine[i] = (open(out).read(), [str(p) for p in skipped])
+    merged = {i: v for part in dist.allgather_object(mine, name="skip_index") for i, v in part.items()}
+    paths, idx, counts, skipped = [], [], [], []
+    for i, tar in enumerate(shards.paths):
+        text, bad = merged[i]
+        skipped += bad
+        n = int(text.split(None, 2)[1])
+        if n == 0:
+            continue  # nothing left in this shard
+        out = os.path.join(scratch, f"{i:06d}.idx")
+        with open(out, "w") as f:
+            f.write(text)
+        paths.append(tar)
+        idx.append(out)
+        counts.append(n)
+    if not paths:
+        raise Refused(f"data error: {shards.spec}: every sample is bad ({len(skipped)} skipped): {skipped[:3]}")
+    return dataclasses.replace(shards, paths=paths, index_paths=idx, counts=counts), skipped
 
 
 # ---------------------------------------------------------------- start: folder, lock, resume
@@ -248,13 +291,16 @@ def _run(cfg, train, val, data, info, payload, prov, torch_threads, dali_threads
         logs.record(rec, f"step {step:6d}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.3g}  "
                          f"{res.interval_img_s:.0f} img/s (all ranks)  epoch {loader.epoch}")
 
+    dog = Watchdog(cfg.run.watchdog_s, dist.rank())
+
     def on_step(st):
         nonlocal best_val
         s, last = st.step, st.step == cfg.train.steps
+        dog.beat(f"step {s}")
         ev, ck = cfg.train.eval_every, cfg.train.ckpt_every
         is_best = False
         if val_loader is not None and ((ev and s % ev == 0) or last):
-            r = E.evaluate(st, val_loader, lambda: T.autocast(st))
+            r = E.evaluate(st, val_loader, lambda: T.autocast(st), beat=lambda: dog.beat(f"a val batch at step {s}"))
             last_val.update(r)
             logs.record({"step": s, **r}, f"val   {s:6d}  loss {r['val_loss']:.4f}  top-1 {r['val_top1']:.4f}  "
                                           f"top-5 {r['val_top5']:.4f}  ({r['val_samples']} samples)")
@@ -267,12 +313,16 @@ def _run(cfg, train, val, data, info, payload, prov, torch_threads, dali_threads
             is_best = best_val is None or r["val_loss"] < best_val
             best_val = r["val_loss"] if is_best else best_val
         if (ck and s % ck == 0) or last or is_best:
+            dog.beat(f"step {s}, before its checkpoint")
             save_checkpoint(st, loader, run_dir, prov, best_val, is_best)
+            dog.beat(f"step {s}'s checkpoint")
         logs.tick()
 
+    dog.start()
     try:
         res = T.run_loop(state, loader, cfg.train.steps - state.step, on_log, on_step)
     finally:
+        dog.stop()
         logs.close()
     agg = T.aggregate_throughput(res)
     if dist.is_primary():
@@ -298,4 +348,11 @@ def main(cfg: C.Config) -> int:
     except (DataError, T.TrainingError, ckpt.CheckpointError) as e:
         print(f"hvdtrain.train: rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
         code = 1
+    except RuntimeError as e:
+        if not dist.is_collective_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"hvdtrain.train: rank {dist.rank()}: a collective failed, most likely because another rank "
+              f"stopped (the launcher's message names it): {first}", file=sys.stderr, flush=True)
+        code = EXIT_STALLED
     return code
