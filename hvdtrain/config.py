@@ -74,6 +74,8 @@ class TrainConfig:
     val_loss_bound: float = 3.0  # stop if val loss > this x ln(num_classes) (contrastive: ln(batch)); 0 = off
     ckpt_every: int = 0      # optimizer steps between checkpoints; 0 = only at the end
     keep_last: int = 3       # checkpoints kept (plus best.pt)
+    elastic: bool = False    # Horovod elastic (horovodrun --min-np/--max-np --host-discovery-script)
+    commit_every: int = 10   # elastic: optimizer steps between in-memory commits (the rollback point)
 
 
 @dataclass
@@ -207,6 +209,7 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {"sanity": sanity, "ci": ci, "
 ALIASES: dict[str, tuple[str, str | None]] = {
     "task": ("train.task", None), "resume": ("run.resume", None),
     "resume-anyway": ("run.resume_anyway", "True"), "steps": ("train.steps", None),
+    "elastic": ("train.elastic", "True"),
 }
 
 

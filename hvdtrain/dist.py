@@ -116,6 +116,17 @@ def allgather_grad(t: torch.Tensor) -> torch.Tensor:
     return hvd.allgather(t)
 
 
+def elastic_state(model: torch.nn.Module, opt: torch.optim.Optimizer, **values: Any):
+    """Horovod elastic's TorchState: model, optimizer and `values` are committed in memory
+    and restored on the survivors when a worker is lost."""
+    return hvd.elastic.TorchState(model=model, optimizer=opt, **values)
+
+
+def elastic_run(fn):
+    """hvd.elastic.run: re-runs `fn(state)` after a membership change (Gloo only)."""
+    return hvd.elastic.run(fn)
+
+
 def barrier() -> None:
     hvd.barrier()
 

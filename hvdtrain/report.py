@@ -124,7 +124,8 @@ def curves_plot(metrics_path: str, path: str, title: str) -> str | None:
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
+    if vs:
+        axes[1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)

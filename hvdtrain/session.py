@@ -255,87 +255,155 @@ def fit(cfg: C.Config) -> int:
 
 
 def _run(cfg, train, val, data, info, payload, prov, torch_threads, dali_threads) -> int:
-    run_dir = info["run_dir"]
-    dali_state, epoch, gen_state, notes = restore_rank(info)
-    state = T.make_state(cfg, train.num_classes, payload)
-    E.check_classes(train, val, cfg.train.task, M.head_classes(state.model))
-    if gen_state is not None:
-        state.gen.set_state(gen_state)
-    loader = T.open_loader(cfg, train, dali_threads, checkpoint=dali_state, epoch=epoch)
-    val_loader = T.open_loader(cfg, val, dali_threads, train=False) if val is not None else None
+    run = Run(cfg, train, val, info, payload, prov, dali_threads)
     if dist.is_primary():
         print(provenance.banner(prov, prov["config_hash"], data, dist.size(), str(dist.device())), flush=True)
-        print(f"run     {run_dir}   preset {cfg.preset}, task {cfg.train.task}, model {cfg.model.name}, "
+        print(f"run     {run.dir}   preset {cfg.preset}, task {cfg.train.task}, model {cfg.model.name}, "
               f"global batch {optim.global_batch(cfg, dist.size())}, peak lr {optim.peak_lr(cfg, dist.size()):.4g}, "
-              f"amp {state.amp or 'off'}, threads torch {torch_threads} / DALI {dali_threads}", flush=True)
-        print(f"input   DALI decode {loader.spec.decode}, normalize {loader.spec.normalize}; "
-              f"kernels: {kernels.describe(state.device)}", flush=True)
-        for n in info["notes"] + notes:
+              f"amp {run.state.amp or 'off'}, threads torch {torch_threads} / DALI {dali_threads}"
+              f"{', elastic' if cfg.train.elastic else ''}", flush=True)
+        print(f"input   DALI decode {run.loader.spec.decode}, normalize {run.loader.spec.normalize}; "
+              f"kernels: {kernels.describe(run.state.device)}", flush=True)
+        for n in info["notes"] + run.notes:
             print(n, flush=True)
-        report.write_json(os.path.join(run_dir, "config.json"),
+        report.write_json(os.path.join(run.dir, "config.json"),
                           {"config": C.to_dict(cfg), **prov, "data": data, "resumed_from": info["path"],
-                           "start_step": state.step, "ranks": dist.size(), "slurm": provenance.slurm_job(),
+                           "start_step": run.state.step, "ranks": dist.size(), "slurm": provenance.slurm_job(),
                            "versions": provenance.versions()})
-    logs = Logs(cfg, run_dir, state.step)
-    bound = E.val_bound(cfg.train.val_loss_bound, cfg.train.task, train.num_classes,
-                        cfg.data.val_batch_size or cfg.train.batch_size)
-    best_val = info["resume"]["best_val_loss"] if info["resume"] else None
-    last_val: dict = {}
+    res = run.loop()
+    run.finish(res)
+    return 0
 
-    def on_log(step, values, res, elapsed, out):
-        rec = {"step": step, "train_loss": sum(values) / len(values), "lr": state.opt.param_groups[0]["lr"],
-               "throughput_img_s": res.interval_img_s, "elapsed_s": round(elapsed, 3), "epoch": loader.epoch,
-               "data_wait_share": res.data_wait_s / max(elapsed, 1e-9), "train_loss_per_step": values}
+
+class Run:
+    """The state of one run between start and finish: model and optimizer, loaders, logs,
+    the watchdog, the best val loss; `on_log` / `on_step` are the loop's hooks."""
+
+    def __init__(self, cfg, train, val, info, payload, prov, dali_threads):
+        self.cfg, self.train, self.val, self.prov, self.dali_threads = cfg, train, val, prov, dali_threads
+        self.dir = info["run_dir"]
+        dali_state, epoch, gen_state, self.notes = restore_rank(info)
+        self.state = T.make_state(cfg, train.num_classes, payload)
+        E.check_classes(train, val, cfg.train.task, M.head_classes(self.state.model))
+        if gen_state is not None:
+            self.state.gen.set_state(gen_state)
+        self.loader = T.open_loader(cfg, train, dali_threads, checkpoint=dali_state, epoch=epoch)
+        self.val_loader = T.open_loader(cfg, val, dali_threads, train=False) if val is not None else None
+        self.logs = Logs(cfg, self.dir, self.state.step)
+        self.bound = E.val_bound(cfg.train.val_loss_bound, cfg.train.task, train.num_classes,
+                                 cfg.data.val_batch_size or cfg.train.batch_size)
+        self.best_val = info["resume"]["best_val_loss"] if info["resume"] else None
+        self.last_val: dict = {}
+        self.dog = Watchdog(cfg.run.watchdog_s, dist.rank())
+
+    def on_log(self, step, values, res, elapsed, out):
+        rec = {"step": step, "train_loss": sum(values) / len(values), "lr": self.state.opt.param_groups[0]["lr"],
+               "throughput_img_s": res.interval_img_s, "elapsed_s": round(elapsed, 3), "epoch": self.loader.epoch,
+               "data_wait_share": res.data_wait_s / max(elapsed, 1e-9), "ranks": dist.size(),
+               "train_loss_per_step": values}
         if "grad_norm" in out:
             rec["grad_norm"] = float(out["grad_norm"])
-        logs.record(rec, f"step {step:6d}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.3g}  "
-                         f"{res.interval_img_s:.0f} img/s (all ranks)  epoch {loader.epoch}")
+        self.logs.record(rec, f"step {step:6d}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.3g}  "
+                              f"{res.interval_img_s:.0f} img/s (all ranks)  epoch {self.loader.epoch}")
 
-    dog = Watchdog(cfg.run.watchdog_s, dist.rank())
-
-    def on_step(st):
-        nonlocal best_val
-        s, last = st.step, st.step == cfg.train.steps
-        dog.beat(f"step {s}")
+    def on_step(self, st) -> None:
+        cfg, s = self.cfg, st.step
+        last = s == cfg.train.steps
         ev, ck = cfg.train.eval_every, cfg.train.ckpt_every
+        self.dog.beat(f"step {s}")
         is_best = False
-        if val_loader is not None and ((ev and s % ev == 0) or last):
-            r = E.evaluate(st, val_loader, lambda: T.autocast(st), beat=lambda: dog.beat(f"a val batch at step {s}"))
-            last_val.update(r)
-            logs.record({"step": s, **r}, f"val   {s:6d}  loss {r['val_loss']:.4f}  top-1 {r['val_top1']:.4f}  "
-                                          f"top-5 {r['val_top5']:.4f}  ({r['val_samples']} samples)")
-            if bound is not None and r["val_loss"] > bound:
-                raise T.TrainingError(
-                    f"validation loss {r['val_loss']:.4g} at step {s} is above the bound {bound:.3g} "
-                    f"({cfg.train.val_loss_bound} x ln({train.num_classes if cfg.train.task == 'classify' else 'batch'})) "
-                    f"on val data {E.describe_val(val)}: the model and this data disagree (wrong data or labels, "
-                    f"stale code, or a diverged run). Check the banner above; train.val_loss_bound=0 turns this off")
-            is_best = best_val is None or r["val_loss"] < best_val
-            best_val = r["val_loss"] if is_best else best_val
+        if self.val_loader is not None and ((ev and s % ev == 0) or last):
+            is_best = self.validate(st)
         if (ck and s % ck == 0) or last or is_best:
-            dog.beat(f"step {s}, before its checkpoint")
-            save_checkpoint(st, loader, run_dir, prov, best_val, is_best)
-            dog.beat(f"step {s}'s checkpoint")
-        logs.tick()
+            self.dog.beat(f"step {s}, before its checkpoint")
+            save_checkpoint(st, self.loader, self.dir, self.prov, self.best_val, is_best)
+            self.dog.beat(f"step {s}'s checkpoint")
+        self.logs.tick()
 
-    dog.start()
-    try:
-        res = T.run_loop(state, loader, cfg.train.steps - state.step, on_log, on_step)
-    finally:
-        dog.stop()
-        logs.close()
-    agg = T.aggregate_throughput(res)
-    if dist.is_primary():
-        report.curves_plot(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "curves.png"),
-                           f"{cfg.preset} {cfg.train.task} {cfg.model.name}  {prov['git_sha'][:10]}  cfg {prov['config_hash']}")
-        summary = {"steps": state.step, "images": agg["images"], "images_per_s": agg["images_per_s"],
+    def validate(self, st) -> bool:
+        """One val pass; stops the run above the val-loss bound; True for a new best."""
+        cfg, s = self.cfg, st.step
+        r = E.evaluate(st, self.val_loader, lambda: T.autocast(st), beat=lambda: self.dog.beat(f"a val batch at step {s}"))
+        self.last_val.update(r)
+        self.logs.record({"step": s, **r}, f"val   {s:6d}  loss {r['val_loss']:.4f}  top-1 {r['val_top1']:.4f}  "
+                                           f"top-5 {r['val_top5']:.4f}  ({r['val_samples']} samples)")
+        if self.bound is not None and r["val_loss"] > self.bound:
+            k = self.train.num_classes if cfg.train.task == "classify" else "batch"
+            raise T.TrainingError(
+                f"validation loss {r['val_loss']:.4g} at step {s} is above the bound {self.bound:.3g} "
+                f"({cfg.train.val_loss_bound} x ln({k})) on val data {E.describe_val(self.val)}: the model and this "
+                f"data disagree (wrong data or labels, stale code, or a diverged run). Check the banner above; "
+                f"train.val_loss_bound=0 turns this off")
+        is_best = self.best_val is None or r["val_loss"] < self.best_val
+        self.best_val = r["val_loss"] if is_best else self.best_val
+        return is_best
+
+    def loop(self) -> T.LoopResult:
+        self.dog.start()
+        try:
+            if self.cfg.train.elastic:
+                return self.elastic_loop()
+            return T.run_loop(self.state, self.loader, self.cfg.train.steps - self.state.step,
+                              self.on_log, self.on_step)
+        finally:
+            self.dog.stop()
+            self.logs.close()
+
+    def elastic_loop(self) -> T.LoopResult:
+        """Horovod elastic: commit every `train.commit_every` steps; when a worker is lost
+        (or added) Horovod restores the last commit on the survivors and calls `reset`,
+        which rebuilds the DALI pipeline for the new rank and size (its num_shards is fixed
+        at build) and rescales the lr to the new global batch."""
+        cfg, state = self.cfg, self.state
+        est = dist.elastic_state(state.model, state.opt, step=state.step)
+        total = T.LoopResult()
+
+        def reset():
+            self.loader = T.open_loader(cfg, self.train, self.dali_threads, epoch=self.loader.epoch)
+            for g in state.opt.param_groups:
+                g["initial_lr"] = optim.peak_lr(cfg, dist.size())
+            state.sched = optim.scheduler(cfg, state.opt, est.step)
+            self.dog.beat("an elastic reset")
+            if dist.is_primary() and not self.logs.on:  # rank 0 was lost: this rank logs from now on
+                self.logs = Logs(cfg, self.dir, est.step)
+            print(f"elastic: rank {dist.rank()} of {dist.size()} now; rebuilt its DALI pipeline (shard {dist.rank()} "
+                  f"of {dist.size()}) and resumes from the commit at step {est.step}; peak lr "
+                  f"{optim.peak_lr(cfg, dist.size()):.4g}", flush=True)
+
+        est.register_reset_callbacks([reset])
+
+        @dist.elastic_run
+        def loop(est):
+            state.step = est.step
+            while est.step < cfg.train.steps:
+                r = T.run_loop(state, self.loader, min(cfg.train.commit_every, cfg.train.steps - est.step),
+                               self.on_log, self.on_step)
+                for k in ("samples", "steady_samples"):
+                    setattr(total, k, getattr(total, k) + getattr(r, k))
+                for k in ("wall_s", "steady_s", "data_wait_s"):
+                    setattr(total, k, getattr(total, k) + getattr(r, k))
+                total.step_losses += r.step_losses
+                est.step = state.step
+                est.commit()
+
+        loop(est)
+        return total
+
+    def finish(self, res: T.LoopResult) -> None:
+        agg = T.aggregate_throughput(res)
+        if not dist.is_primary():
+            return
+        cfg, prov, lv = self.cfg, self.prov, self.last_val
+        report.curves_plot(os.path.join(self.dir, "metrics.jsonl"), os.path.join(self.dir, "curves.png"),
+                           f"{cfg.preset} {cfg.train.task} {cfg.model.name}  {prov['git_sha'][:10]}  "
+                           f"cfg {prov['config_hash']}")
+        summary = {"steps": self.state.step, "images": agg["images"], "images_per_s": agg["images_per_s"],
                    "steady_images_per_s": agg["steady_images_per_s"], "data_wait_share": agg["data_wait_share"],
-                   "best_val_loss": best_val, **last_val, "run_dir": run_dir}
-        report.write_json(os.path.join(run_dir, "summary.json"), summary)
-        val_txt = (f", val loss {last_val['val_loss']:.4f} top-1 {last_val['val_top1']:.4f}" if last_val else "")
-        print(f"done: step {state.step}, {agg['images']} images this session, {agg['images_per_s']:.1f} img/s "
-              f"(all ranks){val_txt}; run folder {run_dir}", flush=True)
-    return 0
+                   "best_val_loss": self.best_val, **lv, "run_dir": self.dir, "ranks_at_end": dist.size()}
+        report.write_json(os.path.join(self.dir, "summary.json"), summary)
+        val_txt = f", val loss {lv['val_loss']:.4f} top-1 {lv['val_top1']:.4f}" if lv else ""
+        print(f"done: step {self.state.step}, {agg['images']} images this session, {agg['images_per_s']:.1f} img/s "
+              f"(all ranks){val_txt}; run folder {self.dir}", flush=True)
 
 
 def main(cfg: C.Config) -> int:

@@ -264,3 +264,43 @@ def test_a_full_disk_at_checkpoint_time_is_a_clear_error(tmp_path, synth_data):
     assert "could not write checkpoint" in r.stderr and "File too large" in r.stderr
     assert "--resume auto" in r.stderr
     assert not [n for n in os.listdir(tmp_path / "run") if ".tmp" in n or n.startswith("ckpt-")]
+
+
+def test_elastic_training_continues_on_the_survivor_when_a_worker_dies(tmp_path, synth_data):
+    """horovodrun --min-np 1 --max-np 2 with a discovery script naming two "hosts" that are
+    both this machine (localhost, 127.0.0.1: Horovod blacklists a failed worker's host, so
+    one name per worker). The worker on 127.0.0.1 is killed after step 15; the survivor
+    rolls back to the last commit, rebuilds its DALI pipeline for 1 rank and finishes."""
+    disc = tmp_path / "discover.sh"
+    disc.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n")
+    disc.chmod(0o755)
+    run_dir = tmp_path / "run"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
+           "--host-discovery-script", str(disc)] + TRAIN + CI + [
+        "--elastic", f"--data.train={synth_data}/train", "--train.steps=40", "--train.log_every=5",
+        f"--run.dir={run_dir}"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 150
+    while time.time() < deadline and not (metrics.exists() and '"step": 15,' in metrics.read_text()):
+        time.sleep(0.2)
+    victim = None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if args[0].endswith(b"python") and b"hvdtrain.train" in args and b"HOROVOD_HOSTNAME=127.0.0.1" in env \
+                and f"--run.dir={run_dir}".encode() in args:
+            victim = int(pid)
+    assert victim, "no worker on 127.0.0.1"
+    os.kill(victim, signal.SIGKILL)
+    took, out, err = wait_end(p, 200)
+    assert p.returncode == 0, (out + err)[-3000:]
+    assert "elastic: rank 0 of 1 now; rebuilt its DALI pipeline (shard 0 of 1)" in out
+    recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert recs[-1]["step"] == 40 and recs[-1]["ranks"] == 1
+    assert {r["ranks"] for r in recs} == {1, 2}
+    assert json.load(open(run_dir / "summary.json"))["steps"] == 40

@@ -231,3 +231,32 @@ def test_lock_held_on_another_host_is_not_guessed_at(tmp_path):
     with pytest.raises(ckpt.LockError, match="on host node-elsewhere.*delete"):
         ckpt.RunLock(str(tmp_path)).acquire()
 
+
+
+# ---------------------------------------------------------------- the banner: dirty and stale checkouts
+def git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", *args], check=True,
+                   capture_output=True)
+
+
+def test_banner_says_dirty_and_stale_checkouts(tmp_path):
+    from hvdtrain import provenance as P
+
+    up, local = tmp_path / "upstream", tmp_path / "local"
+    git(tmp_path, "init", "-q", "-b", "main", str(up))
+    (up / "train.py").write_text("v1\n")
+    git(up, "add", ".")
+    git(up, "commit", "-qm", "v1")
+    git(tmp_path, "clone", "-q", str(up), str(local))
+    clean = P.code_state(str(local))
+    assert clean["git_dirty"] is False and clean["git_behind"] == 0
+    assert "DIRTY" not in P.banner(clean, "h", {}, 1, "cpu") and "STALE" not in P.banner(clean, "h", {}, 1, "cpu")
+    (up / "train.py").write_text("v2\n")
+    git(up, "commit", "-qam", "v2")
+    git(local, "fetch", "-q")
+    (local / "train.py").write_text("local edit\n")
+    state = P.code_state(str(local))
+    text = P.banner(state, "h", {}, 1, "cpu")
+    assert state["git_dirty"] is True and state["git_changed"] == ["train.py"]
+    assert "DIRTY (1 changed: train.py)" in text
+    assert "STALE: 1 commit(s) behind origin/main" in text and f"from {local}" in text
