@@ -209,14 +209,14 @@ class _PilAugment:
         self.std = np.array(STD, dtype=np.float32)
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         if os.getpid() != self._pid:  # a DataLoader worker: its own random stream
             info = torch.utils.data.get_worker_info()
             self.rng, self._pid = random.Random(self.seed * 1000 + (info.id if info else 0)), os.getpid()
         data = next(v for k, v in sample.items() if k.lower() in ("jpg", "jpeg", "png"))
         with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
+            im = ImageOps.exif_transpose(im).convert("RGB")  # as displayed: DALI's decoders apply EXIF too
             box = random_resized_crop_box(im.width, im.height, self.min_scale, self.rng)
             im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
         arr = np.asarray(im, dtype=np.float32)

@@ -262,8 +262,9 @@ def _run(cfg, train, val, data, info, payload, prov, torch_threads, dali_threads
               f"global batch {optim.global_batch(cfg, dist.size())}, peak lr {optim.peak_lr(cfg, dist.size()):.4g}, "
               f"amp {run.state.amp or 'off'}, threads torch {torch_threads} / DALI {dali_threads}"
               f"{', elastic' if cfg.train.elastic else ''}", flush=True)
-        print(f"input   DALI decode {run.loader.spec.decode}, normalize {run.loader.spec.normalize}; "
-              f"kernels: {kernels.describe(run.state.device)}", flush=True)
+        a = cfg.aug
+        print(f"input   DALI decode {run.loader.spec.decode}, normalize {run.loader.spec.normalize}, mixup {a.mixup}, "
+              f"cutmix {a.cutmix}; kernels: {kernels.describe(run.state.device)}", flush=True)
         for n in info["notes"] + run.notes:
             print(n, flush=True)
         report.write_json(os.path.join(run.dir, "config.json"),

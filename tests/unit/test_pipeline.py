@@ -94,3 +94,30 @@ def test_kernel_normalize_train_views_and_channels_last(tmp_path):
     for v in b.views:
         assert v.shape == (8, 3, 32, 32) and v.is_contiguous(memory_format=torch.channels_last)
         assert -3 < float(v.mean()) < 3 and float(v.std()) > 0.1  # normalized, not raw pixels
+
+
+def test_exif_orientation_is_applied_like_a_viewer_shows_it():
+    """The documented choice (docs/reliability.md): DALI's decoder turns an EXIF-rotated
+    JPEG upright; the PIL baseline does the same, so both loaders see the same picture."""
+    import io
+
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+    from PIL import Image, ImageOps
+
+    im = Image.fromarray(np.zeros((20, 60, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored 60 wide x 20 high, shown rotated: 20 wide x 60 high
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif.tobytes())
+    data = np.frombuffer(buf.getvalue(), np.uint8)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        return fn.decoders.image(fn.external_source(lambda: [data], batch=True), output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    assert pipe.run()[0].as_array().shape == (1, 60, 20, 3)
+    with Image.open(io.BytesIO(buf.getvalue())) as shown:
+        assert ImageOps.exif_transpose(shown).size == (20, 60)  # (width, height), as DALI
