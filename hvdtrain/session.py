@@ -29,6 +29,7 @@ from hvdtrain import config as C
 from hvdtrain import dist, evaluate as E, optim, provenance, report
 from hvdtrain import model as M
 from hvdtrain import train as T
+from hvdtrain.gpumon import GpuMonitor
 from hvdtrain.loader import DataError
 from hvdtrain.watchdog import EXIT_STALLED, Watchdog
 
@@ -296,6 +297,8 @@ class Run:
         self.best_val = info["resume"]["best_val_loss"] if info["resume"] else None
         self.last_val: dict = {}
         self.dog = Watchdog(cfg.run.watchdog_s, dist.rank())
+        self.gpu = GpuMonitor(self.state.device)  # sampled from the first log line on: warm-up excluded
+        self.gpu_started = False
 
     def on_log(self, step, values, res, elapsed, out):
         rec = {"step": step, "train_loss": sum(values) / len(values), "lr": self.state.opt.param_groups[0]["lr"],
@@ -304,6 +307,9 @@ class Run:
                "train_loss_per_step": values}
         if "grad_norm" in out:
             rec["grad_norm"] = float(out["grad_norm"])
+        if not self.gpu_started:
+            self.gpu.start()
+            self.gpu_started = True
         self.logs.record(rec, f"step {step:6d}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.3g}  "
                               f"{res.interval_img_s:.0f} img/s (all ranks)  epoch {self.loader.epoch}")
 
@@ -349,6 +355,7 @@ class Run:
         finally:
             self.dog.stop()
             self.logs.close()
+            self.gpu_summary = self.gpu.stop() if self.gpu_started else {"why": "no log interval ran"}
 
     def elastic_loop(self) -> T.LoopResult:
         """Horovod elastic: commit every `train.commit_every` steps; when a worker is lost
@@ -400,9 +407,13 @@ class Run:
                            f"cfg {prov['config_hash']}")
         summary = {"steps": self.state.step, "images": agg["images"], "images_per_s": agg["images_per_s"],
                    "steady_images_per_s": agg["steady_images_per_s"], "data_wait_share": agg["data_wait_share"],
-                   "best_val_loss": self.best_val, **lv, "run_dir": self.dir, "ranks_at_end": dist.size()}
+                   "best_val_loss": self.best_val, **lv, "run_dir": self.dir, "ranks_at_end": dist.size(),
+                   "gpu": {k: v for k, v in self.gpu_summary.items() if k != "timeline"}}
         report.write_json(os.path.join(self.dir, "summary.json"), summary)
         val_txt = f", val loss {lv['val_loss']:.4f} top-1 {lv['val_top1']:.4f}" if lv else ""
+        g = self.gpu_summary
+        if g.get("util_mean_pct") is not None:
+            val_txt += f"; GPU util {g['util_mean_pct']:.1f} % mean (rank 0, {g.get('samples')} NVML samples)"
         print(f"done: step {self.state.step}, {agg['images']} images this session, {agg['images_per_s']:.1f} img/s "
               f"(all ranks){val_txt}; run folder {self.dir}", flush=True)
 

@@ -216,3 +216,6 @@ def test_classify_run_evaluates_checkpoints_and_writes_its_outputs(tmp_path, syn
     cfg = json.load(open(d / "config.json"))
     assert len(cfg["git_sha"]) == 40 and cfg["data_fingerprint"]["val"] and cfg["config_hash"]
     assert "%|" in r.stderr  # the tqdm bar, on rank 0
+    summary = json.load(open(d / "summary.json"))
+    assert summary["steps"] == 20 and summary["val_samples"] == 64 and summary["images_per_s"] > 0
+    assert summary["gpu"]["evaluated"] is False and summary["gpu"]["util_mean_pct"] is None  # no GPU: not 0 %
