@@ -131,6 +131,8 @@ def check_provenance(saved: dict, current: dict, anyway: bool) -> list[str]:
         diffs.append(f"config hash {saved.get('config_hash')} (checkpoint) != {current['config_hash']} (this run)")
     for split, fp in current["data_fingerprint"].items():
         old = saved.get("data_fingerprint", {}).get(split)
+        if split != "train" and old is None:
+            continue  # a val set added on resume: nothing to compare it with
         if old != fp:
             diffs.append(f"{split} data fingerprint {old} (checkpoint) != {fp} (this run)")
     if diffs and not anyway:

@@ -319,12 +319,20 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# keys that do not change the maths: how often a run logs, evaluates and saves, and how
+# a bad sample is handled; a resumed run may change them without --resume-anyway
+CADENCE = {"train": ("log_every", "eval_every", "ckpt_every", "keep_last", "val_loss_bound", "commit_every"),
+           "data": ("train", "val", "on_error", "val_batch_size")}
+
+
 def config_hash(cfg: Config) -> str:
-    """Hash of what changes the maths. Left out: the run section (folder, resume, display)
-    and the data paths (the data fingerprint stands for the data, wherever it lives)."""
+    """Hash of what changes the maths. Left out: the run section (folder, resume, display),
+    the data paths (the data fingerprint stands for the data, wherever it lives) and the
+    cadence keys above."""
     d = to_dict(cfg)
     d.pop("run")
-    d["data"] = {k: v for k, v in d["data"].items() if k not in ("train", "val")}
+    for section, keys in CADENCE.items():
+        d[section] = {k: v for k, v in d[section].items() if k not in keys}
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

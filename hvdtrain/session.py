@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -185,57 +184,6 @@ def save_checkpoint(state: T.TrainState, loader, run_dir: str, prov: dict, best_
         raise ckpt.CheckpointError(err)
 
 
-# ---------------------------------------------------------------- logs
-class Logs:
-    """Rank 0's console lines, progress bar, metrics.jsonl and TensorBoard scalars."""
-
-    def __init__(self, cfg: C.Config, run_dir: str, start_step: int):
-        self.on = dist.is_primary()
-        self.bar = self.tb = self.metrics = None
-        self.tty = False
-        if not self.on:
-            return
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        if cfg.run.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(run_dir)
-        if cfg.run.progress:
-            from tqdm import tqdm
-
-            self.tty = sys.stderr.isatty()  # under horovodrun never: a redraw every 30 s, not 2 per second
-            self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            mininterval=0.5 if self.tty else 30, file=sys.stderr)
-
-    def record(self, rec: dict, line: str | None = None) -> None:
-        if not self.on:
-            return
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, rec["step"])
-        if line:  # on a terminal, above the bar; in a log file (horovodrun, sbatch), a plain line
-            (self.bar.write if self.bar is not None and self.tty else print)(line, flush=True)
-        if self.bar is not None and "throughput_img_s" in rec:
-            self.bar.set_postfix({"loss": f"{rec['train_loss']:.4f}", "img/s": f"{rec['throughput_img_s']:.0f}"},
-                                 refresh=False)
-
-    def tick(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if not self.on:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        self.metrics.close()
-
-
 # ---------------------------------------------------------------- the run
 def fit(cfg: C.Config) -> int:
     torch_threads, dali_threads = T.configure_threads(cfg)
@@ -291,7 +239,7 @@ class Run:
             self.state.gen.set_state(gen_state)
         self.loader = T.open_loader(cfg, train, dali_threads, checkpoint=dali_state, epoch=epoch)
         self.val_loader = T.open_loader(cfg, val, dali_threads, train=False) if val is not None else None
-        self.logs = Logs(cfg, self.dir, self.state.step)
+        self.logs = report.Logs(cfg, self.dir, self.state.step)
         self.bound = E.val_bound(cfg.train.val_loss_bound, cfg.train.task, train.num_classes,
                                  cfg.data.val_batch_size or cfg.train.batch_size)
         self.best_val = info["resume"]["best_val_loss"] if info["resume"] else None
@@ -373,7 +321,7 @@ class Run:
             state.sched = optim.scheduler(cfg, state.opt, est.step)
             self.dog.beat("an elastic reset")
             if dist.is_primary() and not self.logs.on:  # rank 0 was lost: this rank logs from now on
-                self.logs = Logs(cfg, self.dir, est.step)
+                self.logs = report.Logs(cfg, self.dir, est.step)
             print(f"elastic: rank {dist.rank()} of {dist.size()} now; rebuilt its DALI pipeline (shard {dist.rank()} "
                   f"of {dist.size()}) and resumes from the commit at step {est.step}; peak lr "
                   f"{optim.peak_lr(cfg, dist.size()):.4g}", flush=True)

@@ -97,6 +97,8 @@ def test_user_flags_and_presets():
     a, b = C.ci(), C.ci()
     b.run.resume, b.data.train = "auto", "/elsewhere"
     assert C.config_hash(a) == C.config_hash(b)  # resuming or moving the data keeps the hash
+    b.train.eval_every, b.train.ckpt_every, b.data.on_error = 7, 9, "skip"  # cadence, not maths
+    assert C.config_hash(a) == C.config_hash(b)
     b.optim.lr = 1.0
     assert C.config_hash(a) != C.config_hash(b)
 
