@@ -33,7 +33,8 @@ class DataConfig:
     shuffle_buffer: int = 1024  # DALI initial_fill: samples in the shuffle buffer
     normalize: str = "auto"  # auto | dali | kernel (uint8 out of DALI, kernels.normalize on the
                              # training device); auto = kernel with decode=cpu, dali with mixed
-    channels_last: bool = False  # model input in channels_last memory format
+    channels_last: bool = False  # model input in channels_last memory format (the weights stay
+                                 # contiguous: Horovod 0.28 allreduces contiguous gradients only)
     shuffle: bool = True     # train: DALI random_shuffle (off = shard order, for equality tests)
     augment: bool = True     # train: random-resized crop + flip (off = the val resize + centre crop)
     val_batch_size: int = 0  # validation batch per rank, images; 0 = train.batch_size

@@ -249,7 +249,7 @@ class Run:
         self.gpu_started = False
 
     def on_log(self, step, values, res, elapsed, out):
-        rec = {"step": step, "train_loss": sum(values) / len(values), "lr": self.state.opt.param_groups[0]["lr"],
+        rec = {"step": step, "train_loss": sum(values) / len(values), "lr": out["lr"],
                "throughput_img_s": res.interval_img_s, "elapsed_s": round(elapsed, 3), "epoch": self.loader.epoch,
                "data_wait_share": res.data_wait_s / max(elapsed, 1e-9), "ranks": dist.size(),
                "train_loss_per_step": values}

@@ -107,8 +107,6 @@ def make_state(cfg: C.Config, num_classes: int | None, ckpt: dict | None = None)
         raise TrainingError("task=classify needs the number of classes: the shards have no _info.json")
     m = cfg.model
     model = M.build(m.name, m.width, m.embed_dim, heads, m.norm, m.small_stem).to(device)
-    if cfg.data.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     opt = optim.build(cfg, model, dist.size())
     amp = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -123,6 +121,9 @@ def make_state(cfg: C.Config, num_classes: int | None, ckpt: dict | None = None)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
+    # channels_last applies to the inputs only: Horovod 0.28 allreduces contiguous tensors
+    # only, and autograd gives each gradient its parameter's layout, so the weights stay in
+    # the default format; cuDNN still picks its NHWC kernels when the input is channels_last
     dist.broadcast_state(model, opt)
     step = dist.broadcast_object(step, name="start_step")
     if scaler is not None:
@@ -139,8 +140,10 @@ def autocast(state: TrainState):
 
 
 def compute_loss(state: TrainState, batch: Batch) -> torch.Tensor:
-    views = [v.to(state.device, non_blocking=True) for v in batch.views]
     cfg = state.cfg
+    views = [v.to(state.device, non_blocking=True) for v in batch.views]
+    if cfg.data.channels_last:  # a no-op for the kernel-normalize path, which writes channels_last
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     if cfg.train.task == "contrastive":
         z1, z2 = state.model(views[0]), state.model(views[1])
         gather = dist.allgather_grad if cfg.model.gather_negatives else None
@@ -184,6 +187,7 @@ def train_step(state: TrainState, micro_batches: list[Batch]) -> dict[str, torch
     else:
         opt.step()
     opt.zero_grad()  # horovod 0.28 takes no set_to_none
+    out["lr"] = opt.param_groups[0]["lr"]  # the lr this step used (a float: no device sync)
     if state.sched is not None:
         state.sched.step()
     state.step += 1

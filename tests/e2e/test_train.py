@@ -215,6 +215,7 @@ def test_classify_run_evaluates_checkpoints_and_writes_its_outputs(tmp_path, syn
     train = [x for x in recs if "train_loss" in x]
     for key in ("train_loss", "lr", "throughput_img_s", "elapsed_s", "epoch", "data_wait_share"):
         assert key in train[-1], key
+    assert all(x["lr"] == 0.002 for x in train)  # the ci preset's constant lr, as used by each step
     cfg = json.load(open(d / "config.json"))
     assert len(cfg["git_sha"]) == 40 and cfg["data_fingerprint"]["val"] and cfg["config_hash"]
     assert "%|" in r.stderr  # the tqdm bar, on rank 0

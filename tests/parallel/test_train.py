@@ -87,3 +87,19 @@ def test_resume_state_loaded_on_rank0_reaches_every_rank():
     assert sq.numel() == _param_vector(state.model).numel()
     every = dist.allgather(sq.unsqueeze(0), name="resumed_opt")
     assert all(torch.equal(every[0], every[r]) for r in range(dist.size()))
+
+
+def test_channels_last_inputs_train_under_horovod():
+    """`data.channels_last`: the inputs are NHWC, the weights and so the gradients stay
+    contiguous (Horovod 0.28 refuses non-contiguous tensors: 'Tensor is required to be
+    contiguous'), and ranks stay identical."""
+    cfg = C.ci()
+    cfg.train.task, cfg.data.channels_last, cfg.model.name, cfg.model.small_stem = "classify", True, "resnet18", True
+    state = T.make_state(cfg, num_classes=5)
+    g = torch.Generator().manual_seed(11 + dist.rank())
+    x = torch.randn(4, 3, 16, 16, generator=g)
+    batches = [Batch([x], torch.randint(0, 5, (4,), generator=g), torch.zeros(4, 1, dtype=torch.uint8))] * 2
+    T.train_step(state, batches)
+    assert all(p.is_contiguous() for p in state.model.parameters())
+    every = dist.allgather(_param_vector(state.model).unsqueeze(0), name="cl_params")
+    assert all(torch.equal(every[0], every[r]) for r in range(dist.size()))
