@@ -13,7 +13,6 @@ at log intervals.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ from data.wds import ShardSet
 from kernels import mixup
 from hvdtrain import config as C
 from hvdtrain import dist, model as M, optim, provenance
-from hvdtrain.loader import Batch, DaliLoader, DataError
+from hvdtrain.loader import Batch, DaliLoader
 from hvdtrain.pipeline import PipeSpec
 
 

@@ -2,10 +2,10 @@
 equality across process counts, kill -9 and exact resume, and every guard that
 refuses or stops a run (each test checks the message)."""
 import json
+import math
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -222,3 +222,16 @@ def test_classify_run_evaluates_checkpoints_and_writes_its_outputs(tmp_path, syn
     summary = json.load(open(d / "summary.json"))
     assert summary["steps"] == 20 and summary["val_samples"] == 64 and summary["images_per_s"] > 0
     assert summary["gpu"]["evaluated"] is False and summary["gpu"]["util_mean_pct"] is None  # no GPU: not 0 %
+
+
+def test_contrastive_run_with_gathered_negatives_and_a_val_pass(tmp_path, synth_data):
+    r = run(HOROVODRUN + TRAIN + ["--preset", "ci", "--run.progress=False", "--run.tensorboard=False",
+                                  "--model.gather_negatives=True", "--train.steps=4", "--train.log_every=1",
+                                  f"--data.train={synth_data}/train", f"--data.val={synth_data}/val",
+                                  f"--run.dir={tmp_path}/run"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    recs = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    first = recs[0]["train_loss"]
+    assert abs(first - math.log(8 * 2)) < 0.15  # candidates: batch 8 x 2 ranks
+    val = [x for x in recs if "val_loss" in x][-1]
+    assert val["val_samples"] == 64 and 0 <= val["val_top1"] <= val["val_top5"] <= 1

@@ -103,3 +103,25 @@ def test_channels_last_inputs_train_under_horovod():
     assert all(p.is_contiguous() for p in state.model.parameters())
     every = dist.allgather(_param_vector(state.model).unsqueeze(0), name="cl_params")
     assert all(torch.equal(every[0], every[r]) for r in range(dist.size()))
+
+
+def test_the_amp_order_with_a_grad_scaler_and_fp16_wire_compression():
+    """The GPU step's order, run on the CPU: bf16 autocast, GradScaler, clipping and
+    Horovod's fp16 compression: synchronize() -> unscale_ -> clip -> step() under
+    skip_synchronize() -> update(). Ranks stay identical and the update is bounded."""
+    cfg = C.ci()
+    cfg.train.task, cfg.train.clip_grad_norm, cfg.train.fp16_allreduce = "classify", 1e-3, True
+    cfg.optim.name, cfg.optim.lr, cfg.optim.momentum = "sgd", 0.5, 0.0
+    state = T.make_state(cfg, num_classes=5)
+    state.amp, state.scaler = torch.bfloat16, torch.amp.GradScaler("cpu", init_scale=1024.0)
+    g = torch.Generator().manual_seed(5 + dist.rank())
+    batches = [Batch([torch.randn(4, 3, 16, 16, generator=g)], torch.randint(0, 5, (4,), generator=g),
+                     torch.zeros(4, 1, dtype=torch.uint8)) for _ in range(cfg.train.grad_accum_steps)]
+    before = _param_vector(state.model).clone()
+    out = T.train_step(state, batches)
+    after = _param_vector(state.model)
+    assert math.isfinite(float(out["loss"])) and float(out["grad_norm"]) > 1e-3  # unscaled before the clip
+    assert 0 < (after - before).norm() <= 0.5 * 1e-3 * 1.01
+    assert state.scaler.get_scale() == 1024.0  # finite gradients: no back-off
+    every = dist.allgather(after.unsqueeze(0), name="amp_params")
+    assert all(torch.equal(every[0], every[r]) for r in range(dist.size()))
