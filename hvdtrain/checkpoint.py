@@ -71,6 +71,13 @@ def _atomic_save(payload: dict, path: str) -> None:
                               f"and resume with --resume auto") from e
 
 
+def non_finite(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (a host sync on a
+    GPU; checkpoints sync anyway, to copy the weights out)."""
+    return [k for k, v in tensors.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save(run_dir: str, payload: dict, step: int, keep_last: int, best: bool = False) -> str:
     """Write `ckpt-<step>.pt` atomically, prune to the newest `keep_last`, link best.pt."""
     path = os.path.join(run_dir, f"ckpt-{step:08d}.pt")

@@ -46,6 +46,16 @@ def val_bound(factor: float, task: str, num_classes: int | None, batch: int) -> 
     return factor * math.log(max(2, k or 2))
 
 
+def val_loss_problem(loss: float, bound: float | None, factor: float, k) -> str | None:
+    """Why a val loss must stop the run, or None. A NaN or infinite loss always does (it
+    compares False with any bound); the bound can be turned off with val_loss_bound=0."""
+    if not math.isfinite(loss):
+        return "is not finite"
+    if bound is not None and loss > bound:
+        return f"is above the bound {bound:.3g} ({factor} x ln({k}); train.val_loss_bound=0 turns this off)"
+    return None
+
+
 def evaluate(state, loader, autocast=contextlib.nullcontext, beat=None) -> dict:
     """Loss and accuracy over the whole val set on all ranks (one allreduce).
     `beat`: called per batch (the watchdog's sign of progress)."""

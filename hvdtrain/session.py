@@ -169,6 +169,15 @@ def save_checkpoint(state: T.TrainState, loader, run_dir: str, prov: dict, best_
     ranks = dist.allgather_object(mine, name="ckpt_ranks")
     err = None
     if dist.is_primary():
+        # the losses are checked only every log_every steps: a diverged model must not be
+        # saved in between, or --resume auto (and best.pt) would hand it back
+        bad = ckpt.non_finite(state.model.state_dict())
+        if bad:
+            prev = ckpt.latest_path(run_dir)
+            err = ("diverged", f"non-finite weights after step {state.step} ({len(bad)} tensor(s), first {bad[0]}): "
+                   f"checkpoint not saved; {'the last good one is ' + prev if prev else 'no earlier checkpoint'}. "
+                   f"Rank 0's last data read: {loader.last_source}. Lower optim.lr or set train.clip_grad_norm")
+    if dist.is_primary() and err is None:
         payload = {"format": ckpt.FORMAT, "step": state.step, "epoch": loader.epoch,
                    "model": state.model.state_dict(), "optimizer": state.opt.state_dict(),
                    "scaler": state.scaler.state_dict() if state.scaler is not None else None,
@@ -178,10 +187,10 @@ def save_checkpoint(state: T.TrainState, loader, run_dir: str, prov: dict, best_
         try:
             ckpt.save(run_dir, payload, state.step, state.cfg.train.keep_last, best)
         except ckpt.CheckpointError as e:
-            err = str(e)
+            err = ("write", str(e))
     err = dist.broadcast_object(err, name="ckpt_status")
     if err:
-        raise ckpt.CheckpointError(err)
+        raise (T.TrainingError if err[0] == "diverged" else ckpt.CheckpointError)(err[1])
 
 
 # ---------------------------------------------------------------- the run
@@ -282,13 +291,13 @@ class Run:
         self.last_val.update(r)
         self.logs.record({"step": s, **r}, f"val   {s:6d}  loss {r['val_loss']:.4f}  top-1 {r['val_top1']:.4f}  "
                                            f"top-5 {r['val_top5']:.4f}  ({r['val_samples']} samples)")
-        if self.bound is not None and r["val_loss"] > self.bound:
-            k = self.train.num_classes if cfg.train.task == "classify" else "batch"
+        k = self.train.num_classes if cfg.train.task == "classify" else "batch"
+        why = E.val_loss_problem(r["val_loss"], self.bound, cfg.train.val_loss_bound, k)
+        if why:
             raise T.TrainingError(
-                f"validation loss {r['val_loss']:.4g} at step {s} is above the bound {self.bound:.3g} "
-                f"({cfg.train.val_loss_bound} x ln({k})) on val data {E.describe_val(self.val)}: the model and this "
-                f"data disagree (wrong data or labels, stale code, or a diverged run). Check the banner above; "
-                f"train.val_loss_bound=0 turns this off")
+                f"validation loss {r['val_loss']:.4g} at step {s} {why} on val data {E.describe_val(self.val)}: the "
+                f"model and this data disagree (wrong data or labels, stale code, or a diverged run). Check the "
+                f"banner above")
         is_best = self.best_val is None or r["val_loss"] < self.best_val
         self.best_val = r["val_loss"] if is_best else self.best_val
         return is_best

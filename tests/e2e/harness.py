@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from tests.conftest import ROOT
@@ -23,7 +24,29 @@ def run(cmd, timeout=300, env=None):
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_job(p.pid)
         out, err = p.communicate()
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{(out + err)[-3000:]}")
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def kill_job(pid: int) -> None:
+    """SIGKILL a launcher and every process below it, at once. killpg is not enough:
+    horovodrun starts each rank in a session of its own (its middleman calls setsid), and
+    a rank that outlives its launcher sees SIGTERM or a broken stdout pipe and may clean
+    up, which is not what a kill -9 of the job tests."""
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for sig in (signal.SIGSTOP, signal.SIGKILL):  # freeze the tree first: no one reacts to the others' deaths
+        for proc in procs:
+            try:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

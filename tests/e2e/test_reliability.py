@@ -16,7 +16,7 @@ from PIL import Image
 
 from data.wds import file_sha256, write_index, write_info
 from tests.conftest import ROOT, jpeg
-from tests.e2e.harness import HOROVODRUN, TRAIN, run
+from tests.e2e.harness import HOROVODRUN, TRAIN, kill_job, run
 from tests.e2e.test_train import CI, exit_code
 
 PY = [sys.executable]
@@ -225,7 +225,7 @@ def wait_end(p, limit_s):
     try:
         out, err = p.communicate(timeout=limit_s)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_job(p.pid)
         p.communicate()
         pytest.fail(f"the job did not end within {limit_s} s")
     return time.time() - t0, out, err

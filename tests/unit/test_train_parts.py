@@ -209,6 +209,21 @@ def test_a_write_that_runs_out_of_space_says_so_and_keeps_the_old_checkpoint(tmp
 
 
 # ---------------------------------------------------------------- the run folder's lock
+def test_non_finite_tensors_are_named():
+    sd = {"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")]), "c": torch.tensor([float("inf")]),
+          "steps": torch.tensor([3]), "note": "x"}
+    assert ckpt.non_finite(sd) == ["b", "c"]
+
+
+def test_a_nan_val_loss_stops_the_run_even_with_the_bound_off():
+    from hvdtrain.evaluate import val_loss_problem
+    assert val_loss_problem(1.0, 15.9, 3.0, 200) is None
+    assert "above the bound 15.9 (3.0 x ln(200)" in val_loss_problem(16.0, 15.9, 3.0, 200)
+    assert val_loss_problem(float("nan"), 15.9, 3.0, 200) == "is not finite"  # nan > bound is False
+    assert val_loss_problem(float("inf"), None, 0.0, 200) == "is not finite"  # the bound off: still stops
+    assert val_loss_problem(1e9, None, 0.0, 200) is None
+
+
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
