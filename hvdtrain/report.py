@@ -155,8 +155,10 @@ class Logs:
             from tqdm import tqdm
 
             self.tty = sys.stderr.isatty()  # under horovodrun never: a redraw every 30 s, not 2 per second
+            # (tqdm's monitor thread would redraw every maxinterval, 10 s by default, whatever mininterval says)
             self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            mininterval=0.5 if self.tty else 30, file=sys.stderr)
+                            mininterval=0.5 if self.tty else 30, maxinterval=10 if self.tty else 60,
+                            file=sys.stderr)
 
     def record(self, rec: dict, line: str | None = None) -> None:
         if not self.on:
