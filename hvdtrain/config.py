@@ -301,6 +301,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("aug.mixup / aug.cutmix need train.task=classify")
     if cfg.optim.name not in ("adamw", "sgd"):
         raise ConfigError(f"optim.name must be adamw or sgd, not {cfg.optim.name!r}")
+    if not 0 < cfg.optim.lr < 3.4e38:  # NaN fails too; past float32's range torch's SGD dies with a bare traceback
+        raise ConfigError(f"optim.lr must be a positive number below 3.4e38 (float32's largest), not {cfg.optim.lr!r}")
     if not 0 < cfg.data.min_scale <= 1:
         raise ConfigError("data.min_scale must be in (0, 1]")
     choices = {"model.name": (cfg.model.name, ("convnet", "resnet18", "resnet50")),

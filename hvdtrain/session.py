@@ -160,6 +160,17 @@ def restore_rank(info: dict) -> tuple[bytes | None, int, torch.Tensor | None, li
 
 
 # ---------------------------------------------------------------- checkpoints
+def diverged(state: T.TrainState, loader, what: str) -> str | None:
+    """The error for non-finite weights, or None. Losses are checked only every log_every
+    steps; a checkpoint or an elastic commit due in between checks the weights, so a
+    diverged model is never saved or rolled back to. A host sync: only at those points."""
+    bad = ckpt.non_finite(state.model.state_dict())
+    if not bad:
+        return None
+    return (f"non-finite weights after step {state.step} ({len(bad)} tensor(s), first {bad[0]}): {what}; rank "
+            f"{dist.rank()}'s last data read: {loader.last_source}. Lower optim.lr or set train.clip_grad_norm")
+
+
 def save_checkpoint(state: T.TrainState, loader, run_dir: str, prov: dict, best_val: float | None,
                     best: bool) -> None:
     """Every rank hands rank 0 its reader and RNG state (one allgather); rank 0 writes;
@@ -171,12 +182,10 @@ def save_checkpoint(state: T.TrainState, loader, run_dir: str, prov: dict, best_
     if dist.is_primary():
         # the losses are checked only every log_every steps: a diverged model must not be
         # saved in between, or --resume auto (and best.pt) would hand it back
-        bad = ckpt.non_finite(state.model.state_dict())
-        if bad:
-            prev = ckpt.latest_path(run_dir)
-            err = ("diverged", f"non-finite weights after step {state.step} ({len(bad)} tensor(s), first {bad[0]}): "
-                   f"checkpoint not saved; {'the last good one is ' + prev if prev else 'no earlier checkpoint'}. "
-                   f"Rank 0's last data read: {loader.last_source}. Lower optim.lr or set train.clip_grad_norm")
+        prev = ckpt.latest_path(run_dir)
+        why = diverged(state, loader, f"checkpoint not saved ({'the last good one is ' + prev if prev else 'none before it'})")
+        if why:
+            err = ("diverged", why)
     if dist.is_primary() and err is None:
         payload = {"format": ckpt.FORMAT, "step": state.step, "epoch": loader.epoch,
                    "model": state.model.state_dict(), "optimizer": state.opt.state_dict(),
@@ -348,6 +357,11 @@ class Run:
                 for k in ("wall_s", "steady_s", "data_wait_s"):
                     setattr(total, k, getattr(total, k) + getattr(r, k))
                 total.step_losses += r.step_losses
+                # a diverged model must not become the state a reset rolls back to; the weights
+                # are the same on every rank after the allreduce, so every rank decides alike
+                why = diverged(state, self.loader, "not committed")
+                if why:
+                    raise T.TrainingError(why)
                 est.step = state.step
                 est.commit()
 

@@ -25,6 +25,8 @@ def test_sanity_preset_is_the_seed_configuration():
     ("--train.steps=1.5", "expected int"),
     ("--train=3", "is a section"),
     ("--train.task=regress", "contrastive or classify"),
+    ("--optim.lr=1e39", "optim.lr must be a positive number below 3.4e38"),
+    ("--optim.lr=0", "optim.lr must be a positive number"),
 ])
 def test_bad_overrides_are_errors(arg, msg):
     with pytest.raises(C.ConfigError, match=msg):
