@@ -160,17 +160,6 @@ def restore_rank(info: dict) -> tuple[bytes | None, int, torch.Tensor | None, li
 
 
 # ---------------------------------------------------------------- checkpoints
-def diverged(state: T.TrainState, loader, what: str) -> str | None:
-    """The error for non-finite weights, or None. Losses are checked only every log_every
-    steps; a checkpoint or an elastic commit due in between checks the weights, so a
-    diverged model is never saved or rolled back to. A host sync: only at those points."""
-    bad = ckpt.non_finite(state.model.state_dict())
-    if not bad:
-        return None
-    return (f"non-finite weights after step {state.step} ({len(bad)} tensor(s), first {bad[0]}): {what}; rank "
-            f"{dist.rank()}'s last data read: {loader.last_source}. Lower optim.lr or set train.clip_grad_norm")
-
-
 def save_checkpoint(state: T.TrainState, loader, run_dir: str, prov: dict, best_val: float | None,
                     best: bool) -> None:
     """Every rank hands rank 0 its reader and RNG state (one allgather); rank 0 writes;
@@ -183,7 +172,8 @@ def save_checkpoint(state: T.TrainState, loader, run_dir: str, prov: dict, best_
         # the losses are checked only every log_every steps: a diverged model must not be
         # saved in between, or --resume auto (and best.pt) would hand it back
         prev = ckpt.latest_path(run_dir)
-        why = diverged(state, loader, f"checkpoint not saved ({'the last good one is ' + prev if prev else 'none before it'})")
+        kept = f"the last good one is {prev}" if prev else "none before it"
+        why = T.diverged(state, loader, f"checkpoint not saved ({kept})")
         if why:
             err = ("diverged", why)
     if dist.is_primary() and err is None:
@@ -359,7 +349,7 @@ class Run:
                 total.step_losses += r.step_losses
                 # a diverged model must not become the state a reset rolls back to; the weights
                 # are the same on every rank after the allreduce, so every rank decides alike
-                why = diverged(state, self.loader, "not committed")
+                why = T.diverged(state, self.loader, "not committed")
                 if why:
                     raise T.TrainingError(why)
                 est.step = state.step

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from data.wds import ShardSet
 from kernels import mixup
 from hvdtrain import config as C
-from hvdtrain import dist, model as M, optim, provenance
+from hvdtrain import checkpoint, dist, model as M, optim, provenance
 from hvdtrain.loader import Batch, DaliLoader
 from hvdtrain.pipeline import PipeSpec
 
@@ -191,6 +191,17 @@ def train_step(state: TrainState, micro_batches: list[Batch]) -> dict[str, torch
         state.sched.step()
     state.step += 1
     return out
+
+
+def diverged(state: TrainState, loader, what: str) -> str | None:
+    """The error for non-finite weights, or None. Losses are checked only every log_every
+    steps; a checkpoint or an elastic commit due in between checks the weights, so a
+    diverged model is never saved or rolled back to. A host sync: only at those points."""
+    bad = checkpoint.non_finite(state.model.state_dict())
+    if not bad:
+        return None
+    return (f"non-finite weights after step {state.step} ({len(bad)} tensor(s), first {bad[0]}): {what}; rank "
+            f"{dist.rank()}'s last data read: {loader.last_source}. Lower optim.lr or set train.clip_grad_norm")
 
 
 def run_loop(state: TrainState, loader: DaliLoader, steps: int, on_log=None, on_step=None) -> LoopResult:
