@@ -266,24 +266,20 @@ def test_a_full_disk_at_checkpoint_time_is_a_clear_error(tmp_path, synth_data):
     assert not [n for n in os.listdir(tmp_path / "run") if ".tmp" in n or n.startswith("ckpt-")]
 
 
-def elastic_cmd(tmp_path, synth_data, *extra):
+def test_elastic_training_continues_on_the_survivor_when_a_worker_dies(tmp_path, synth_data):
     """horovodrun --min-np 1 --max-np 2 with a discovery script naming two "hosts" that are
     both this machine (localhost, 127.0.0.1: Horovod blacklists a failed worker's host, so
-    one name per worker)."""
+    one name per worker). The worker on 127.0.0.1 is killed after step 15 of 200 (room to
+    spare on a fast machine); the survivor rolls back to the last commit, rebuilds its
+    DALI pipeline for 1 rank and finishes."""
     disc = tmp_path / "discover.sh"
     disc.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n")
     disc.chmod(0o755)
-    return [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
-            "--host-discovery-script", str(disc)] + TRAIN + CI + [
-        "--elastic", f"--data.train={synth_data}/train", f"--run.dir={tmp_path / 'run'}", *extra]
-
-
-def test_elastic_training_continues_on_the_survivor_when_a_worker_dies(tmp_path, synth_data):
-    """The worker on 127.0.0.1 is killed after step 15 of 200 (room to spare on a fast
-    machine); the survivor rolls back to the last commit, rebuilds its DALI pipeline for 1
-    rank and finishes."""
     run_dir = tmp_path / "run"
-    cmd = elastic_cmd(tmp_path, synth_data, "--train.steps=200", "--train.log_every=5")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
+           "--host-discovery-script", str(disc)] + TRAIN + CI + [
+        "--elastic", f"--data.train={synth_data}/train", "--train.steps=200", "--train.log_every=5",
+        f"--run.dir={run_dir}"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
