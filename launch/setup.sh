@@ -26,7 +26,7 @@ die() { echo "setup: ERROR: $*" >&2; exit 1; }
 # pip, minus the warnings some machines' pip.conf causes for absent local index folders
 pipq() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
-STAMP_INPUTS=(constraints.txt pyproject.toml launch/setup.sh launch/install_horovod.sh)
+STAMP_INPUTS=(constraints.txt setup.py pyproject.toml launch/setup.sh launch/install_horovod.sh)
 STAMP_KEY=$( { cat "${STAMP_INPUTS[@]}"; echo "$TORCH_MODE"; "$BOOT" --version; } | sha256sum | cut -c1-16)
 STAMP=$VENV/.hvdtrain-setup-$STAMP_KEY
 
