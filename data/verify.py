@@ -176,6 +176,24 @@ def locate(shards: ShardSet, shard_id: int, num_shards: int, num_classes: int | 
     return found, True
 
 
+def locate_indexed(shards: ShardSet, num_classes: int | None, budget_s: float = 60.0) -> tuple[list[Problem], bool]:
+    """Like `locate`, for a shard set whose indexes list some samples of their tars (one
+    rank's interleaved slice: hvdtrain/shard_order.py): each listed sample is read at its
+    offsets and checked. (problems, complete)."""
+    t0, found = time.monotonic(), []
+    for tar, idx in zip(shards.paths, shards.index_paths):
+        with open(tar, "rb") as f:
+            for comps in read_index(idx):
+                key = split_name(comps[0][3])[0] if comps else "?"
+                members = {split_name(name)[1]: os.pread(f.fileno(), n, off) for _, off, n, name in comps}
+                why = check_sample(members, num_classes)
+                if why and all(p.key != key or p.where != tar for p in found):
+                    found.append(Problem(tar, why, key))
+                if time.monotonic() - t0 > budget_s:
+                    return found, False
+    return found, True
+
+
 def skip_index(tar: str, out_idx: str, num_classes: int | None) -> tuple[int, list[Problem]]:
     """Write `out_idx` listing only the good samples of `tar` (built from the tar itself, so
     a stale or missing index does not matter). Returns (samples kept, problems skipped)."""

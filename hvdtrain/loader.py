@@ -13,7 +13,12 @@ baseline behind the same loop; `InMemoryLoader` cycles batches already in memory
 """
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import itertools
+import os
+import shutil
+import tempfile
 from typing import Iterator, Protocol
 
 import torch
@@ -52,20 +57,45 @@ class DaliLoader:
         `drop_last`: drop the partial last batch (training); False keeps it (a val pass
         counts every sample). `checkpoint`, `epoch`: resume from a `checkpoint()` taken
         mid-epoch."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
         self.shards, self.spec, self.num_classes = shards, spec, num_classes
         self.device, self.dtype, self.channels_last = device or torch.device("cpu"), dtype, channels_last
         self.names = pipeline.output_names(spec)
-        self.epoch = epoch
+        self.epoch, self.drop_last = epoch, drop_last
         self.last_source = "(no batch read yet)"
-        policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
+        self._scratch = self._slice = None
+        self._build(checkpoint)
+
+    def _build(self, checkpoint: bytes | None = None) -> None:
+        """The pipeline for the current epoch: over the shards as given, or (shard_shuffle)
+        over this epoch's interleaved slice for this rank, read as DALI's only shard."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        shards, spec = self.shards, self.spec
+        if spec.shard_shuffle:
+            self._slice = shards = self._epoch_slice()
+            spec = dataclasses.replace(spec, shard_id=0, num_shards=1)
+        self.pipe = self._it = None  # the last epoch's pipeline and its threads go first
+        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         try:  # DALI reads the index and prefetches the first batches here: errors start here too
             self.pipe = pipeline.build(shards, spec, checkpoint)
             self._it = DALIGenericIterator([self.pipe], self.names, reader_name="Reader",
                                            last_batch_policy=policy, auto_reset=False)
         except RuntimeError as e:
             raise self._data_error(e, "could not start reading") from e
+
+    def _epoch_slice(self) -> ShardSet:
+        from hvdtrain import shard_order
+
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix=f"hvdtrain-order-r{self.spec.shard_id}-")
+            atexit.register(shutil.rmtree, self._scratch, True)
+        out = os.path.join(self._scratch, f"epoch-{self.epoch}")
+        s = self.spec
+        sliced = shard_order.epoch_slice(self.shards, s.order_seed, self.epoch, s.shard_id, s.num_shards,
+                                         s.interleave_chunk, out)
+        old = os.path.join(self._scratch, f"epoch-{self.epoch - 1}")
+        shutil.rmtree(old, ignore_errors=True)  # the last epoch's pipeline read its indexes when built
+        return sliced
 
     def checkpoint(self) -> bytes:
         """The reader position and random states after the last batch handed out (the
@@ -103,14 +133,16 @@ class DaliLoader:
         """DALI's error does not name the sample: scan this rank's part of the data for it."""
         from data import verify
 
-        found, complete = verify.locate(self.shards, self.spec.shard_id, self.spec.num_shards, self.num_classes)
+        if self.spec.shard_shuffle and self._slice is not None:  # this epoch's chunks, from every tar
+            found, complete = verify.locate_indexed(self._slice, self.num_classes)
+        else:
+            found, complete = verify.locate(self.shards, self.spec.shard_id, self.spec.num_shards, self.num_classes)
+        whose = f"rank {self.spec.shard_id}'s samples" + (f" of epoch {self.epoch}" if self.spec.shard_shuffle else "")
         if found:
             more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
-            where = (f" A scan of rank {self.spec.shard_id}'s samples found: "
-                     + "; ".join(str(p) for p in found[:3]) + more + ".")
+            where = f" A scan of {whose} found: " + "; ".join(str(p) for p in found[:3]) + more + "."
         else:
-            where = f" A scan of rank {self.spec.shard_id}'s samples found no bad sample" + (
-                "." if complete else " in its time budget.")
+            where = f" A scan of {whose} found no bad sample" + ("." if complete else " in its time budget.")
         return DataError(f"DALI {what} {self.shards.spec} (rank {self.spec.shard_id}, epoch {self.epoch}; the "
                          f"last good batch ended at {self.last_source}): {dali_reason(e)}.{where} List every "
                          f"problem with `python -m data.verify {self.shards.spec}`, or train past bad samples "
@@ -122,8 +154,11 @@ class DaliLoader:
             try:
                 out = self._next()
             except StopIteration:
-                self._it.reset()
                 self.epoch += 1
+                if self.spec.shard_shuffle:
+                    self._build()  # the next epoch's interleaved order
+                else:
+                    self._it.reset()
                 return
             yield self._convert(out)
 

@@ -49,7 +49,9 @@ class PipeSpec:
     antialias: bool = False     # antialiased resize (downscaling)
     fast_idct: bool = True      # libjpeg-turbo's fast IDCT (CPU decoding)
     ceiling: bool = False       # bench only: the decoder call alone, its output dropped inside the pipeline
-    order_seed: int = 0         # identical on every rank: the per-epoch order of samples (torch loader)
+    order_seed: int = 0         # identical on every rank: the per-epoch order of chunks / samples
+    shard_shuffle: bool = False  # the loader reads each epoch's interleaved chunks (hvdtrain/shard_order.py)
+    interleave_chunk: int = 0   # samples per chunk; 0 = automatic
 
 
 def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1, device_id: int | None = None,
@@ -74,7 +76,8 @@ def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1,
                     views=views, random_crop_flip=d.augment if train else views == 2,
                     shuffle=d.shuffle if train else False, decode=decode, hw_decoder_load=d.hw_decoder_load,
                     shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, normalize=normalize,
-                    antialias=d.antialias, fast_idct=d.fast_idct, order_seed=derive_seed(cfg.seed, "order", 0))
+                    antialias=d.antialias, fast_idct=d.fast_idct, order_seed=derive_seed(cfg.seed, "order", 0),
+                    shard_shuffle=train and d.shuffle and d.shard_shuffle, interleave_chunk=d.interleave_chunk)
 
 
 def ceiling_of(spec: PipeSpec) -> PipeSpec:

@@ -132,8 +132,8 @@ class Run:
         E.check_classes(self.train_data, self.val_data, cfg.train.task, M.head_classes(self.state.model))
         if gen_state is not None:
             self.state.gen.set_state(gen_state)
-        self.loader = L.from_config(cfg, self.train_data, "train", self.dali_threads, loader_state, epoch)
-        self.val_loader = self._val_loader()
+        self.loader, self.val_loader = self._agreed(lambda: (
+            L.from_config(cfg, self.train_data, "train", self.dali_threads, loader_state, epoch), self._val_loader()))
         self.logs = report.Logs(cfg, self.dir, self.state.step)
         self.bound = TK.val_bound(cfg.train.val_loss_bound, self.state.task, self.train_data.num_classes,
                                   cfg.data.val_batch_size or cfg.train.batch_size)
@@ -144,6 +144,21 @@ class Run:
         self.gpu_started = False
         if dist.is_primary():
             self._banner(info["notes"] + notes)
+
+    @staticmethod
+    def _agreed(make):
+        """Build the loaders on every rank and agree on the outcome (one allgather): a rank
+        whose part of the data cannot be read stops every rank with its message, instead of
+        leaving the others waiting in their first collective (with shard_shuffle each rank
+        reads only its own slice's indexes, so only some ranks may see the problem)."""
+        try:
+            out, err = make(), None
+        except DataError as e:
+            out, err = None, f"rank {dist.rank()}: {e}"
+        errs = [x for x in dist.allgather_object(err, name="loaders_ok") if x]
+        if errs:
+            raise DataError(errs[0] if err is None else err.split(": ", 1)[1])
+        return out
 
     def _val_loader(self):
         if self.val_data is None:

@@ -29,7 +29,7 @@ def test_sanity_ci_preset_two_ranks_writes_a_complete_report(tmp_path, synth_dat
     assert set(slos) == {"loader_img_s", "loss_reduction", "sanity_time_min", "gpu_util_pct"}
     assert slos["gpu_util_pct"]["passed"] is None and slos["gpu_util_pct"]["value"] is None  # no GPU here
     assert rep["verdict"] == "GO" and all(s["passed"] is not False for s in rep["slos"])
-    assert len(rep["loss_per_step"]) == 20 and all(math.isfinite(x) for x in rep["loss_per_step"])
+    assert len(rep["loss_per_step"]) == 40 and all(math.isfinite(x) for x in rep["loss_per_step"])
     assert rep["breakdown"]["dominant"] in rep["breakdown"]["shares"] and rep["why"] is None
     assert sum(rep["breakdown"]["shares"].values()) == pytest.approx(1.0)
     md = (tmp_path / "run" / "sanity.md").read_text()
@@ -39,8 +39,8 @@ def test_sanity_ci_preset_two_ranks_writes_a_complete_report(tmp_path, synth_dat
     assert f"verdict: {rep['verdict']}" in r.stdout and "step time" in r.stdout
     # a sanity run is a training run: its metrics and summary sit beside the report
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(2, 21, 2))
-    assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 20
+    assert [m["step"] for m in metrics] == list(range(2, 41, 2))
+    assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 40
 
 
 def test_sanity_impossible_slo_is_no_go_with_exit_1(tmp_path, synth_data):
@@ -112,6 +112,25 @@ def test_bench_loader_prints_table_and_bench_json_last(tmp_path, synth_data):
     assert j["slos"][0]["name"] == "loader_img_s" and len(j["git_sha"]) == 40
     assert "dali-cpu" in r.stdout and "vs ceiling" in r.stdout
     assert "| dali-cpu | 1 |" in (tmp_path / "bench-loader.md").read_text()
+
+
+def test_bench_loader_tune_prints_overrides_within_its_budget(tmp_path, synth_data):
+    import time
+    t0 = time.monotonic()
+    r = run([sys.executable, "-m", "bench.loader", "--data", f"{synth_data}/train", "--size", "32", "--batch-size", "16",
+             "--window-batches", "2", "--warmup", "1", "--tune", "--tune-seconds", "15", "--run-dir", str(tmp_path)],
+            timeout=300)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    j = json.loads(r.stdout.strip().splitlines()[-1][len("BENCH_JSON "):])
+    best, tried = j["best"], j["trials"]
+    assert {(t["knob"], t["threads"], t["prefetch"]) for t in tried} >= {("threads", 1, 2), ("threads", 2, 2)}
+    top = max(t["img_s"] for t in tried)  # the cheapest of the trials within 3 % of the fastest
+    assert best["img_s"] >= 0.97 * top
+    assert best["cpu_cores_used"] == min(t["cpu_cores_used"] for t in tried if t["img_s"] >= 0.97 * top)
+    assert j["overrides"] == f"--data.threads={best['threads']} --data.prefetch={best['prefetch']}"
+    assert f"paste: {j['overrides']}" in r.stdout
+    assert j["seconds"] < 15 + 30 and took < 120  # the budget holds, give or take the trial it ends in
 
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])

@@ -190,7 +190,8 @@ def test_val_loss_above_the_bound_stops_naming_the_val_data(tmp_path, synth_data
 
 def test_classify_run_evaluates_checkpoints_and_writes_its_outputs(tmp_path, synth_data):
     r = run(HOROVODRUN + TRAIN + CI + [f"--data.train={synth_data}/train", f"--data.val={synth_data}/val",
-                                       "--train.eval_every=10", "--train.ckpt_every=5", "--train.keep_last=2",
+                                       "--train.steps=20", "--train.eval_every=10", "--train.ckpt_every=5",
+                                       "--train.keep_last=2",
                                        "--run.tensorboard=True", "--run.progress=True", f"--run.dir={tmp_path}/run"])
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     d = tmp_path / "run"
@@ -221,6 +222,9 @@ def test_contrastive_run_with_gathered_negatives_and_a_val_pass(tmp_path, synth_
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     recs = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     first = recs[0]["train_loss"]
-    assert abs(first - math.log(8 * 2)) < 0.15  # candidates: batch 8 x 2 ranks
+    # candidates: batch 8 x 2 ranks, so ln 16 = 2.77, not the local ln 8 = 2.08. The untrained loss sits a
+    # little below ln 16 (two views of one image are alike before any training): 2.62-2.69 over 3 seeds,
+    # measured, so the old 0.15 tolerance was at the edge of chance; 0.25 still tells the two apart
+    assert abs(first - math.log(16)) < 0.25 and abs(first - math.log(16)) < abs(first - math.log(8))
     val = [x for x in recs if "val_loss" in x][-1]
     assert val["val_samples"] == 64 and 0 <= val["val_top1"] <= val["val_top5"] <= 1

@@ -1,0 +1,35 @@
+"""The benches' own logic: a ceiling must bound its loaders, the sweep plan pairs each
+loader with its ceiling at the same setting, and the tuner prefers cheaper ties."""
+import argparse
+
+from bench.loader import compare, settings
+from bench.tune import overrides, pick, thread_counts
+
+
+def test_a_loader_above_its_ceiling_is_reported_as_a_bench_bug():
+    results = {"dali-cpu": {"img_s": 900.0, "ceiling_key": "ceiling-cpu"}, "ceiling-cpu": {"img_s": 1000.0},
+               "torch": {"img_s": 1200.0, "ceiling_key": "ceiling-cpu"}}
+    err = compare(results)
+    assert results["dali-cpu"]["vs_ceiling"] == 0.9 and results["torch"]["vs_ceiling"] == 1.2
+    assert err.startswith("bench bug: a ceiling does not bound its loader") and "torch runs at 1.20x" in err
+    del results["torch"]
+    assert compare(results) is None
+
+
+def test_every_dali_setting_is_measured_beside_its_ceiling():
+    a = argparse.Namespace(loader="all", threads="4,8", hw_decoder_load="0,0.99")
+    plan = settings(a)
+    gpu = [(t, h) for n, t, h in plan if n == "dali-gpu"]
+    assert gpu == [(t, h) for n, t, h in plan if n == "ceiling-gpu"] == [(4, 0.0), (4, 0.99), (8, 0.0), (8, 0.99)]
+    assert [t for n, t, _ in plan if n == "ceiling-cpu"] == [4, 8]
+    assert [n for n, *_ in plan].count("pil-decode") == 1  # one core whatever the thread count
+
+
+def test_the_tuner_prefers_the_cheaper_of_two_equal_settings():
+    fast_dear = {"img_s": 1000.0, "cpu_cores_used": 2.0, "threads": 2, "prefetch": 2, "hw_decoder_load": None}
+    equal_cheap = {"img_s": 985.0, "cpu_cores_used": 1.2, "threads": 1, "prefetch": 2, "hw_decoder_load": None}
+    slower = {"img_s": 900.0, "cpu_cores_used": 0.5, "threads": 1, "prefetch": 1, "hw_decoder_load": None}
+    assert pick([fast_dear, equal_cheap, slower]) is equal_cheap and pick([fast_dear, slower]) is fast_dear
+    assert pick([]) is None and pick([{"img_s": None, "error": "x"}]) is None
+    assert overrides(equal_cheap, gpu=False) == "--data.threads=1 --data.prefetch=2"
+    assert thread_counts(6) == [1, 2, 4, 6] and thread_counts(1) == [1]
