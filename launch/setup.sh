@@ -124,6 +124,40 @@ sys.stdout.writelines(line for line in open(sys.argv[1]) if norm(line.split("=="
 PY
 }
 
+make_venv() {
+    if [[ "$TORCH_MODE" != system ]]; then "$BOOT" -m venv "$VENV"; return; fi
+    # an image's Python may lack ensurepip: then the venv borrows the bootstrap's pip
+    "$BOOT" -m venv --system-site-packages "$VENV" 2>/dev/null \
+        || { rm -rf "$VENV"; "$BOOT" -m venv --system-site-packages --without-pip "$VENV"; } \
+        || die "$BOOT could not create $VENV"
+    # a venv made from a venv sees only the base interpreter's packages: add the bootstrap's
+    "$BOOT" -c "import site, sysconfig; p = sysconfig.get_paths(); print('\n'.join(dict.fromkeys([p['purelib'], p['platlib'], *site.getsitepackages()])))" \
+        >"$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hvdtrain_system.pth"
+}
+# offline + system: the folder's wheels whose package `python` lacks, installed with
+# --no-deps (no index to resolve from; the bundle is complete, launch/gpu_bundle.sh)
+wheels_missing_in() {
+    "$1" - "$WHEELS" <<'PY'
+import glob, importlib.metadata as m, os, re, sys
+norm = lambda s: re.sub(r"[-_.]+", "-", s).strip().lower()
+have = {norm(d.metadata["Name"] or "") for d in m.distributions()}
+for w in sorted(glob.glob(os.path.join(sys.argv[1], "*.whl"))):
+    if norm(os.path.basename(w).split("-")[0]) not in have:
+        print(w)
+PY
+}
+install_offline_system() {
+    local wheels=() name
+    mapfile -t wheels < <(wheels_missing_in "${PYX:-$PY}")
+    for name in "${BUILD_TOOLS[@]}" "${DEPS[@]}"; do
+        printf '%s\n' "${wheels[@]}" | grep -q -i "/${name//-/_}-" || die "$WHEELS has no wheel for $name"
+    done
+    if ((${#wheels[@]})); then
+        pip_install --no-deps "${wheels[@]}" || die "pip could not install the wheels from $WHEELS"
+    fi
+    [[ "$DRY" == 1 ]] || "$PY" -m pip check || say "pip check: see above (the image's versions are kept)"
+}
+
 STAMP_INPUTS=(constraints.txt pyproject.toml launch/setup.sh launch/install_horovod.sh)
 STAMP_KEY=$( { cat "${STAMP_INPUTS[@]}"; echo "$TORCH_MODE $CUDA_MAJOR $HVD_GPU"; "$BOOT" --version; } | sha256sum | cut -c1-16)
 STAMP=$VENV/.hvdtrain-setup-$STAMP_KEY
@@ -131,16 +165,7 @@ STAMP=$VENV/.hvdtrain-setup-$STAMP_KEY
 if [[ "$DRY" != 1 && -f "$STAMP" ]] && "$PY" -c "import torch, horovod.torch, nvidia.dali, webdataset, triton, hvdtrain" 2>/dev/null; then
     echo "setup: .venv is up to date ($STAMP_KEY)"
 else
-    if [[ "$DRY" != 1 && ! -x "$PY" ]]; then
-        if [[ "$TORCH_MODE" == system ]]; then
-            "$BOOT" -m venv --system-site-packages "$VENV"
-            # a venv made from a venv sees only the base interpreter's packages: add the bootstrap's
-            "$BOOT" -c "import site, sysconfig; print('\n'.join(dict.fromkeys([sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib'], *site.getsitepackages()])))" \
-                >"$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hvdtrain_system.pth"
-        else
-            "$BOOT" -m venv "$VENV"
-        fi
-    fi
+    [[ "$DRY" == 1 || -x "$PY" ]] || make_venv
     [[ "$DRY" == 1 ]] || rm -f "$VENV"/.hvdtrain-setup-*
     CONSTRAINTS=$VENV/constraints.txt
     if [[ "$DRY" == 1 ]]; then CONSTRAINTS=constraints.txt
@@ -163,11 +188,15 @@ else
             else pipq uninstall -q -y "$other" || die "could not remove $other"; fi
         fi
     done
-    if ((${#BUILD_TOOLS[@]})); then
-        pip_install -c "$CONSTRAINTS" "${BUILD_TOOLS[@]}" || die "pip could not install build tools"
-    fi
-    if ((${#DEPS[@]})); then
-        pip_install -c "$CONSTRAINTS" "${DEPS[@]}" || die "pip could not install the dependencies"
+    if [[ "$TORCH_MODE" == system && -n "$WHEELS" ]]; then
+        install_offline_system
+    else
+        if ((${#BUILD_TOOLS[@]})); then
+            pip_install -c "$CONSTRAINTS" "${BUILD_TOOLS[@]}" || die "pip could not install build tools"
+        fi
+        if ((${#DEPS[@]})); then
+            pip_install -c "$CONSTRAINTS" "${DEPS[@]}" || die "pip could not install the dependencies"
+        fi
     fi
     # Triton kernels (kernels/): the GPU path, and the CPU tests through TRITON_INTERPRET=1
     if [[ "$TORCH_MODE" != system ]] || ! "${PYX:-$PY}" -c "import triton" 2>/dev/null; then

@@ -93,16 +93,23 @@ def test_old_driver_stops_with_a_reason(tmp_path):
     assert r.returncode == 1 and "CUDA 12 or newer driver" in r.stderr
 
 
-def test_system_torch_offline_installs_only_what_is_missing(tmp_path):
-    """A cluster image (here: this venv's Python) keeps its packages; pip adds the rest
-    from a wheel folder with no index."""
-    r = dry_run(tmp_path, "13.0", HVDTRAIN_TORCH="system", HVDTRAIN_WHEELS=str(tmp_path / "wheels"))
+def test_system_torch_offline_installs_only_the_missing_wheels(tmp_path):
+    """A cluster image (here: this venv's Python) keeps its packages; from a wheel folder
+    (no index: launch/gpu_install.sh) pip adds only the wheels of packages it lacks."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    names = ["nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl",
+             "numpy-2.4.6-cp312-cp312-manylinux_2_28_x86_64.whl"]  # numpy: the image has it
+    for n in names:
+        (wheels / n).write_bytes(b"")
+    r = dry_run(tmp_path, "13.0", HVDTRAIN_TORCH="system", HVDTRAIN_WHEELS=str(wheels))
     assert r.returncode == 0, r.stderr
     assert "system torch:" in r.stdout
     cmds = [c for c in pip_commands(r.stdout) if not c.endswith(" -e .")]  # -e . needs no index
-    assert cmds and all(c.startswith(f"pip install --no-index --find-links {tmp_path / 'wheels'}") for c in cmds)
-    assert not any("torch==" in c or " numpy" in c or " pytest" in c for c in cmds)  # the image has them
-    assert any(c.endswith(" nvidia-dali-cuda130") for c in cmds)
+    assert cmds == [f"pip install --no-index --find-links {wheels} --no-deps {wheels / names[0]}"]
+    (wheels / names[0]).unlink()
+    r = dry_run(tmp_path, "13.0", HVDTRAIN_TORCH="system", HVDTRAIN_WHEELS=str(wheels))
+    assert r.returncode == 1 and f"{wheels} has no wheel for nvidia-dali-cuda130" in r.stderr
 
 
 def test_nccl_build_names_what_is_missing(tmp_path):
