@@ -1,4 +1,6 @@
 # hvdtrain: the two commands a newcomer needs are `make sanity` and `make test`.
+SHELL         := /bin/bash
+.SHELLFLAGS   := -o pipefail -c
 PY      := .venv/bin/python
 HVDRUN  := .venv/bin/horovodrun
 NP      ?= 2
@@ -11,9 +13,12 @@ TIMEOUT ?= 1200
 setup:
 	@launch/setup.sh
 
-## set-up, the embedded synthetic data set, then the 2-rank GO/NO-GO run (seed config)
+## set-up, the embedded synthetic data set, then the 2-rank GO/NO-GO run (seed config);
+## horovodrun's "[rank]<stdout>:" prefixes are taken off so the report reads as it is
+## written to runs/<run-id>/sanity.md (the exit status is horovodrun's: pipefail)
 sanity: setup
-	timeout -k 30 $(TIMEOUT) $(HVDRUN) -np $(NP) -H localhost:$(NP) $(PY) -m hvdtrain.sanity $(ARGS)
+	timeout -k 30 $(TIMEOUT) $(HVDRUN) -np $(NP) -H localhost:$(NP) $(PY) -m hvdtrain.sanity $(ARGS) 2>&1 \
+		| sed -u -E 's/^\[[0-9]+\]<std(out|err)>://' 
 
 ## set-up, then every test: one process, 2 Horovod ranks, whole commands, a real Slurm cluster
 test: setup

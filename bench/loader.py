@@ -1,119 +1,131 @@
-"""Loader throughput, side by side on the same shards with the same augmentation.
+"""Loader throughput, side by side on the same shards, against an honest ceiling.
 
     python -m bench.loader                                  # synthetic 500x375 JPEGs, all loaders
     python -m bench.loader --data DIR --loader dali-cpu --batch-size 64 --threads 2 --seconds 10
     python -m bench.loader --threads 1,2                    # a sweep: every loader at each count
+    python -m bench.loader --hw-decoder-load 0,0.65,0.9,0.99 --threads 4,8,16    # a GPU sweep
+    python -m bench.loader --tune [--tune-seconds 60]       # pick threads / prefetch (/ hw load)
 
-Loaders: `dali-cpu` (DALI CPU backend), `dali-gpu` (mixed decode on a GPU; skipped with
-no GPU), `torch` (DataLoader + webdataset + PIL, `--workers` processes), `decode-only`
-(DALI decode + fixed resize, no augmentation: the ceiling the others are set against),
-`pil-decode` (PIL full decode alone in this process, one core: the machine's anchor,
-measured in the same run, for comparing rates across machines).
-Each does random-resized crop to --size, flip and normalize, producing float32 CHW.
-Images/s is the median of --windows timed windows after --warmup batches; `--threads`
-takes a list (DALI threads, and torch workers unless --workers is given). On a GPU the
-dali-gpu window is sampled through NVML (hvdtrain/gpumon.py). Prints a table, the SLO
-check (loader >= 300 img/s, bench/slo.py), writes runs/<id>/bench-loader.{json,md,png},
-then one last line `BENCH_JSON {...}`.
+Loaders, each built from the same config the training uses (`pipeline.spec_from_config`:
+single-view random-resized crop + flip, normalize as training does it):
+`dali-cpu` (DALI CPU backend, uint8 out, normalized by kernels.normalize), `dali-gpu`
+(mixed decode on a GPU; skipped with no GPU), `torch` (DataLoader + PIL workers,
+`hvdtrain.torch_loader`), `ceiling` (the work no loader can skip, on the same device:
+the same reader and the same decoder call with the same random crops, its output
+dropped inside the pipeline; no resize, no normalize, no transfer; measured at every
+setting a DALI loader runs at), `pil-decode` (PIL's bare full decode, one core, bytes in
+memory: the cross-machine anchor). Each loader is reported as a fraction of its
+device's ceiling at the same setting: at most 1 by construction, so a value above 1.05
+is flagged as a bench bug. Images/s is the median of --windows timed windows after
+--warmup batches; `cores` is the CPU time the loader's process (and workers) used per
+second of wall time. Prints a table and the SLO check (loader >= 300 img/s,
+hvdtrain/slo.py), writes runs/<id>/bench-loader.{json,md,png}, then one last line
+`BENCH_JSON {...}`.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import statistics
 import sys
 import tempfile
-import time
-
-import numpy as np
-import torch
 
 from bench import report
-from bench import slo as S
-from data.wds import Sample, ShardError, open_shards, write_split
-from hvdtrain.loader import DaliLoader, TorchLoader
-from hvdtrain.pipeline import PipeSpec
+from bench.loader_runs import make_imagenet_like, run_one
+from data.wds import ShardError, open_shards
+from hvdtrain import slo as S
 
-LOADERS = ("dali-cpu", "dali-gpu", "torch", "decode-only", "pil-decode")
+LOADERS = ("dali-cpu", "dali-gpu", "torch", "ceiling", "pil-decode")
+ABOVE_CEILING = 1.05  # a loader this far above its ceiling means the bench measured something wrong
 
 
-def make_imagenet_like(out: str, n: int, seed: int = 0) -> str:
-    """n JPEGs of 500x375 (quality 90) with smooth structure plus noise: ImageNet-sized."""
-    from PIL import Image
-
-    from data.synth import jpeg_bytes
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
-
-    def gen():
-        for i in range(n):
-            f = rng.uniform(0.005, 0.05, size=(3, 2))
-            img = np.stack([127 + 100 * np.sin(xx * f[c, 0] + yy * f[c, 1] + rng.uniform(0, 6)) for c in range(3)], -1)
-            img += rng.normal(0, 20, img.shape)
-            yield Sample(f"img{i:06d}", jpeg_bytes(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), 90),
-                         int(rng.integers(0, 1000)))
-    write_split(gen(), out, [str(i) for i in range(1000)], "bench", shard_size=256,
-                extra={"source": "bench.loader synthetic 500x375"})
+def settings(a) -> list[tuple[str, int, float | None]]:
+    """(loader, threads, hw load) to measure, in order: each DALI setting with its ceiling."""
+    names = [n for n in LOADERS if a.loader in ("all", n)]
+    sweep = [int(t) for t in str(a.threads).split(",")]
+    loads = [float(x) for x in str(a.hw_decoder_load).split(",")] if a.hw_decoder_load else [None]
+    out = []
+    for t in sweep:
+        for n in names:
+            if n == "pil-decode" and t != sweep[0]:
+                continue  # one core whatever the thread count: measured once
+            if n == "ceiling":
+                out.append(("ceiling-cpu", t, None))
+                out += [("ceiling-gpu", t, h) for h in loads]
+            elif n == "dali-gpu":
+                out += [(n, t, h) for h in loads]
+            else:
+                out.append((n, t, None))
     return out
 
 
-def time_batches(it, batch_size: int, warmup: int, windows: int, window_batches: int) -> list[float]:
-    """Images/s of each timed window; `warmup` batches are drawn first and not timed."""
-    for _ in range(warmup):
-        next(it)
-    rates = []
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        for _ in range(window_batches):
-            b = next(it)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        rates.append(window_batches * batch_size / (time.perf_counter() - t0))
-    del b
-    return rates
+def key_of(name: str, threads: int, hw, multi: bool) -> str:
+    return name + (f"@{threads}" if multi else "") + (f",hw{hw:g}" if hw is not None and multi else "")
 
 
-def pil_decode_batches(shards, batch_size: int):
-    """Bare full decode with PIL, one core, bytes already in memory: no I/O, no augmentation."""
-    from PIL import Image
-
-    from data.wds import iter_samples
-
-    blobs = [c[e] for p in shards.paths[:2] for _, c in iter_samples(p) for e in c if e != "cls"]
-    i = 0
-    while True:
-        for _ in range(batch_size):
-            Image.open(io.BytesIO(blobs[i % len(blobs)])).convert("RGB")
-            i += 1
-        yield None
+def compare(results: dict) -> str | None:
+    """Each loader as a fraction of its device's ceiling at the same setting; an error if
+    one is above it (the ceiling must bound what it is compared with)."""
+    bad = []
+    for key, r in results.items():
+        ck = r.get("ceiling_key")
+        c = results.get(ck, {}).get("img_s") if ck else None
+        r["vs_ceiling"] = r["img_s"] / c if (c and r.get("img_s")) else None
+        if r["vs_ceiling"] is not None and r["vs_ceiling"] > ABOVE_CEILING:
+            bad.append(f"{key} runs at {r['vs_ceiling']:.2f}x its ceiling {ck}")
+    return ("bench bug: a ceiling does not bound its loader: " + "; ".join(bad)) if bad else None
 
 
-def make_iter(name: str, shards, a, threads: int):
-    if name == "pil-decode":
-        # one core whatever the thread count: measured once, at the sweep's first count
-        return pil_decode_batches(shards, a.batch_size) if threads == int(str(a.threads).split(",")[0]) else None
-    if name == "torch":
-        return TorchLoader(shards, a.batch_size, a.workers or threads, a.size, seed=a.seed).forever()
-    if name == "dali-gpu" and not torch.cuda.is_available():
-        return None
-    spec = PipeSpec(batch_size=a.batch_size, num_threads=threads, shard_id=0, num_shards=1,
-                    device_id=0 if name == "dali-gpu" else None, seed=a.seed, size=a.size,
-                    views=1, train=True, decode="mixed" if name == "dali-gpu" else "cpu",
-                    shuffle_buffer=256, prefetch=2, augment=name != "decode-only")
-    return (b.views[0] for b in DaliLoader(shards, spec).forever())
+def measure_all(shards, a) -> tuple[dict, str | None]:
+    plan = settings(a)
+    multi = len({t for _, t, _ in plan}) > 1 or len({h for _, _, h in plan if h is not None}) > 1
+    results: dict[str, dict] = {}
+    error = None
+    for name, threads, hw in plan:
+        key = key_of(name, threads, hw, multi)
+        r = run_one(name, shards, a, threads, hw)
+        r.update(loader=name, threads=threads, hw_decoder_load=hw)
+        if name in ("dali-cpu", "torch"):
+            r["ceiling_key"] = key_of("ceiling-cpu", threads, None, multi)
+        elif name == "dali-gpu":
+            r["ceiling_key"] = key_of("ceiling-gpu", threads, hw, multi)
+        results[key] = r
+        error = error or (f"{key}: {r['error']}" if "error" in r else None)
+    return results, compare(results) or error
 
 
-def main(argv: list[str] | None = None) -> int:
+def print_table(results: dict, shards, a) -> None:
+    cores = os.cpu_count() or 1
+    print(f"\nloader throughput: {shards.total} images in {len(shards.paths)} shard(s) from {a.data}")
+    print(f"batch {a.batch_size}, crop {a.size}, min scale {a.min_scale}, threads {a.threads} (torch workers "
+          f"{a.workers or 'same'}), prefetch {a.prefetch}, machine cores {cores}")
+    print(f"{'loader':<24} {'img/s (median)':>15} {'per core':>9} {'cores used':>11} {'vs ceiling':>11}  windows")
+    for key, r in results.items():
+        if r["img_s"] is None:
+            print(f"{key:<24} {'-':>15}  ({r.get('skipped') or 'error: ' + r.get('error', '')})")
+            continue
+        given = 1 if r["loader"] == "pil-decode" else min(r["threads"], cores)
+        r["per_core_img_s"] = r["img_s"] / given
+        ratio = f"{r['vs_ceiling']:.2f}" if r.get("vs_ceiling") else "-"
+        print(f"{key:<24} {r['img_s']:>15.1f} {r['per_core_img_s']:>9.1f} {r['cpu_cores_used']:>11.2f} "
+              f"{ratio:>11}  {len(r['windows'])}")
+        if r.get("gpu", {}).get("evaluated"):
+            g = r["gpu"]
+            print(f"{'':<24} GPU util mean {g['util_mean_pct']:.1f}% p10 {g['util_p10_pct']:.1f}% "
+                  f"({g['samples']} samples)")
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="shard folder or pattern (default: make synthetic 500x375 JPEGs)")
     p.add_argument("--loader", default="all", choices=LOADERS + ("all",))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", default=str(os.cpu_count() or 1), help="DALI threads: N or a list N,M,...")
+    p.add_argument("--hw-decoder-load", default="", help="dali-gpu: hw_decoder_load, a list (default: config's)")
+    p.add_argument("--prefetch", type=int, default=2, help="DALI prefetch queue depth, batches")
     p.add_argument("--workers", type=int, default=0, help="torch DataLoader workers (default: = threads)")
     p.add_argument("--run-dir", default="", help="report folder (default runs/bench-loader-<id>)")
     p.add_argument("--size", type=int, default=224, help="output crop side, pixels")
+    p.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop area lower bound")
     p.add_argument("--seconds", type=float, default=0, help="target seconds per loader (sets --windows)")
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--window-batches", type=int, default=8)
@@ -121,7 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1024, help="synthetic images when --data is not given")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo", help="JSON/TOML file overriding SLO thresholds")
-    a = p.parse_args(argv)
+    p.add_argument("--tune", action="store_true", help="try threads, prefetch (and hw load on a GPU); print the "
+                                                       "best as config overrides (bench/tune.py)")
+    p.add_argument("--tune-seconds", type=float, default=60, help="--tune's time budget, seconds")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     slos = S.load(a.slo)
     tmp = None
     try:
@@ -133,47 +152,34 @@ def main(argv: list[str] | None = None) -> int:
     except ShardError as e:
         print(f"bench.loader: data error: {e}", file=sys.stderr)
         return 2
-    names = [n for n in LOADERS if a.loader in ("all", n)]
-    sweep = [int(t) for t in str(a.threads).split(",")]
-    results: dict[str, dict] = {}
-    error = None
-    for threads in sweep:
-        for name in names:
-            key = name if len(sweep) == 1 else f"{name}@{threads}"
-            results[key] = run_one(name, shards, a, threads)
-            results[key]["threads"] = threads
-            error = error or (f"{key}: {results[key]['error']}" if "error" in results[key] else None)
-    print(f"\nloader throughput: {shards.total} images in {len(shards.paths)} shard(s) from {a.data}")
-    print(f"batch {a.batch_size}, crop {a.size}, threads {a.threads} (torch workers "
-          f"{a.workers or 'same'}), cores {os.cpu_count()}")
-    print(f"{'loader':<18} {'img/s (median)':>15} {'per core':>9} {'vs ceiling':>11}  windows")
-    for key, r in results.items():
-        ceiling = (results.get(key.replace(key.split("@")[0], "decode-only")) or {}).get("img_s")
-        r["vs_ceiling"] = r["img_s"] / ceiling if (ceiling and r["img_s"]) else None
-        if r["img_s"] is None:
-            print(f"{key:<18} {'-':>15}  ({r.get('skipped') or 'error: ' + r.get('error', '')})")
-            continue
-        ratio = f"{r['vs_ceiling']:.2f}" if r["vs_ceiling"] else "-"
-        cores = 1 if key.startswith("pil-decode") else min(r["threads"], os.cpu_count() or 1)
-        r["per_core_img_s"] = r["img_s"] / cores
-        print(f"{key:<18} {r['img_s']:>15.1f} {r['per_core_img_s']:>9.1f} {ratio:>11}  {len(r['windows'])}")
-        if r.get("gpu", {}).get("evaluated"):
-            g = r["gpu"]
-            print(f"{'':<18} GPU util mean {g['util_mean_pct']:.1f}% p10 {g['util_p10_pct']:.1f}% "
-                  f"({g['samples']} samples)")
-    best = max((r["img_s"] or 0) for k, r in results.items() if k.startswith(("dali-gpu", "dali-cpu"))) \
-        if any(k.startswith("dali") for k in results) else 0
+    try:
+        if a.tune:
+            from bench import tune
+
+            return tune.main(shards, a)
+        return report_all(shards, a, slos)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def report_all(shards, a, slos) -> int:
+    results, error = measure_all(shards, a)
+    print_table(results, shards, a)
+    if error:
+        print(f"\nERROR: {error}")
+    best = max((r["img_s"] or 0 for r in results.values() if r["loader"] in ("dali-cpu", "dali-gpu")), default=0)
     check = S.check(slos["loader_img_s"], best or None, "the DALI loader was not measured")
     print("\n" + S.table([check], slos))
     result = report.envelope("loader", dict(vars(a)), error, results=results, slos=[check])
-    table_md = "\n".join(f"| {k} | {r['threads']} | {r['img_s'] or '-'} | {r.get('vs_ceiling') or '-'} |"
-                         for k, r in results.items())
+    rows = "\n".join(f"| {k} | {r['threads']} | {r.get('hw_decoder_load') or '-'} | {r['img_s'] or '-'} | "
+                     f"{r.get('cpu_cores_used') or '-'} | {r.get('vs_ceiling') or '-'} |" for k, r in results.items())
 
     def chart(path):
         import matplotlib.pyplot as plt
 
         keys = [k for k, r in results.items() if r["img_s"]]
-        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+        fig, ax = plt.subplots(figsize=(6, 0.5 + 0.3 * len(keys)), dpi=110)
         ax.barh(keys, [results[k]["img_s"] for k in keys])
         ax.set_xlabel(f"images/s (median), crop {a.size}, batch {a.batch_size}")
         ax.set_title(f"bench.loader, {os.cpu_count()} cores", fontsize=9)
@@ -182,38 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         fig.savefig(path)
         plt.close(fig)
     report.publish(a.run_dir, "loader", result, "", chart,
-                   markdown="| loader | threads | img/s | vs ceiling |\n|---|---|---|---|\n" + table_md)
-    if tmp is not None:
-        tmp.cleanup()
+                   markdown="| loader | threads | hw load | img/s | cores used | vs ceiling |\n"
+                            "|---|---|---|---|---|---|\n" + rows)
     return 1 if error else 0
-
-
-def run_one(name: str, shards, a, threads: int) -> dict:
-    """One loader at one thread count: median images/s of the timed windows."""
-    from hvdtrain.gpumon import GpuMonitor
-
-    try:
-        it = make_iter(name, shards, a, threads)
-        if it is None:
-            return {"img_s": None, "skipped": "no GPU" if name == "dali-gpu" else "one core: measured once"}
-        mon = GpuMonitor(torch.device("cuda", 0) if name == "dali-gpu" else None)
-        windows = a.windows
-        if a.seconds:  # calibrate the window count from one window's rate
-            first = time_batches(it, a.batch_size, a.warmup, 1, a.window_batches)[0]
-            windows = max(3, int(a.seconds * first / (a.batch_size * a.window_batches)))
-            mon.start()
-            rates = [first] + time_batches(it, a.batch_size, 0, windows - 1, a.window_batches)
-        else:
-            for _ in range(a.warmup):
-                next(it)
-            mon.start()
-            rates = time_batches(it, a.batch_size, 0, windows, a.window_batches)
-        gpu = mon.stop()
-        gpu.pop("timeline", None)
-        del it
-        return {"img_s": statistics.median(rates), "windows": rates, "gpu": gpu}
-    except Exception as e:  # noqa: BLE001 - one loader failing must not hide the others
-        return {"img_s": None, "error": f"{e.__class__.__name__}: {e}"}
 
 
 if __name__ == "__main__":

@@ -54,12 +54,3 @@ def default_dir(name: str) -> str:
 
 def last_line(result: dict) -> str:
     return "BENCH_JSON " + json.dumps(result, default=str)
-
-
-def util_axes(ax, timeline: list[tuple[float, float]]) -> None:
-    """GPU utilisation over the measured window (NVML samples), on a matplotlib axes."""
-    ax.plot([t for t, _ in timeline], [u for _, u in timeline], lw=1)
-    ax.set_ylim(0, 105)
-    ax.set_xlabel("seconds into the measured window")
-    ax.set_ylabel("GPU utilisation %")
-    ax.grid(alpha=0.3)

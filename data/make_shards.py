@@ -24,9 +24,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from data.wds import Sample, ShardError, resolve_shards, write_index, write_info, write_split
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+from data.wds import IMAGE_EXTS, Sample, ShardError, resolve_shards, write_index, write_info, write_split
 
 
 @dataclass
@@ -43,7 +41,7 @@ def detect_layout(src: str) -> str:
 
 def _images_in(folder: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(folder, f)))
+                  if f.lower().endswith(tuple(f".{e}" for e in IMAGE_EXTS)) and os.path.isfile(os.path.join(folder, f)))
 
 
 def imagefolder_split(root: str, classes: list[str] | None = None) -> tuple[list[str], list[Item]]:

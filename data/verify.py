@@ -23,11 +23,8 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from data.wds import (INFO_NAME, ShardError, ShardSet, file_sha256, index_path_for, iter_samples,
-                      resolve_shards, scan_tar, split_name)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png")
-LABEL_WIDTH = 16  # bytes, as hvdtrain.pipeline pads .cls
+from data.wds import (IMAGE_EXTS, INFO_NAME, LABEL_WIDTH, ShardError, ShardSet, file_sha256, index_path_for,
+                      iter_samples, rank_range, read_index, resolve_shards, scan_tar, split_name, write_index_rows)
 
 
 @dataclass
@@ -84,44 +81,11 @@ def check_sample(comps: dict[str, bytes], num_classes: int | None, decode: bool 
 
 
 # ---------------------------------------------------------------- shards
-def read_index(idx_path: str) -> list[list[tuple[str, int, int, str]]]:
-    with open(idx_path) as f:
-        head = f.readline().split()
-        rows = []
-        for line in f:
-            p = line.split()
-            rows.append([(p[i], int(p[i + 1]), int(p[i + 2]), p[i + 3]) for i in range(0, len(p) - 3, 4)])
-    if len(head) != 2 or not head[0].startswith("v1.") or int(head[1]) != len(rows):
-        raise ShardError(f"{idx_path}: not a valid wds2idx index (header {' '.join(head)!r}, {len(rows)} rows)")
-    return rows
-
-
-def tolerant_layout(tar: str) -> tuple[list[list[tuple[str, int, int, str]]], str | None]:
-    """scan_tar's sample layout up to where a damaged tar stops being readable, and why it stopped."""
-    try:
-        return scan_tar(tar), None
-    except ShardError:
-        pass
-    layout, last = [], None
-    try:
-        with tarfile.open(tar, "r:") as t:
-            for m in t:
-                if m.isreg():
-                    base, ext = split_name(m.name)
-                    if base != last:
-                        layout.append([])
-                        last = base
-                    layout[-1].append((ext, m.offset_data, m.size, m.name))
-    except (tarfile.TarError, EOFError, OSError) as e:
-        return layout, f"{e.__class__.__name__}: {e}"
-    return layout, None
-
-
 def check_shard(tar: str, num_classes: int | None, decode: bool = True) -> tuple[int, list[Problem]]:
     """(samples in the tar, problems) for one shard: tar, index, every sample."""
     problems: list[Problem] = []
     size = os.path.getsize(tar)
-    layout, broken = tolerant_layout(tar)
+    layout, broken = scan_tar(tar, tolerant=True)
     end = max((o + -(-s // 512) * 512 for comps in layout for _, o, s, _ in comps), default=0)
     if broken or size < end + 1024 or size % 512:  # a whole tar ends with two zero blocks after its last member
         problems.append(Problem(tar, f"truncated tar: {size} bytes, it ends inside or right after member "
@@ -191,11 +155,6 @@ def verify(train: str, val: str | None = None, decode: bool = True, num_classes:
 
 
 # ---------------------------------------------------------------- for training
-def rank_range(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    """The global sample indices DALI gives one rank (contiguous, by global index)."""
-    return total * shard_id // num_shards, total * (shard_id + 1) // num_shards
-
-
 def locate(shards: ShardSet, shard_id: int, num_shards: int, num_classes: int | None,
            budget_s: float = 60.0) -> tuple[list[Problem], bool]:
     """Bad samples in one rank's part of the data, for the message when DALI stops:
@@ -221,7 +180,7 @@ def skip_index(tar: str, out_idx: str, num_classes: int | None) -> tuple[int, li
     """Write `out_idx` listing only the good samples of `tar` (built from the tar itself, so
     a stale or missing index does not matter). Returns (samples kept, problems skipped)."""
     size = os.path.getsize(tar)
-    layout, _ = tolerant_layout(tar)
+    layout, _ = scan_tar(tar, tolerant=True)
     keep, skipped = [], []
     reasons = {key: check_sample(comps, num_classes) for key, comps in iter_samples_safe(tar)}  # streamed
     for comps in layout:
@@ -242,10 +201,7 @@ def skip_index(tar: str, out_idx: str, num_classes: int | None) -> tuple[int, li
         except (ShardError, ValueError, IndexError):
             listed = []
         skipped += [Problem(tar, "cut off by the end of a truncated tar", k) for k in listed if k not in seen]
-    with open(out_idx, "w") as f:
-        f.write(f"v1.2 {len(keep)}\n")
-        for comps in keep:
-            f.write(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in comps) + "\n")
+    write_index_rows(out_idx, keep)
     return len(keep), skipped
 
 

@@ -26,6 +26,8 @@ from typing import Iterable, Iterator
 
 INFO_NAME = "_info.json"
 INFO_FORMAT = "hvdtrain-shards-v1"
+IMAGE_EXTS = ("jpg", "jpeg", "png")  # image members a sample may carry (any letter case)
+LABEL_WIDTH = 16  # bytes: `.cls` text longer than LABEL_WIDTH - 1 is refused (the pipeline pads to this)
 
 
 class ShardError(ValueError):
@@ -116,8 +118,12 @@ def split_name(member: str) -> tuple[str, str]:
     return member[:dot], member[dot + 1:]
 
 
-def scan_tar(path: str) -> list[list[tuple[str, int, int, str]]]:
-    """Samples of a tar as [(ext, data_offset, size, member name), ...] groups, in order."""
+def scan_tar(path: str, tolerant: bool = False):
+    """Samples of a tar as [(ext, data_offset, size, member name), ...] groups, in order.
+
+    `tolerant=True` returns `(layout, why)`: the samples up to where a damaged tar stops
+    being readable, and why it stopped (None for a whole tar) — for `data.verify` and
+    `--data.on_error=skip`. Otherwise a damaged tar raises ShardError naming it."""
     samples: list[list[tuple[str, int, int, str]]] = []
     last = None
     try:
@@ -133,16 +139,14 @@ def scan_tar(path: str) -> list[list[tuple[str, int, int, str]]]:
                     last = base
                 samples[-1].append((ext, m.offset_data, m.size, m.name))
     except (tarfile.TarError, EOFError, OSError) as e:
+        if tolerant:
+            return samples, f"{e.__class__.__name__}: {e}"
         raise ShardError(f"{path}: not a readable tar ({e.__class__.__name__}: {e})") from e
-    return samples
+    return (samples, None) if tolerant else samples
 
 
-def write_index(tar_path: str, idx_path: str | None = None) -> int:
-    """Write the DALI (wds2idx v1.2) index for `tar_path`; returns the sample count."""
-    samples = scan_tar(tar_path)
-    if not samples:
-        raise ShardError(f"{tar_path}: no samples in this tar")
-    idx_path = idx_path or index_path_for(tar_path)
+def write_index_rows(idx_path: str, samples: list[list[tuple[str, int, int, str]]]) -> int:
+    """Write a wds2idx v1.2 index listing `samples` (atomically); returns their count."""
     tmp = f"{idx_path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(f"v1.2 {len(samples)}\n")
@@ -150,6 +154,33 @@ def write_index(tar_path: str, idx_path: str | None = None) -> int:
             f.write(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in comps) + "\n")
     os.replace(tmp, idx_path)
     return len(samples)
+
+
+def read_index(idx_path: str) -> list[list[tuple[str, int, int, str]]]:
+    """The sample groups a wds2idx index lists (the inverse of write_index_rows)."""
+    with open(idx_path) as f:
+        head = f.readline().split()
+        rows = []
+        for line in f:
+            p = line.split()
+            rows.append([(p[i], int(p[i + 1]), int(p[i + 2]), p[i + 3]) for i in range(0, len(p) - 3, 4)])
+    if len(head) != 2 or not head[0].startswith("v1.") or int(head[1]) != len(rows):
+        raise ShardError(f"{idx_path}: not a valid wds2idx index (header {' '.join(head)!r}, {len(rows)} rows)")
+    return rows
+
+
+def rank_range(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """The global sample indices [lo, hi) DALI's reader gives one rank: contiguous, by
+    global index over the tars in the order given (the torch loader shards the same way)."""
+    return total * shard_id // num_shards, total * (shard_id + 1) // num_shards
+
+
+def write_index(tar_path: str, idx_path: str | None = None) -> int:
+    """Write the DALI (wds2idx v1.2) index for `tar_path`; returns the sample count."""
+    samples = scan_tar(tar_path)
+    if not samples:
+        raise ShardError(f"{tar_path}: no samples in this tar")
+    return write_index_rows(idx_path or index_path_for(tar_path), samples)
 
 
 def index_path_for(tar_path: str) -> str:

@@ -122,9 +122,15 @@ def wrap_optimizer(opt: torch.optim.Optimizer, model: torch.nn.Module, backward_
     number). More backward passes than that before `step()` raises, and so does
     `zero_grad()` between `backward()` and `step()`."""
     compression = hvd.Compression.fp16 if fp16_compression else hvd.Compression.none
-    return hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                    backward_passes_per_step=backward_passes_per_step,
-                                    compression=compression)
+    wrapped = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                       backward_passes_per_step=backward_passes_per_step,
+                                       compression=compression)
+    # Horovod re-creates the optimizer from its param groups, which keep `fused`, but the
+    # flag that lets GradScaler hand a fused step found_inf on the device (instead of an
+    # .item() host sync per step) is set by the constructor: carry it over
+    if getattr(opt, "_step_supports_amp_scaling", False):
+        wrapped._step_supports_amp_scaling = True
+    return wrapped
 
 
 def broadcast_state(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None, root: int = 0) -> None:

@@ -13,10 +13,10 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 
 from data.wds import ShardSet
-from hvdtrain import dist, model as M
+from hvdtrain import dist
+from hvdtrain import task as TK
 
 
 class DataMismatch(RuntimeError):
@@ -24,6 +24,7 @@ class DataMismatch(RuntimeError):
 
 
 def check_classes(train: ShardSet, val: ShardSet | None, task: str, head: int | None) -> None:
+    """`task`: the task's name; `head`: the model's class count (None: not built yet)."""
     """Before the first step: train vs val classes, and both vs the model's head."""
     if val is not None and train.num_classes and val.num_classes:
         if train.num_classes != val.num_classes:
@@ -34,16 +35,8 @@ def check_classes(train: ShardSet, val: ShardSet | None, task: str, head: int | 
             raise DataMismatch(f"train data {train.spec} and val data {val.spec} name their classes differently "
                                f"(first differences, index: train vs val: {diff[:3]}); they were not built "
                                f"from the same class list")
-    if task == "classify" and head is not None and train.num_classes and head != train.num_classes:
+    if TK.get(task).needs_classes and head is not None and train.num_classes and head != train.num_classes:
         raise DataMismatch(f"the model's head has {head} outputs but {train.spec} has {train.num_classes} classes")
-
-
-def val_bound(factor: float, task: str, num_classes: int | None, batch: int) -> float | None:
-    """The largest believable val loss: factor x ln(classes) (contrastive: ln(batch))."""
-    if factor <= 0:
-        return None
-    k = num_classes if task == "classify" else batch
-    return factor * math.log(max(2, k or 2))
 
 
 def val_loss_problem(loss: float, bound: float | None, factor: float, k) -> str | None:
@@ -57,33 +50,21 @@ def val_loss_problem(loss: float, bound: float | None, factor: float, k) -> str 
 
 
 def evaluate(state, loader, autocast=contextlib.nullcontext, beat=None) -> dict:
-    """Loss and accuracy over the whole val set on all ranks (one allreduce).
-    `beat`: called per batch (the watchdog's sign of progress)."""
-    cfg, model = state.cfg, state.model
+    """Loss and accuracy over the whole val set on all ranks (one allreduce); the task
+    says what they mean (`task.eval_sums`). `beat`: called per batch (the watchdog's sign
+    of progress). A rank whose share of the set ends early gets no last batch: skipped."""
+    cfg, model, task = state.cfg, state.model, state.task
     sums = torch.zeros(4, dtype=torch.float64, device=state.device)  # loss sum, top-1, top-5, count
     model.eval()
     with torch.no_grad():
         for b in loader.epoch_batches():
             if beat is not None:
                 beat()
+            if b.labels.numel() == 0:
+                continue
+            views = [v.to(state.device, non_blocking=True) for v in b.views]
             with autocast():
-                if cfg.train.task == "classify":
-                    logits = model(b.views[0]).float()
-                    y = b.labels.to(state.device, non_blocking=True)
-                    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                    hit = top == y[:, None]
-                    sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
-                                         hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
-                                         torch.tensor(float(y.numel()), dtype=torch.float64, device=state.device)])
-                else:
-                    z1, z2 = model(b.views[0]).float(), model(b.views[1]).float()
-                    n = z1.shape[0]
-                    loss = M.info_nce(z1, z2, cfg.model.temperature)
-                    # retrieval accuracy: view 1 of image i finds view 2 of image i among the batch
-                    logits = F.normalize(z1, dim=1) @ F.normalize(z2, dim=1).t()
-                    hit = logits.topk(min(5, n), dim=1).indices == torch.arange(n, device=state.device)[:, None]
-                    sums += torch.stack([loss.double() * n, hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
-                                         torch.tensor(float(n), dtype=torch.float64, device=state.device)])
+                sums += task.eval_sums(cfg, model, views, b.labels.to(state.device, non_blocking=True))
     model.train()
     total = dist.allreduce_sum(sums.cpu(), name="val_sums").tolist()  # one collective per val pass
     n = max(total[3], 1.0)

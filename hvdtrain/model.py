@@ -13,7 +13,9 @@ GroupNorm where batch-independence matters (the np=1 / np=2 equality).
 """
 from __future__ import annotations
 
-import math
+import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -138,28 +140,79 @@ class Projected(nn.Module):
         return self.head(self.encoder(x))
 
 
-def build(name: str, width: int, embed_dim: int, num_classes: int | None = None, norm: str = "bn",
-          small_stem: bool = False) -> nn.Module:
-    """`num_classes` set: a classifier (logits); None: an embedding model (contrastive)."""
-    if name == "convnet":
-        enc = ConvEncoder(width, embed_dim)
-        return enc if num_classes is None else Classifier(enc, embed_dim, num_classes)
-    if name not in RESNETS:
-        raise ValueError(f"unknown model {name!r} (have: convnet, {', '.join(RESNETS)})")
-    enc = ResNet(name, norm, small_stem)
+# ---------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    about: str                      # one line for the README's model table
+    build: Callable[..., nn.Module]  # build(m, num_classes) -> module; m: ModelConfig (width, embed_dim, norm, ...)
+
+
+REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(name: str, about: str):
+    """Decorator: `@register("mynet", "what it is")` over `def build(m, num_classes) -> nn.Module`.
+    `num_classes` set: a classifier (logits); None: an embedding model of `m.embed_dim`
+    outputs (contrastive). That is all a new model needs: config choices, the README's
+    table (`python -m hvdtrain.model`) and the registry tests follow from this entry."""
+    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        REGISTRY[name] = ModelEntry(name, about, fn)
+        return fn
+    return add
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+@register("convnet", "the sanity's encoder: 4 stride-2 conv stages, GroupNorm (batch-independent), "
+                     "`--model.width`, `--model.embed_dim`")
+def _convnet(m, num_classes: int | None) -> nn.Module:
+    enc = ConvEncoder(m.width, m.embed_dim)
+    return enc if num_classes is None else Classifier(enc, m.embed_dim, num_classes)
+
+
+def _resnet(name: str, m, num_classes: int | None) -> nn.Module:
+    enc = ResNet(name, m.norm, m.small_stem)
     if num_classes is None:
-        return Projected(enc, enc.out_dim, embed_dim)
-    model = nn.Sequential(enc, nn.Linear(enc.out_dim, num_classes))
+        return Projected(enc, enc.out_dim, m.embed_dim)
+    return nn.Sequential(enc, nn.Linear(enc.out_dim, num_classes))
+
+
+@register("resnet18", "ResNet-18 (torchvision v1.5 layout, zero-init last norm); `--model.norm=bn` or `gn`, "
+                      "`--model.small_stem=True` for 32-64 px")
+def _resnet18(m, num_classes: int | None) -> nn.Module:
+    return _resnet("resnet18", m, num_classes)
+
+
+@register("resnet50", "ResNet-50 (bottlenecks, as resnet18 otherwise): the ImageNet recipe's model")
+def _resnet50(m, num_classes: int | None) -> nn.Module:
+    return _resnet("resnet50", m, num_classes)
+
+
+def build(m, num_classes: int | None = None) -> nn.Module:
+    """The registered model `m.name` (m: a ModelConfig). The module remembers its head
+    (`num_classes`), which the class checks and resume compare with the data."""
+    if m.name not in REGISTRY:
+        raise ValueError(f"unknown model {m.name!r} (registered: {', '.join(REGISTRY)})")
+    model = REGISTRY[m.name].build(m, num_classes)
+    model.num_classes = num_classes
     return model
 
 
 def head_classes(model: nn.Module) -> int | None:
-    """Number of outputs of a classifier's last linear layer (None for embedding models)."""
-    if isinstance(model, Classifier):
-        return model.head.out_features
-    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
-        return model[-1].out_features
-    return None
+    """Number of classes of a classifier's head (None for embedding models)."""
+    return getattr(model, "num_classes", None)
+
+
+def readme_table() -> str:
+    """The README's model table, made from the registry (a test keeps the README equal to it)."""
+    rows = ["| `--model.name` | what |", "| --- | --- |"]
+    rows += [f"| `{e.name}` | {e.about} |" for e in REGISTRY.values()]
+    return "\n".join(rows)
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather=None, rank: int = 0) -> torch.Tensor:
@@ -180,5 +233,6 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather=None
                   + F.cross_entropy(z2 @ all1.t() / temperature, target))
 
 
-def ln(x: float) -> float:
-    return math.log(x)
+if __name__ == "__main__":  # python -m hvdtrain.model: the registry as the README's table
+    print(readme_table())
+    sys.exit(0)

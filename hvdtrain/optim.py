@@ -41,9 +41,12 @@ def build(cfg: C.Config, model: torch.nn.Module, ranks: int) -> torch.optim.Opti
     groups = param_groups(model, o.weight_decay, o.wd_norm_bias)
     for g in groups:  # the scheduler's key, present from the start so that a checkpoint's
         g["initial_lr"] = lr  # param groups and a fresh optimizer's have the same keys (broadcast)
+    # fused on CUDA: one kernel per step, and GradScaler hands it found_inf on the device
+    # (no .item() sync per step, as it needs with the per-tensor implementations)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+        return torch.optim.AdamW(groups, lr=lr, **fused)
+    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, **fused)
 
 
 def lr_factor(cfg: C.Config, step: int) -> float:

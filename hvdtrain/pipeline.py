@@ -1,25 +1,28 @@
 """DALI pipelines over WebDataset shards: reader -> decode -> crop/flip -> normalize.
 
-Rank and size come in as arguments (`shard_id` = global rank, `num_shards` = size,
-`device_id` = local rank or None with no GPU); nothing here looks them up. The
-processing functions (`train_view`, `val_view`, `normalize`) take decoded images and
-know nothing about readers.
+`spec_from_config` is the one place where a run's config becomes a `PipeSpec`; the
+training run, the val pass, the sanity and `bench.loader` all ask it. Rank and size come
+in as arguments (`shard_id` = global rank, `num_shards` = size, `device_id` = local rank
+or None with no GPU); nothing here looks them up. The processing functions
+(`train_view`, `val_view`, `normalize`) take decoded images and know nothing about
+readers.
 
 Labels: `.cls` members hold ASCII decimal text (the WebDataset convention). DALI hands
 them out as variable-length uint8 arrays, which cannot be batched densely, so the
-pipeline pads them to LABEL_WIDTH bytes and the loader turns digits into integers on the
-torch side (`loader.parse_labels`).
+pipeline pads them to `data.wds.LABEL_WIDTH` bytes and the loader turns digits into
+integers on the torch side (`loader.parse_labels`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from nvidia.dali import fn, pipeline_def, types
 
-from data.wds import ShardSet
+from data.wds import IMAGE_EXTS, LABEL_WIDTH, ShardSet
+from hvdtrain import task as TK
+from hvdtrain.config import derive_seed
 
-LABEL_WIDTH = 16            # bytes; labels longer than this are rejected by the loader
-IMAGE_EXT = "jpg;jpeg;png"  # WebDataset image members we accept (case-insensitive, below)
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
@@ -35,14 +38,44 @@ class PipeSpec:
     size: int                   # output side, pixels
     min_scale: float = 0.25     # random-resized-crop area lower bound
     views: int = 1              # 1 = classification, 2 = two-view contrastive
-    train: bool = True          # False: no shuffle, resize + centre crop, no flip
-    decode: str = "cpu"         # cpu | mixed (nvJPEG; needs device_id)
+    random_crop_flip: bool = True  # random-resized crop + flip; False: resize + centre crop, never flipped
+    shuffle: bool = True        # the reader's random_shuffle (within the initial_fill buffer)
+    decode: str = "cpu"         # cpu | mixed (nvJPEG + the hardware JPEG decoder; needs device_id)
+    hw_decoder_load: float = 0.99  # mixed: share of images sent to the hardware decoder
     shuffle_buffer: int = 1024
     prefetch: int = 2
-    augment: bool = True        # False = decode-only ceiling (bench): decode + fixed resize
     normalize: str = "dali"     # dali: float CHW out of DALI | kernel: uint8 HWC + flip flags out,
                                 # normalized on the target device by kernels.normalize (4x fewer bytes)
-    shuffle: bool | None = None  # reader random_shuffle; None = train
+    ceiling: bool = False       # bench only: the decoder call alone, its output dropped inside the pipeline
+    order_seed: int = 0         # identical on every rank: the per-epoch order of samples (torch loader)
+
+
+def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1, device_id: int | None = None,
+                     threads: int = 1) -> PipeSpec:
+    """The pipeline a run's config asks for, for `split` ("train" or "val") on one rank.
+
+    Train: the task's views, random-resized crop + flip unless `data.augment=False`,
+    shuffled unless `data.shuffle=False`. Val: never shuffled; classify gets the
+    deterministic resize + centre crop, contrastive its two random views (from a seed of
+    their own, so every pass sees the same views)."""
+    d, task = cfg.data, TK.get(cfg.train.task)
+    decode = d.decode if d.decode != "auto" else ("mixed" if device_id is not None else "cpu")
+    normalize = d.normalize if d.normalize != "auto" else ("kernel" if decode == "cpu" else "dali")
+    train = split == "train"
+    views = task.views if train else task.val_views
+    return PipeSpec(batch_size=cfg.train.batch_size if train else (d.val_batch_size or cfg.train.batch_size),
+                    num_threads=threads, shard_id=rank, num_shards=size, device_id=device_id,
+                    seed=derive_seed(cfg.seed, f"dali-{split}", rank), size=d.size, min_scale=d.min_scale,
+                    views=views, random_crop_flip=d.augment if train else views == 2,
+                    shuffle=d.shuffle if train else False, decode=decode, hw_decoder_load=d.hw_decoder_load,
+                    shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, normalize=normalize,
+                    order_seed=derive_seed(cfg.seed, "order", 0))
+
+
+def ceiling_of(spec: PipeSpec) -> PipeSpec:
+    """The bench's ceiling for a loader's spec: the same reader and decoder call (same
+    seed, so the same random crops), with nothing after the decoder."""
+    return dataclasses.replace(spec, ceiling=True)
 
 
 def train_view(images, size: int, min_scale: float, device: str):
@@ -72,41 +105,48 @@ def finish(views: list, flips: list | None, spec: PipeSpec) -> list:
     return [normalize(v, mirror=f) for v, f in zip(views, flips or [0] * len(views))]
 
 
+def decode(images, spec: PipeSpec):
+    """The decoder call: a region-of-interest decode of one random crop window for
+    single-view training (fewer pixels through the IDCT), else a full decode."""
+    mixed = spec.decode == "mixed"
+    kw = {"device": "mixed" if mixed else "cpu", "output_type": types.RGB}
+    if mixed:
+        kw["hw_decoder_load"] = spec.hw_decoder_load
+    if spec.random_crop_flip and spec.views == 1:
+        return fn.decoders.image_random_crop(images, random_area=(spec.min_scale, 1.0), **kw)
+    return fn.decoders.image(images, **kw)
+
+
 @pipeline_def
 def _wds_pipeline(shards: ShardSet, spec: PipeSpec):
     images, labels = fn.readers.webdataset(
-        paths=shards.paths, index_paths=shards.index_paths, ext=[IMAGE_EXT, "cls"],
+        paths=shards.paths, index_paths=shards.index_paths, ext=[";".join(IMAGE_EXTS), "cls"],
         case_sensitive_extensions=False, missing_component_behavior="error",
-        random_shuffle=spec.train if spec.shuffle is None else spec.shuffle, initial_fill=spec.shuffle_buffer,
+        random_shuffle=spec.shuffle, initial_fill=spec.shuffle_buffer,
         shard_id=spec.shard_id, num_shards=spec.num_shards,
         pad_last_batch=True,  # every rank gets the same number of iterations per epoch
         name="Reader")
+    decoded = decode(images, spec)
+    device = "gpu" if spec.decode == "mixed" else "cpu"
+    if spec.ceiling:
+        # one pixel per image leaves the pipeline: the decode is kept, its output is dropped
+        return fn.crop(decoded, crop=(1, 1), device=device)
     source = fn.pad(fn.get_property(images, key="source_info"), fill_value=0)  # "tar:offset:member"
-    mixed = spec.decode == "mixed"
-    device = "gpu" if mixed else "cpu"
-    decoder_device = "mixed" if mixed else "cpu"
-    if not spec.augment:
-        decoded = fn.decoders.image(images, device=decoder_device, output_type=types.RGB)
-        outs = finish([fn.resize(decoded, size=(spec.size, spec.size), device=device)], None, spec)
-    elif spec.train and spec.views == 1:
-        # decode only the crop window: fewer pixels through the IDCT, faster on CPU too
-        crop = fn.decoders.image_random_crop(images, device=decoder_device, output_type=types.RGB,
-                                             random_area=(spec.min_scale, 1.0))
-        outs = finish([fn.resize(crop, size=(spec.size, spec.size), device=device)],
+    if spec.random_crop_flip and spec.views == 1:
+        outs = finish([fn.resize(decoded, size=(spec.size, spec.size), device=device)],
                       [fn.random.coin_flip()], spec)
+    elif spec.random_crop_flip:
+        pairs = [train_view(decoded, spec.size, spec.min_scale, device) for _ in range(spec.views)]
+        outs = finish([v for v, _ in pairs], [f for _, f in pairs], spec)
     else:
-        decoded = fn.decoders.image(images, device=decoder_device, output_type=types.RGB)
-        if spec.train:
-            pairs = [train_view(decoded, spec.size, spec.min_scale, device) for _ in range(spec.views)]
-            outs = finish([v for v, _ in pairs], [f for _, f in pairs], spec)
-        else:
-            outs = finish([val_view(decoded, spec.size, device)], None, spec)
+        outs = finish([val_view(decoded, spec.size, device)], None, spec)
     labels = fn.pad(labels, fill_value=0, shape=[LABEL_WIDTH])
     return (*outs, labels, source)
 
 
 def build(shards: ShardSet, spec: PipeSpec, checkpoint: bytes | None = None):
-    """Build the DALI pipeline; outputs are `view0[, view1], labels, source`.
+    """Build the DALI pipeline; outputs are `view0[, view1][, flip0, flip1], labels, source`
+    (`output_names`), or the ceiling's one dropped pixel per image.
 
     Checkpointing is always on (DALI: no cost): `checkpoint` restores the reader position
     and every random operator's state from a saved `DaliLoader.checkpoint()`."""
@@ -120,6 +160,8 @@ def build(shards: ShardSet, spec: PipeSpec, checkpoint: bytes | None = None):
 
 
 def output_names(spec: PipeSpec) -> list[str]:
-    n = spec.views if (spec.train and spec.augment) else 1
-    flips = [f"flip{i}" for i in range(n)] if spec.normalize == "kernel" and spec.train and spec.augment else []
+    if spec.ceiling:
+        return ["pixel"]
+    n = spec.views if spec.random_crop_flip else 1
+    flips = [f"flip{i}" for i in range(n)] if spec.normalize == "kernel" and spec.random_crop_flip else []
     return [f"view{i}" for i in range(n)] + flips + ["labels", "source"]

@@ -6,9 +6,10 @@ import json
 import os
 import sys
 
-from bench import slo as S
 from hvdtrain import config as C
 from hvdtrain import dist
+from hvdtrain import slo as S
+from hvdtrain import timing
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -52,14 +53,21 @@ def util_plot(path: str, timeline: list[tuple[float, float]]) -> str | None:
     plt = _pyplot()
     if plt is None:
         return None
-    from bench.report import util_axes
-
     fig, ax = plt.subplots(figsize=(6, 3), dpi=110)
     util_axes(ax, timeline)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def util_axes(ax, timeline: list[tuple[float, float]]) -> None:
+    """GPU utilisation over the measured window (NVML samples), on a matplotlib axes."""
+    ax.plot([t for t, _ in timeline], [u for _, u in timeline], lw=1)
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("seconds into the measured window")
+    ax.set_ylabel("GPU utilisation %")
+    ax.grid(alpha=0.3)
 
 
 def sanity_table(r: dict) -> str:
@@ -79,7 +87,7 @@ def sanity_table(r: dict) -> str:
         f"embed {c['model']['embed_dim']}, seed {c['seed']}, {c['train']['steps']} steps",
         f"  data      {r['data']['train']['spec']} ({r['data']['train']['samples']} samples, "
         f"fingerprint {r['data']['train']['fingerprint']})",
-        f"  loader    {r['loader_img_s']:.1f} img/s (DALI {r['decode']}, {r['dali_threads']} thread(s)/rank, "
+        f"  loader    {r['loader_img_s']:.1f} img/s ({r['loader']}, {r['dali_threads']} thread(s)/rank, "
         f"all ranks)",
         f"  loss      step1 {r['loss_step1']:.4f} (ln {c['train']['batch_size']} = {r['ln_batch']:.4f})"
         f"  first10 {r['loss_first10']:.4f}  last10 {r['loss_last10']:.4f}  reduction {r['loss_reduction']:.4f}",
@@ -87,10 +95,11 @@ def sanity_table(r: dict) -> str:
         f"{r['images_per_s']:.1f} img/s (all ranks), data wait {100 * r['data_wait_share']:.1f}%",
         f"  memory    max {mem:.2f} GiB ({r['memory_kind']})",
         f"  GPU util  {util}",
+        f"  step time {timing.describe(r['breakdown'])}",
         "",
         S.table(r["slos"], S.load(r.get("slo_file"))),
         "",
-        f"verdict: {r['verdict']}",
+        f"verdict: {r['verdict']}" + (f": {r['why']}" if r.get("why") else ""),
     ]
     return "\n".join(lines)
 

@@ -4,13 +4,20 @@
     horovodrun -np 2 python -m hvdtrain.sanity --data.train=DIR --slo slo.json
     horovodrun -np 2 python -m hvdtrain.sanity --preset ci          # seconds, for tests
 
-Defaults are the seed's Day-2 configuration: batch 16 per rank, grad_accum_steps 8,
-24 DALI threads (capped to the cores per rank), lr 5e-4, embed_dim 256, seed 1337, 200
-optimizer steps of a two-view InfoNCE encoder (loss starts near ln 16 = 2.7726).
-It measures the loader, trains, and judges the SLOs (bench/slo.py): loader >= 300
-img/s, loss reduction >= 0.15, time <= 25 min, GPU utilisation >= 85 % (NOT EVALUATED
-with no GPU). Writes runs/<run-id>/sanity.json, sanity.md and loss.png. Exit 0 on GO,
-1 on NO-GO, 2 on a usage or data error.
+It is a training run with the sanity preset (`session.Run`, no checkpoints), then a
+judgement: the SLOs of hvdtrain/slo.py (loader >= 300 img/s, loss reduction >= 0.15,
+time <= 25 min, GPU utilisation >= 85 %; NOT EVALUATED with no GPU) and where the step
+time went (`hvdtrain.timing`): a NO-GO on throughput or utilisation names the dominant
+cause with its share and the next thing to try. Defaults are the seed's Day-2
+configuration: batch 16 per rank, grad_accum_steps 8, 24 DALI threads (capped to the
+cores per rank), lr 5e-4, embed_dim 256, seed 1337, 200 optimizer steps of a two-view
+InfoNCE encoder (loss starts near ln 16 = 2.7726). Rank 0 writes runs/<run-id>/
+sanity.json, sanity.md and loss.png beside the run's config.json, metrics.jsonl and
+summary.json.
+
+Exit codes: 0 GO; 1 NO-GO (an SLO failed, or training failed: non-finite loss, a
+checkpoint write); 2 refused to start (usage, SLO file, data, run-folder lock, a bad
+sample); 3 another rank died or hung.
 """
 from __future__ import annotations
 
@@ -22,16 +29,16 @@ import time
 
 import torch
 
-from bench import slo as S
 from data import synth
-from data.wds import INFO_NAME, ShardError, open_shards
+from data.wds import INFO_NAME
 from hvdtrain import config as C
-from hvdtrain import dist, provenance, report
-from hvdtrain import train as T
-from hvdtrain.gpumon import GpuMonitor
+from hvdtrain import dist, provenance, report, session
+from hvdtrain import slo as S
+from hvdtrain import timing
 from hvdtrain.loader import DataError
 
 LOADER_PROBE_BATCHES = 24  # per rank, after 4 warm-up batches: a few seconds on 2 CPU cores
+EXPLAINED = ("loader_img_s", "gpu_util_pct")  # SLOs whose failure the step-time breakdown explains
 
 
 def embedded_data(cfg: C.Config) -> str:
@@ -50,11 +57,11 @@ def probe_loader(loader) -> float:
     for _ in range(4):
         next(it)
     t0 = time.perf_counter()
+    n = 0
     for _ in range(LOADER_PROBE_BATCHES):
-        next(it)
+        n += next(it).labels.numel()
     dt = time.perf_counter() - t0
-    every = dist.allgather(torch.tensor([[LOADER_PROBE_BATCHES * loader.spec.batch_size, dt]],
-                                        dtype=torch.float64), name="loader_probe")
+    every = dist.allgather(torch.tensor([[n, dt]], dtype=torch.float64), name="loader_probe")
     return float(every[:, 0].sum() / every[:, 1].max())
 
 
@@ -64,53 +71,59 @@ def max_memory() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host RSS, rank 0, no GPU"
 
 
+def judge(results: list[dict], breakdown: dict) -> str | None:
+    """Why a NO-GO on throughput or utilisation happened, from the step-time breakdown."""
+    failed = [r["name"] for r in results if r["name"] in EXPLAINED and r["passed"] is False]
+    if not failed:
+        return None
+    return f"{', '.join(failed)} failed; {timing.describe(breakdown)}"
+
+
 def run(cfg: C.Config, slo_file: str | None) -> dict:
     t_start = time.perf_counter()
-    torch_threads, dali_threads = T.configure_threads(cfg)
     if not cfg.data.train:
         cfg.data.train = embedded_data(cfg)
-    shards = open_shards(cfg.data.train)
-    data = {"train": shards.describe()}
-    run_dir = T.make_run_dir(cfg)
-    code, chash = provenance.code_state(), C.config_hash(cfg)
-    if dist.is_primary():
-        print(provenance.banner(code, chash, data, dist.size(), str(dist.device())), flush=True)
-    state = T.make_state(cfg, shards.num_classes)
-    loader = T.open_loader(cfg, shards, dali_threads)
-    loader_img_s = probe_loader(loader)
-    mon = GpuMonitor(state.device)
-
-    def on_log(step, values, res, elapsed, *_):
-        if step == cfg.train.log_every:
-            mon.start()  # sample the measured window only: after the first log interval
-        if dist.is_primary():
-            print(f"step {step:4d}/{cfg.train.steps}  loss {sum(values) / len(values):.4f}  "
-                  f"{res.samples / max(elapsed, 1e-9):.0f} img/s (rank 0)  epoch {loader.epoch}", flush=True)
-
-    res = T.run_loop(state, loader, cfg.train.steps, on_log)
-    gpu = mon.stop()
-    agg = T.aggregate_throughput(res)
-    losses = dist.allreduce_mean(torch.tensor(res.step_losses, dtype=torch.float64), name="losses").tolist()
+    with session.Run(cfg, checkpoints=False) as r:
+        loader_img_s = probe_loader(r.loader)
+        result = r.train()
     wall_s = time.perf_counter() - t_start
+    losses, agg = result.loop.step_losses, result.throughput  # losses: the mean over ranks, per step
     k = max(1, min(10, len(losses) // 2))  # first/last windows never overlap
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     slos = S.load(slo_file)
+    gpu = result.gpu
     results = [S.check(slos["loader_img_s"], loader_img_s),
                S.check(slos["loss_reduction"], first - last),
                S.check(slos["sanity_time_min"], wall_s / 60),
                S.check(slos["gpu_util_pct"], gpu["util_mean_pct"], gpu.get("why", ""))]
     mem, mem_kind = max_memory()
-    return {"verdict": S.verdict(results), "config": C.to_dict(cfg), "config_hash": chash, **code,
-            "run_dir": run_dir, "data": data, "ranks": dist.size(), "device": str(state.device),
-            "torch_threads": torch_threads, "dali_threads": dali_threads, "decode": loader.spec.decode,
+    return {"verdict": S.verdict(results), "config": C.to_dict(cfg), "config_hash": r.prov["config_hash"],
+            **{k: v for k, v in r.prov.items() if k.startswith("git_") or k == "code_path"},
+            "run_dir": r.dir, "data": r.data, "ranks": dist.size(), "device": str(r.state.device),
+            "torch_threads": r.torch_threads, "dali_threads": r.dali_threads, "loader": r.loader.describe(),
+            "decode": getattr(getattr(r.loader, "spec", None), "decode", "cpu"),
             "loss_step1": losses[0], "loss_first10": first, "loss_last10": last, "loss_reduction": first - last,
             "ln_batch": math.log(cfg.train.batch_size), "loss_per_step": losses,
-            "wall_time_s": wall_s, "train_time_s": res.wall_s, "images_per_s": agg["images_per_s"],
+            "wall_time_s": wall_s, "train_time_s": result.loop.wall_s, "images_per_s": agg["images_per_s"],
             "steady_images_per_s": agg["steady_images_per_s"], "data_wait_share": agg["data_wait_share"],
+            "breakdown": result.breakdown, "why": judge(results, result.breakdown),
             "loader_img_s": loader_img_s, "max_memory_gib": mem, "memory_kind": mem_kind, "gpu": gpu,
             "slos": results, "slo_file": slo_file, "versions": provenance.versions(),
-            "slurm": provenance.slurm_job(),
-            "epochs_seen": loader.epoch}
+            "slurm": provenance.slurm_job(), "epochs_seen": r.loader.epoch}
+
+
+def write(r: dict) -> None:
+    """Rank 0: sanity.json, sanity.md, loss.png (and gpu_util.png) in the run folder."""
+    d = r["run_dir"]
+    report.loss_plot(os.path.join(d, "loss.png"), r["loss_per_step"],
+                     f"sanity {r['verdict']}  {r['git_sha'][:10]}  cfg {r['config_hash']}")
+    if r["gpu"].get("timeline"):
+        report.util_plot(os.path.join(d, "gpu_util.png"), r["gpu"]["timeline"])
+    report.write_json(os.path.join(d, "sanity.json"), r)
+    with open(os.path.join(d, "sanity.md"), "w") as f:
+        f.write(report.sanity_markdown(r))
+    print("\n" + report.sanity_table(r))
+    print(f"report: {os.path.join(d, 'sanity.md')}  json: {os.path.join(d, 'sanity.json')}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,25 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hvdtrain.sanity: {e}", file=sys.stderr)
         return 2
     dist.init()
-    try:
-        r = run(cfg, extra.get("slo"))
-    except (ShardError, DataError, T.TrainingError) as e:
-        print(f"hvdtrain.sanity: rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
-        return 2
+    out: dict = {}
+
+    def go() -> int:
+        out.update(run(cfg, extra.get("slo")))
+        return 0
+    code = session.guarded("hvdtrain.sanity", go, codes={DataError: 2})
+    if code:
+        return code
     if dist.is_primary():
-        d = r["run_dir"]
-        report.loss_plot(os.path.join(d, "loss.png"), r["loss_per_step"],
-                         f"sanity {r['verdict']}  {r['git_sha'][:10]}  cfg {r['config_hash']}")
-        if r["gpu"].get("timeline"):
-            report.util_plot(os.path.join(d, "gpu_util.png"), r["gpu"]["timeline"])
-        report.write_json(os.path.join(d, "sanity.json"), r)
-        with open(os.path.join(d, "sanity.md"), "w") as f:
-            f.write(report.sanity_markdown(r))
-        print("\n" + report.sanity_table(r))
-        print(f"report: {os.path.join(d, 'sanity.md')}  json: {os.path.join(d, 'sanity.json')}", flush=True)
+        write(out)
     # horovodrun kills the other ranks when one exits non-zero: leave together, after rank 0 wrote
     dist.barrier()
-    return 0 if r["verdict"] == "GO" else 1
+    return 0 if out["verdict"] == "GO" else 1
 
 
 if __name__ == "__main__":

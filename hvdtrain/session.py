@@ -1,12 +1,19 @@
-"""One training run around the step and loop of `hvdtrain.train`: the run folder and its
-lock, the provenance banner, resume, the validation schedule and its guard,
-checkpoints, and the logs (console, tqdm, metrics.jsonl, TensorBoard, curves.png).
+"""One run, and its one home: `python -m hvdtrain.train`, `hvdtrain.sanity` and
+`bench.train` all build a `Run` and drive the step and loop of `hvdtrain.step` with it.
 
-Decisions that only rank 0 can make (the folder, the lock, which checkpoint) are made
-there and broadcast, so every rank starts, resumes or refuses together. Exit codes:
-0 done; 1 the run failed while training (non-finite loss, val-loss guard, bad sample,
-checkpoint write); 2 refused to start (data, classes, lock, resume checks); 3 another
-rank stopped or hung (a failed collective, or the watchdog: `hvdtrain.watchdog`).
+    with Run(cfg) as run:          # data, banner, folder + lock, resume, state, loaders, logs
+        result = run.train()       # the loop, validation, checkpoints; summary.json, curves.png
+
+What a run holds: the provenance banner (code SHA, config hash, data fingerprints),
+the run folder and its lock, the resume point (`hvdtrain.resume`), model and
+optimizer, the train and val loaders (`loader.from_config`), the logs (console, tqdm,
+metrics.jsonl, TensorBoard), the watchdog and the GPU monitor, which samples from the
+end of the warm-up (the first log interval, or a bench's warm-up steps) to the end.
+
+Exit codes (`main`): 0 done; 1 the run failed while training (non-finite loss, val-loss
+guard, bad sample, checkpoint write); 2 refused to start (data, classes, lock, resume
+checks); 3 another rank stopped or hung (a failed collective, or the watchdog:
+`hvdtrain.watchdog`).
 """
 from __future__ import annotations
 
@@ -16,9 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-
-import torch
+from dataclasses import dataclass
 
 from data import verify
 from data.wds import ShardError, ShardSet, open_shards
@@ -26,20 +31,16 @@ import kernels
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
 from hvdtrain import dist, evaluate as E, optim, provenance, report
+from hvdtrain import loader as L
 from hvdtrain import model as M
-from hvdtrain import train as T
-from hvdtrain.gpumon import GpuMonitor
+from hvdtrain import resume as R
+from hvdtrain import step as S
+from hvdtrain import task as TK
+from hvdtrain import timing
+from hvdtrain.gpumon import GpuMonitor, not_evaluated
 from hvdtrain.loader import DataError
+from hvdtrain.resume import Refused
 from hvdtrain.watchdog import EXIT_STALLED, Watchdog
-
-
-class Refused(RuntimeError):
-    """The run must not start; the message says why and what to do."""
-
-
-def _say(msg: str) -> None:
-    if dist.is_primary():
-        print(msg, flush=True)
 
 
 def open_data(cfg: C.Config) -> tuple[ShardSet, ShardSet | None, dict]:
@@ -64,7 +65,7 @@ def open_data(cfg: C.Config) -> tuple[ShardSet, ShardSet | None, dict]:
 def skip_bad(shards: ShardSet, num_classes: int | None) -> tuple[ShardSet, list[str]]:
     """--data.on_error=skip: the ranks check the shards between them (shard i on rank
     i % size: every image decoded once), share the indexes of the good samples (one
-    allgather), and each writes them into its own temporary folder for DALI."""
+    allgather), and each writes them into its own temporary folder for the loader."""
     mine = {}
     scratch = tempfile.mkdtemp(prefix=f"hvdtrain-skip-r{dist.rank()}-")
     atexit.register(shutil.rmtree, scratch, True)
@@ -92,180 +93,117 @@ def skip_bad(shards: ShardSet, num_classes: int | None) -> tuple[ShardSet, list[
     return dataclasses.replace(shards, paths=paths, index_paths=idx, counts=counts), skipped
 
 
-# ---------------------------------------------------------------- start: folder, lock, resume
-def _prepare_primary(cfg: C.Config, current: dict, num_classes: int | None):
-    """Rank 0: run folder, lock, and the checkpoint to resume from (checked)."""
-    if cfg.run.resume == "auto" and not cfg.run.dir:
-        raise Refused("--resume auto needs --run.dir=FOLDER: the run folder to continue")
-    run_dir = cfg.run.dir or os.path.join("runs", provenance.run_id(cfg.run.name))
-    os.makedirs(run_dir, exist_ok=True)
-    lock = ckpt.RunLock(run_dir)
-    lock.acquire(log=_say)
-    try:
-        payload, path, notes = None, None, []
-        if cfg.run.resume == "auto":
-            found = ckpt.find_resume(run_dir, log=_say)
-            if found is None:
-                notes.append(f"resume: no checkpoint in {run_dir}: starting from step 0")
-            else:
-                path, payload = found
-        elif cfg.run.resume:
-            path, payload = cfg.run.resume, ckpt.load(cfg.run.resume)
-        elif ckpt.list_checkpoints(run_dir):
-            raise Refused(f"{run_dir} already holds checkpoints ({os.path.basename(ckpt.latest_path(run_dir))}); "
-                          f"continue it with --resume auto, or choose another --run.dir")
-        if payload is not None:
-            diffs = ckpt.check_provenance(payload["provenance"], current, cfg.run.resume_anyway)
-            notes += [f"warning: --resume-anyway: {d}" for d in diffs]
-            if cfg.train.task == "classify" and payload.get("num_classes") != num_classes:
-                raise Refused(f"checkpoint {path} has a {payload.get('num_classes')}-class head but the data has "
-                              f"{num_classes} classes")
-            notes.append(f"resume: {path} (step {payload['step']}, epoch {payload['epoch']}, "
-                         f"saved by {payload['world_size']} rank(s) at {payload['provenance']['git_sha'][:12]})")
-    except (ckpt.CheckpointError, ckpt.ResumeRefused, Refused):
-        lock.release()
-        raise
-    return run_dir, lock, payload, path, notes
-
-
-def prepare(cfg: C.Config, current: dict, num_classes: int | None):
-    """Every rank: (run_dir, lock or None, checkpoint payload on rank 0, resume info)."""
-    info, lock, payload = {"error": None}, None, None
-    if dist.is_primary():
-        try:
-            run_dir, lock, payload, path, notes = _prepare_primary(cfg, current, num_classes)
-            resume = None if payload is None else {k: payload[k] for k in ("step", "epoch", "world_size", "ranks",
-                                                                              "best_val_loss")}
-            info = {"error": None, "run_dir": run_dir, "resume": resume, "path": path, "notes": notes}
-        except (ckpt.CheckpointError, ckpt.ResumeRefused, ckpt.LockError, Refused) as e:
-            info = {"error": str(e)}
-    info = dist.broadcast_object(info, name="prepare")  # small: per-rank reader states, not weights
-    if info["error"]:
-        raise Refused(info["error"])
-    return info, lock, payload
-
-
-def restore_rank(info: dict) -> tuple[bytes | None, int, torch.Tensor | None, list[str]]:
-    """This rank's DALI reader state, epoch and mixup RNG state from the resume info."""
-    r = info["resume"]
-    if r is None:
-        return None, 0, None, []
-    if r["world_size"] != dist.size():
-        return None, r["epoch"], None, [f"warning: the checkpoint was saved by {r['world_size']} rank(s), this run has "
-                                  f"{dist.size()}: each reader restarts epoch {r['epoch']} from its start (samples "
-                                  f"seen earlier in that epoch are seen again)"]
-    mine = r["ranks"][dist.rank()]
-    torch.set_rng_state(mine["torch_rng"])
-    return mine["dali"], mine["epoch"], mine["gen"], []
-
-
-# ---------------------------------------------------------------- checkpoints
-def save_checkpoint(state: T.TrainState, loader, run_dir: str, prov: dict, best_val: float | None,
-                    best: bool) -> None:
-    """Every rank hands rank 0 its reader and RNG state (one allgather); rank 0 writes;
-    the outcome is broadcast so a failed write stops every rank."""
-    mine = {"dali": loader.checkpoint(), "gen": state.gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "epoch": loader.epoch}
-    ranks = dist.allgather_object(mine, name="ckpt_ranks")
-    err = None
-    if dist.is_primary():
-        # the losses are checked only every log_every steps: a diverged model must not be
-        # saved in between, or --resume auto (and best.pt) would hand it back
-        prev = ckpt.latest_path(run_dir)
-        kept = f"the last good one is {prev}" if prev else "none before it"
-        why = T.diverged(state, loader, f"checkpoint not saved ({kept})")
-        if why:
-            err = ("diverged", why)
-    if dist.is_primary() and err is None:
-        payload = {"format": ckpt.FORMAT, "step": state.step, "epoch": loader.epoch,
-                   "model": state.model.state_dict(), "optimizer": state.opt.state_dict(),
-                   "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-                   "world_size": dist.size(), "ranks": ranks, "num_classes": state.num_classes,
-                   "best_val_loss": best_val, "provenance": prov, "config": C.to_dict(state.cfg),
-                   "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        try:
-            ckpt.save(run_dir, payload, state.step, state.cfg.train.keep_last, best)
-        except ckpt.CheckpointError as e:
-            err = ("write", str(e))
-    err = dist.broadcast_object(err, name="ckpt_status")
-    if err:
-        raise (T.TrainingError if err[0] == "diverged" else ckpt.CheckpointError)(err[1])
-
-
-# ---------------------------------------------------------------- the run
-def fit(cfg: C.Config) -> int:
-    torch_threads, dali_threads = T.configure_threads(cfg)
-    train, val, data = open_data(cfg)
-    num_classes = train.num_classes
-    try:
-        E.check_classes(train, val, cfg.train.task, None)
-    except E.DataMismatch as e:
-        raise Refused(str(e)) from e
-    code, chash = provenance.code_state(), C.config_hash(cfg)
-    prov = {**code, "config_hash": chash, "data_fingerprint": {k: d["fingerprint"] for k, d in data.items()}}
-    info, lock, payload = prepare(cfg, prov, num_classes)
-    try:
-        return _run(cfg, train, val, data, info, payload, prov, torch_threads, dali_threads)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _run(cfg, train, val, data, info, payload, prov, torch_threads, dali_threads) -> int:
-    run = Run(cfg, train, val, info, payload, prov, dali_threads)
-    if dist.is_primary():
-        print(provenance.banner(prov, prov["config_hash"], data, dist.size(), str(dist.device())), flush=True)
-        print(f"run     {run.dir}   preset {cfg.preset}, task {cfg.train.task}, model {cfg.model.name}, "
-              f"global batch {optim.global_batch(cfg, dist.size())}, peak lr {optim.peak_lr(cfg, dist.size()):.4g}, "
-              f"amp {run.state.amp or 'off'}, threads torch {torch_threads} / DALI {dali_threads}"
-              f"{', elastic' if cfg.train.elastic else ''}", flush=True)
-        a = cfg.aug
-        print(f"input   DALI decode {run.loader.spec.decode}, normalize {run.loader.spec.normalize}, mixup {a.mixup}, "
-              f"cutmix {a.cutmix}; kernels: {kernels.describe(run.state.device)}", flush=True)
-        for n in info["notes"] + run.notes:
-            print(n, flush=True)
-        report.write_json(os.path.join(run.dir, "config.json"),
-                          {"config": C.to_dict(cfg), **prov, "data": data, "resumed_from": info["path"],
-                           "start_step": run.state.step, "ranks": dist.size(), "slurm": provenance.slurm_job(),
-                           "versions": provenance.versions()})
-    res = run.loop()
-    run.finish(res)
-    return 0
+@dataclass
+class RunResult:
+    loop: S.LoopResult
+    throughput: dict        # step.aggregate_throughput: all ranks, one collective
+    gpu: dict               # GpuMonitor summary (rank 0's GPU; "not evaluated" with no GPU)
+    breakdown: dict         # timing.diagnose over every rank's step time, warm-up excluded
 
 
 class Run:
-    """The state of one run between start and finish: model and optimizer, loaders, logs,
-    the watchdog, the best val loss; `on_log` / `on_step` are the loop's hooks."""
+    """Everything one run holds between start and finish; `on_log` / `on_step` are the
+    loop's hooks. `checkpoints=False` (the sanity, a bench): no resume, no checkpoints."""
 
-    def __init__(self, cfg, train, val, info, payload, prov, dali_threads):
-        self.cfg, self.train, self.val, self.prov, self.dali_threads = cfg, train, val, prov, dali_threads
+    def __init__(self, cfg: C.Config, checkpoints: bool = True):
+        self.cfg, self.checkpoints = cfg, checkpoints
+        self.lock, self.logs, self.dog = None, None, None
+        self.torch_threads, self.dali_threads = S.configure_threads(cfg)
+        self.train_data, self.val_data, self.data = open_data(cfg)
+        try:
+            E.check_classes(self.train_data, self.val_data, cfg.train.task, None)
+        except E.DataMismatch as e:
+            raise Refused(str(e)) from e
+        code = provenance.code_state()
+        self.prov = {**code, "config_hash": C.config_hash(cfg),
+                     "data_fingerprint": {k: d["fingerprint"] for k, d in self.data.items()}}
+        self.info, self.lock, payload = R.prepare(cfg, self.prov, self.train_data.num_classes, checkpoints)
+        try:
+            self._build(payload)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, payload) -> None:
+        cfg, info = self.cfg, self.info
         self.dir = info["run_dir"]
-        dali_state, epoch, gen_state, self.notes = restore_rank(info)
-        self.state = T.make_state(cfg, train.num_classes, payload)
-        E.check_classes(train, val, cfg.train.task, M.head_classes(self.state.model))
+        loader_state, epoch, gen_state, notes = R.restore_rank(info)
+        self.state = S.make_state(cfg, self.train_data.num_classes, payload)
+        E.check_classes(self.train_data, self.val_data, cfg.train.task, M.head_classes(self.state.model))
         if gen_state is not None:
             self.state.gen.set_state(gen_state)
-        self.loader = T.open_loader(cfg, train, dali_threads, checkpoint=dali_state, epoch=epoch)
-        self.val_loader = T.open_loader(cfg, val, dali_threads, train=False) if val is not None else None
+        self.loader = L.from_config(cfg, self.train_data, "train", self.dali_threads, loader_state, epoch)
+        self.val_loader = self._val_loader()
         self.logs = report.Logs(cfg, self.dir, self.state.step)
-        self.bound = E.val_bound(cfg.train.val_loss_bound, cfg.train.task, train.num_classes,
-                                 cfg.data.val_batch_size or cfg.train.batch_size)
+        self.bound = TK.val_bound(cfg.train.val_loss_bound, self.state.task, self.train_data.num_classes,
+                                  cfg.data.val_batch_size or cfg.train.batch_size)
         self.best_val = info["resume"]["best_val_loss"] if info["resume"] else None
         self.last_val: dict = {}
         self.dog = Watchdog(cfg.run.watchdog_s, dist.rank())
-        self.gpu = GpuMonitor(self.state.device)  # sampled from the first log line on: warm-up excluded
+        self.gpu = GpuMonitor(self.state.device)  # started at the end of the warm-up (see the docstring)
         self.gpu_started = False
+        if dist.is_primary():
+            self._banner(info["notes"] + notes)
+
+    def _val_loader(self):
+        if self.val_data is None:
+            return None
+        return L.from_config(self.cfg, self.val_data, "val", self.dali_threads)
+
+    def _banner(self, notes: list[str]) -> None:
+        cfg, st = self.cfg, self.state
+        print(provenance.banner(self.prov, self.prov["config_hash"], self.data, dist.size(), str(dist.device())),
+              flush=True)
+        print(f"run     {self.dir}   preset {cfg.preset}, task {cfg.train.task}, model {cfg.model.name}, "
+              f"global batch {optim.global_batch(cfg, dist.size())}, peak lr {optim.peak_lr(cfg, dist.size()):.4g}, "
+              f"amp {st.amp or 'off'}, threads torch {self.torch_threads} / DALI {self.dali_threads}"
+              f"{', elastic' if cfg.train.elastic else ''}", flush=True)
+        a = cfg.aug
+        print(f"input   {self.loader.describe()}, mixup {a.mixup}, cutmix {a.cutmix}; "
+              f"kernels: {kernels.describe(st.device)}", flush=True)
+        for n in notes:
+            print(n, flush=True)
+        report.write_json(os.path.join(self.dir, "config.json"),
+                          {"config": C.to_dict(cfg), **self.prov, "data": self.data, "resumed_from": self.info["path"],
+                           "start_step": st.step, "ranks": dist.size(), "slurm": provenance.slurm_job(),
+                           "versions": provenance.versions()})
+
+    def close(self) -> None:
+        if self.dog is not None:
+            self.dog.stop()
+        if self.logs is not None:
+            self.logs.close()
+            self.logs = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- the loop's hooks
+    def _start_gpu(self) -> None:
+        """The one rule for GPU sampling: from the end of the warm-up on."""
+        if not self.gpu_started:
+            self.gpu.start()
+            self.gpu_started = True
+
+    def _stop_gpu(self) -> dict:
+        if self.gpu_started or self.gpu.why_not:  # no GPU, or no NVML: the monitor says why
+            return self.gpu.stop()
+        return not_evaluated("no step after the warm-up")
 
     def on_log(self, step, values, res, elapsed, out):
         rec = {"step": step, "train_loss": sum(values) / len(values), "lr": out["lr"],
                "throughput_img_s": res.interval_img_s, "elapsed_s": round(elapsed, 3), "epoch": self.loader.epoch,
                "data_wait_share": res.data_wait_s / max(elapsed, 1e-9), "ranks": dist.size(),
-               "train_loss_per_step": values}
+               "train_loss_per_step": values, "phase_share": timing.shares(res.interval_phase_s)}
         if "grad_norm" in out:
             rec["grad_norm"] = float(out["grad_norm"])
-        if not self.gpu_started:
-            self.gpu.start()
-            self.gpu_started = True
+        self._start_gpu()  # the first log line ends the warm-up
         self.logs.record(rec, f"step {step:6d}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.3g}  "
                               f"{res.interval_img_s:.0f} img/s (all ranks)  epoch {self.loader.epoch}")
 
@@ -277,91 +215,78 @@ class Run:
         is_best = False
         if self.val_loader is not None and ((ev and s % ev == 0) or last):
             is_best = self.validate(st)
-        if (ck and s % ck == 0) or last or is_best:
+        if self.checkpoints and ((ck and s % ck == 0) or last or is_best):
             self.dog.beat(f"step {s}, before its checkpoint")
-            save_checkpoint(st, self.loader, self.dir, self.prov, self.best_val, is_best)
+            R.save_checkpoint(st, self.loader, self.dir, self.prov, self.best_val, is_best)
             self.dog.beat(f"step {s}'s checkpoint")
         self.logs.tick()
 
     def validate(self, st) -> bool:
         """One val pass; stops the run above the val-loss bound; True for a new best."""
         cfg, s = self.cfg, st.step
-        r = E.evaluate(st, self.val_loader, lambda: T.autocast(st), beat=lambda: self.dog.beat(f"a val batch at step {s}"))
+        r = E.evaluate(st, self.val_loader, lambda: S.autocast(st), beat=lambda: self.dog.beat(f"a val batch at step {s}"))
         self.last_val.update(r)
         self.logs.record({"step": s, **r}, f"val   {s:6d}  loss {r['val_loss']:.4f}  top-1 {r['val_top1']:.4f}  "
                                            f"top-5 {r['val_top5']:.4f}  ({r['val_samples']} samples)")
-        k = self.train.num_classes if cfg.train.task == "classify" else "batch"
+        k = st.task.bound_k(self.train_data.num_classes, cfg.data.val_batch_size or cfg.train.batch_size)
         why = E.val_loss_problem(r["val_loss"], self.bound, cfg.train.val_loss_bound, k)
         if why:
-            raise T.TrainingError(
-                f"validation loss {r['val_loss']:.4g} at step {s} {why} on val data {E.describe_val(self.val)}: the "
-                f"model and this data disagree (wrong data or labels, stale code, or a diverged run). Check the "
-                f"banner above")
+            raise S.TrainingError(
+                f"validation loss {r['val_loss']:.4g} at step {s} {why} on val data {E.describe_val(self.val_data)}: "
+                f"the model and this data disagree (wrong data or labels, stale code, or a diverged run). Check "
+                f"the banner above")
         is_best = self.best_val is None or r["val_loss"] < self.best_val
         self.best_val = r["val_loss"] if is_best else self.best_val
         return is_best
 
-    def loop(self) -> T.LoopResult:
+    # ---------------------------------------------------------------- driving the loop
+    def train(self) -> RunResult:
+        """The run's remaining steps with validation and checkpoints; summary.json."""
         self.dog.start()
         try:
             if self.cfg.train.elastic:
-                return self.elastic_loop()
-            return T.run_loop(self.state, self.loader, self.cfg.train.steps - self.state.step,
-                              self.on_log, self.on_step)
+                from hvdtrain.elastic import elastic_loop
+
+                res = elastic_loop(self)
+            else:
+                res = S.run_loop(self.state, self.loader, self.cfg.train.steps - self.state.step,
+                                 self.on_log, self.on_step)
         finally:
             self.dog.stop()
-            self.logs.close()
-            self.gpu_summary = self.gpu.stop() if self.gpu_started else {"why": "no log interval ran"}
+            gpu = self._stop_gpu()
+        return self.finish(res, gpu)
 
-    def elastic_loop(self) -> T.LoopResult:
-        """Horovod elastic: commit every `train.commit_every` steps; when a worker is lost
-        (or added) Horovod restores the last commit on the survivors and calls `reset`,
-        which rebuilds the DALI pipeline for the new rank and size (its num_shards is fixed
-        at build) and rescales the lr to the new global batch."""
-        cfg, state = self.cfg, self.state
-        est = dist.elastic_state(state.model, state.opt, step=state.step)
-        total = T.LoopResult()
+    def measure(self, loader, warmup: int, steps: int) -> tuple[S.LoopResult, dict]:
+        """A bench's window: `warmup` steps, then `steps` timed ones with the GPU sampled
+        (no validation, no checkpoints). Returns the timed steps' result and the GPU's."""
+        beat = lambda st: self.dog.beat(f"bench step {st.step}")  # noqa: E731
+        self.dog.start()
+        try:
+            S.run_loop(self.state, loader, warmup, on_step=beat)
+            self.gpu = GpuMonitor(self.state.device)
+            self.gpu_started = False
+            self._start_gpu()
+            res = S.run_loop(self.state, loader, steps, on_step=beat)
+        finally:
+            self.dog.stop()
+        return res, self._stop_gpu()
 
-        def reset():
-            self.loader = T.open_loader(cfg, self.train, self.dali_threads, epoch=self.loader.epoch)
-            for g in state.opt.param_groups:
-                g["initial_lr"] = optim.peak_lr(cfg, dist.size())
-            state.sched = optim.scheduler(cfg, state.opt, est.step)
-            self.dog.beat("an elastic reset")
-            if dist.is_primary() and not self.logs.on:  # rank 0 was lost: this rank logs from now on
-                self.logs = report.Logs(cfg, self.dir, est.step)
-            print(f"elastic: rank {dist.rank()} of {dist.size()} now; rebuilt its DALI pipeline (shard {dist.rank()} "
-                  f"of {dist.size()}) and resumes from the commit at step {est.step}; peak lr "
-                  f"{optim.peak_lr(cfg, dist.size()):.4g}", flush=True)
+    def diagnosis(self, phase_s: dict) -> dict:
+        spec = getattr(self.loader, "spec", None)
+        return timing.diagnose(phase_s, {"gpu": self.state.device.type == "cuda", "dali_threads": self.dali_threads,
+                                         "cores_per_rank": dist.cores_per_rank(),
+                                         "decode": getattr(spec, "decode", None)})
 
-        est.register_reset_callbacks([reset])
+    def summarise(self, res: S.LoopResult) -> dict:
+        """Images/s over all ranks (one collective) and the step-time breakdown's verdict."""
+        agg = S.aggregate_throughput(res)
+        return {**agg, "breakdown": self.diagnosis(agg["phase_s"])}
 
-        @dist.elastic_run
-        def loop(est):
-            state.step = est.step
-            while est.step < cfg.train.steps:
-                r = T.run_loop(state, self.loader, min(cfg.train.commit_every, cfg.train.steps - est.step),
-                               self.on_log, self.on_step)
-                for k in ("samples", "steady_samples"):
-                    setattr(total, k, getattr(total, k) + getattr(r, k))
-                for k in ("wall_s", "steady_s", "data_wait_s"):
-                    setattr(total, k, getattr(total, k) + getattr(r, k))
-                total.step_losses += r.step_losses
-                # a diverged model must not become the state a reset rolls back to; the weights
-                # are the same on every rank after the allreduce, so every rank decides alike
-                why = T.diverged(state, self.loader, "not committed")
-                if why:
-                    raise T.TrainingError(why)
-                est.step = state.step
-                est.commit()
-
-        loop(est)
-        return total
-
-    def finish(self, res: T.LoopResult) -> None:
-        agg = T.aggregate_throughput(res)
+    def finish(self, res: S.LoopResult, gpu: dict) -> RunResult:
+        agg = self.summarise(res)
+        out = RunResult(res, agg, gpu, agg["breakdown"])
         if not dist.is_primary():
-            return
+            return out
         cfg, prov, lv = self.cfg, self.prov, self.last_val
         report.curves_plot(os.path.join(self.dir, "metrics.jsonl"), os.path.join(self.dir, "curves.png"),
                            f"{cfg.preset} {cfg.train.task} {cfg.model.name}  {prov['git_sha'][:10]}  "
@@ -369,31 +294,45 @@ class Run:
         summary = {"steps": self.state.step, "images": agg["images"], "images_per_s": agg["images_per_s"],
                    "steady_images_per_s": agg["steady_images_per_s"], "data_wait_share": agg["data_wait_share"],
                    "best_val_loss": self.best_val, **lv, "run_dir": self.dir, "ranks_at_end": dist.size(),
-                   "gpu": {k: v for k, v in self.gpu_summary.items() if k != "timeline"}}
+                   "gpu": {k: v for k, v in gpu.items() if k != "timeline"}, "breakdown": out.breakdown}
         report.write_json(os.path.join(self.dir, "summary.json"), summary)
         val_txt = f", val loss {lv['val_loss']:.4f} top-1 {lv['val_top1']:.4f}" if lv else ""
-        g = self.gpu_summary
-        if g.get("util_mean_pct") is not None:
-            val_txt += f"; GPU util {g['util_mean_pct']:.1f} % mean (rank 0, {g.get('samples')} NVML samples)"
+        if gpu.get("util_mean_pct") is not None:
+            val_txt += f"; GPU util {gpu['util_mean_pct']:.1f} % mean (rank 0, {gpu.get('samples')} NVML samples)"
+        print(f"time    {timing.describe(out.breakdown)}", flush=True)
         print(f"done: step {self.state.step}, {agg['images']} images this session, {agg['images_per_s']:.1f} img/s "
               f"(all ranks){val_txt}; run folder {self.dir}", flush=True)
+        return out
 
 
-def main(cfg: C.Config) -> int:
+def fit(cfg: C.Config) -> int:
+    with Run(cfg) as run:
+        run.train()
+    return 0
+
+
+def guarded(prog: str, fn, codes: dict | None = None) -> int:
+    """Run `fn()` and map what can stop a run to an exit code with one clear message:
+    Refused -> 2, a data/training/checkpoint error -> 1, a failed collective -> 3.
+    `codes` overrides the code per exception class (the sanity maps data errors to 2)."""
+    codes = codes or {}
     try:
-        return fit(cfg)
+        return fn()
     except Refused as e:
         if dist.is_primary():  # every rank refuses together; one message is enough
-            print(f"hvdtrain.train: {e}", file=sys.stderr, flush=True)
-        code = 2
-    except (DataError, T.TrainingError, ckpt.CheckpointError) as e:
-        print(f"hvdtrain.train: rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
-        code = 1
+            print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        return codes.get(Refused, 2)
+    except (DataError, S.TrainingError, ckpt.CheckpointError) as e:
+        print(f"{prog}: rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
+        return codes.get(type(e), 1)
     except RuntimeError as e:
         if not dist.is_collective_failure(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"hvdtrain.train: rank {dist.rank()}: a collective failed, most likely because another rank "
+        print(f"{prog}: rank {dist.rank()}: a collective failed, most likely because another rank "
               f"stopped (the launcher's message names it): {first}", file=sys.stderr, flush=True)
-        code = EXIT_STALLED
-    return code
+        return EXIT_STALLED
+
+
+def main(cfg: C.Config) -> int:
+    return guarded("hvdtrain.train", lambda: fit(cfg))

@@ -158,7 +158,7 @@ install_offline_system() {
     [[ "$DRY" == 1 ]] || "$PY" -m pip check || say "pip check: see above (the image's versions are kept)"
 }
 
-STAMP_INPUTS=(constraints.txt pyproject.toml launch/setup.sh launch/install_horovod.sh)
+STAMP_INPUTS=(constraints.txt setup.py pyproject.toml launch/setup.sh launch/install_horovod.sh)
 STAMP_KEY=$( { cat "${STAMP_INPUTS[@]}"; echo "$TORCH_MODE $CUDA_MAJOR $HVD_GPU"; "$BOOT" --version; } | sha256sum | cut -c1-16)
 STAMP=$VENV/.hvdtrain-setup-$STAMP_KEY
 

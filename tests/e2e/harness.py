@@ -1,10 +1,12 @@
 """The e2e tests' way to run a command: its own process group, a timeout that kills
 the whole group (launcher and ranks) and fails the test, so a hung collective cannot
 hang CI."""
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -14,6 +16,45 @@ from tests.conftest import ROOT
 BIN = os.path.dirname(sys.executable)
 HOROVODRUN = [os.path.join(BIN, "horovodrun"), "-np", "2", "-H", "localhost:2"]
 TRAIN = [sys.executable, "-m", "hvdtrain.train"]
+CI = ["--preset", "ci", "--task", "classify", "--run.progress=False", "--run.tensorboard=False"]
+
+
+def hvd(np_):
+    return [os.path.join(BIN, "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}"]
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> train loss (mean over ranks); a resumed run's later record of a step wins."""
+    out = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        rec = json.loads(line)
+        if "train_loss" in rec:
+            out[rec["step"]] = rec["train_loss"]
+    return out
+
+
+def exit_code(r) -> int | None:
+    """The rank's exit status: horovodrun itself exits 1 and names the first failing rank's code."""
+    if r.returncode == 0:
+        return 0
+    marker = "Exit code: "
+    return int(r.stderr.rsplit(marker, 1)[1].split()[0]) if marker in r.stderr else None
+
+
+def wait_for(what: str, ok, timeout_s: float, p: subprocess.Popen | None = None, poll_s: float = 0.1) -> None:
+    """Poll `ok()` until it holds; past `timeout_s` (or if the job `p` ended first) kill the
+    job and fail the test saying what never happened — a wait never falls through."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        if p is not None and p.poll() is not None:
+            out = "".join(x.read() for x in (p.stdout, p.stderr) if x is not None and not x.closed) if p.stdout else ""
+            pytest.fail(f"the job ended (exit {p.returncode}) before {what}\n{out[-3000:]}")
+        time.sleep(poll_s)
+    if p is not None:
+        kill_job(p.pid)
+    pytest.fail(f"{what}: not within {timeout_s:.0f} s")
 
 
 def run(cmd, timeout=300, env=None):

@@ -16,8 +16,7 @@ from PIL import Image
 
 from data.wds import file_sha256, write_index, write_info
 from tests.conftest import ROOT, jpeg
-from tests.e2e.harness import HOROVODRUN, TRAIN, kill_job, run
-from tests.e2e.test_train import CI, exit_code
+from tests.e2e.harness import CI, HOROVODRUN, TRAIN, exit_code, kill_job, run, wait_for
 
 PY = [sys.executable]
 
@@ -213,10 +212,8 @@ def start_and_wait(tmp_path, synth_data, *extra):
     args = CI + [f"--data.train={synth_data}/train", "--train.steps=100000", f"--run.dir={tmp_path}/run", *extra]
     p = subprocess.Popen(HOROVODRUN + TRAIN + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1)
+    wait_for("the first log line", (tmp_path / "run" / "metrics.jsonl").exists, 120, p)
+    time.sleep(1)  # a second of steps past the first log line: the kill lands mid-training
     return p
 
 
@@ -278,14 +275,12 @@ def test_elastic_training_continues_on_the_survivor_when_a_worker_dies(tmp_path,
     run_dir = tmp_path / "run"
     cmd = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
            "--host-discovery-script", str(disc)] + TRAIN + CI + [
-        "--elastic", f"--data.train={synth_data}/train", "--train.steps=200", "--train.log_every=5",
-        f"--run.dir={run_dir}"]
+        "--elastic", f"--data.train={synth_data}/train", f"--data.val={synth_data}/val", "--train.eval_every=100",
+        "--train.steps=200", "--train.log_every=5", f"--run.dir={run_dir}"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 150
-    while time.time() < deadline and not (metrics.exists() and '"step": 15,' in metrics.read_text()):
-        time.sleep(0.05)
+    wait_for("step 15 logged", lambda: metrics.exists() and '"step": 15,' in metrics.read_text(), 150, p, 0.05)
     victim = None
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -302,6 +297,11 @@ def test_elastic_training_continues_on_the_survivor_when_a_worker_dies(tmp_path,
     assert p.returncode == 0, (out + err)[-3000:]
     assert "elastic: rank 0 of 1 now; rebuilt its DALI pipeline (shard 0 of 1)" in out
     recs = [json.loads(x) for x in metrics.read_text().splitlines()]
-    assert recs[-1]["step"] == 200 and recs[-1]["ranks"] == 1
-    assert {r["ranks"] for r in recs} == {1, 2}
+    train = [r for r in recs if "train_loss" in r]
+    assert train[-1]["step"] == 200 and train[-1]["ranks"] == 1
+    assert {r["ranks"] for r in train} == {1, 2}
+    # the val loader was rebuilt for the new world too: the survivor reads the whole val set
+    # (a loader left at num_shards=2 would count half of it)
+    val = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in val] == [100, 200] and all(r["val_samples"] == 64 for r in val), val
     assert json.load(open(run_dir / "summary.json"))["steps"] == 200

@@ -5,38 +5,12 @@ import json
 import math
 import os
 import subprocess
-import time
 
 import pytest
 
 from data.wds import Sample, write_split
 from tests.conftest import ROOT, jpeg
-from tests.e2e.harness import BIN, HOROVODRUN, TRAIN, kill_job, run
-
-CI = ["--preset", "ci", "--task", "classify", "--run.progress=False", "--run.tensorboard=False"]
-
-
-def losses(run_dir) -> dict[int, float]:
-    """step -> train loss (mean over ranks); a resumed run's later record of a step wins."""
-    out = {}
-    for line in open(os.path.join(run_dir, "metrics.jsonl")):
-        rec = json.loads(line)
-        if "train_loss" in rec:
-            out[rec["step"]] = rec["train_loss"]
-    return out
-
-
-def exit_code(r) -> int | None:
-    """The rank's exit status: horovodrun itself exits 1 and names the first failing rank's code."""
-    if r.returncode == 0:
-        return 0
-    marker = "Exit code: "
-    return int(r.stderr.rsplit(marker, 1)[1].split()[0]) if marker in r.stderr else None
-
-
-def hvd(np_):
-    return [os.path.join(BIN, "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}"]
-
+from tests.e2e.harness import CI, HOROVODRUN, TRAIN, exit_code, hvd, kill_job, losses, run, wait_for
 
 # ---------------------------------------------------------------- np=1 x accum 2 == np=2 x accum 1
 def test_np1_accum2_equals_np2_accum1(tmp_path):
@@ -81,13 +55,9 @@ def test_kill9_then_resume_auto_gives_the_same_losses(tmp_path, synth_data):
     metrics = tmp_path / "cut" / "metrics.jsonl"
     p = subprocess.Popen(HOROVODRUN + TRAIN + args + [f"--run.dir={tmp_path}/cut"], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
     try:
-        while time.time() < deadline and p.poll() is None:
-            if metrics.exists() and any(json.loads(x).get("step") == 12 for x in metrics.read_text().splitlines()):
-                break
-            time.sleep(0.02)
-        assert p.poll() is None, "the run ended before it could be killed"
+        wait_for("step 12 logged", lambda: metrics.exists() and any(
+            json.loads(x).get("step") == 12 for x in metrics.read_text().splitlines()), 240, p, poll_s=0.02)
     finally:
         kill_job(p.pid)  # launcher and both ranks, at once
         p.wait()
@@ -173,9 +143,7 @@ def test_a_second_run_on_a_live_run_folder_is_refused(tmp_path, synth_data):
     first = subprocess.Popen(HOROVODRUN + TRAIN + args + ["--train.steps=100000"], cwd=ROOT, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
-            time.sleep(0.2)
+        wait_for("the first run's first log line", (tmp_path / "run" / "metrics.jsonl").exists, 120, first)
         second = run(HOROVODRUN + TRAIN + args + ["--train.steps=400"])
         assert first.poll() is None
     finally:

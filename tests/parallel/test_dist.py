@@ -1,17 +1,15 @@
 """Data parallelism as Horovod ranks see it: sharding, equal steps, identical
 parameters, and gradient accumulation equal to one large batch."""
-import os
-
 import pytest
 import torch
 
-from data.wds import open_shards
 from hvdtrain import config as C
 from hvdtrain import dist
-from hvdtrain import train as T
+from hvdtrain import loader as L
+from hvdtrain import step as T
 from hvdtrain.loader import Batch, DaliLoader
 from hvdtrain.pipeline import PipeSpec
-from tests.conftest import unique_shards
+from tests.parallel.harness import make_data, param_vector
 
 
 def rank_spec(**kw):
@@ -19,14 +17,6 @@ def rank_spec(**kw):
                 seed=11 + dist.rank(), size=32, shuffle_buffer=32)
     base.update(kw)
     return PipeSpec(**base)
-
-
-def make_data(shared_dir, name, n, shard_size):
-    out = os.path.join(shared_dir, name)
-    if dist.is_primary():
-        unique_shards(out, n=n, shard_size=shard_size)
-    dist.barrier()
-    return open_shards(out)
 
 
 def test_world_is_two_ranks():
@@ -50,20 +40,16 @@ def test_ranks_read_disjoint_samples_and_take_equal_steps(shared_dir, n):
         assert len(set().union(*all_keys)) == n  # even split: every sample read exactly once
 
 
-def _param_vector(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
 def test_parameters_identical_on_all_ranks_after_training(shared_dir):
     shards = make_data(shared_dir, "train_small", 96, shard_size=50)
     cfg = C.ci()
     cfg.train.steps = 3
     _, dali_threads = T.configure_threads(cfg)
     state = T.make_state(cfg, shards.num_classes)
-    before = _param_vector(state.model).clone()
-    loader = T.open_loader(cfg, shards, dali_threads)
+    before = param_vector(state.model).clone()
+    loader = L.from_config(cfg, shards, "train", dali_threads)
     res = T.run_loop(state, loader, cfg.train.steps)
-    after = _param_vector(state.model)
+    after = param_vector(state.model)
     assert not torch.equal(before, after), "training did not change the parameters"
     every = dist.allgather(after.unsqueeze(0), name="params_after")
     for r in range(1, dist.size()):
@@ -90,7 +76,7 @@ def test_accumulated_micro_batches_equal_one_large_batch():
         cfg.optim.name, cfg.optim.lr, cfg.optim.momentum = "sgd", 0.5, 0.0
         state = T.make_state(cfg, num_classes=5)
         loss = T.train_step(state, batches)["loss"]
-        results.append((loss, _param_vector(state.model).clone()))
+        results.append((loss, param_vector(state.model).clone()))
     (loss_a, pa), (loss_b, pb) = results
     assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6)
     assert torch.allclose(pa, pb, rtol=1e-4, atol=1e-6), f"max diff {(pa - pb).abs().max():.3g}"

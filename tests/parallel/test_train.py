@@ -8,10 +8,11 @@ import torch
 
 from hvdtrain import config as C
 from hvdtrain import dist, evaluate as E
+from hvdtrain import loader as L
 from hvdtrain import model as M
-from hvdtrain import train as T
+from hvdtrain import step as T
 from hvdtrain.loader import Batch
-from tests.parallel.test_dist import _param_vector, make_data
+from tests.parallel.harness import make_data, param_vector
 
 
 @pytest.mark.parametrize("n", [205, 64])
@@ -21,7 +22,7 @@ def test_val_pass_counts_every_sample_exactly_once(shared_dir, n):
     cfg = C.ci()
     cfg.train.task = "classify"
     state = T.make_state(cfg, shards.num_classes)
-    loader = T.open_loader(cfg, shards, 1, train=False)
+    loader = L.from_config(cfg, shards, "val", threads=1)
     keys = [k for b in loader.epoch_batches() for k in b.keys()]
     every = dist.allgather_object(keys, name=f"valkeys{n}")
     flat = [k for ks in every for k in ks]
@@ -43,9 +44,9 @@ def test_clipping_bounds_the_update_and_keeps_ranks_identical():
     g = torch.Generator().manual_seed(7 + dist.rank())
     batches = [Batch([torch.randn(4, 3, 16, 16, generator=g)], torch.randint(0, 5, (4,), generator=g),
                      torch.zeros(4, 1, dtype=torch.uint8)) for _ in range(4)]
-    before = _param_vector(state.model).clone()
+    before = param_vector(state.model).clone()
     out = T.train_step(state, batches)
-    after = _param_vector(state.model)
+    after = param_vector(state.model)
     assert float(out["grad_norm"]) > 1e-3  # the clip was active
     assert (after - before).norm() <= 0.5 * 1e-3 * 1.0001
     every = dist.allgather(after.unsqueeze(0), name="clip_params")
@@ -80,11 +81,13 @@ def test_resume_state_loaded_on_rank0_reaches_every_rank():
     saved = {"model": src.model.state_dict(), "optimizer": src.opt.state_dict(), "step": 7}
     state = T.make_state(cfg, num_classes=5, ckpt=saved if dist.is_primary() else None)
     assert state.step == 7
-    every = dist.allgather(_param_vector(state.model).unsqueeze(0), name="resumed_params")
-    assert torch.equal(every[0], _param_vector(src.model)) if dist.is_primary() else True
+    every = dist.allgather(param_vector(state.model).unsqueeze(0), name="resumed_params")
+    # src trained on the same batch on every rank (a seed shared by all ranks), so each rank's
+    # src equals rank 0's: every rank checks that rank 0's resumed parameters are that state
+    assert torch.equal(every[0], param_vector(src.model))
     assert all(torch.equal(every[0], every[r]) for r in range(dist.size()))
     sq = torch.cat([s["exp_avg_sq"].reshape(-1) for s in state.opt.state_dict()["state"].values()])
-    assert sq.numel() == _param_vector(state.model).numel()
+    assert sq.numel() == param_vector(state.model).numel()
     every = dist.allgather(sq.unsqueeze(0), name="resumed_opt")
     assert all(torch.equal(every[0], every[r]) for r in range(dist.size()))
 
@@ -101,7 +104,7 @@ def test_channels_last_inputs_train_under_horovod():
     batches = [Batch([x], torch.randint(0, 5, (4,), generator=g), torch.zeros(4, 1, dtype=torch.uint8))] * 2
     T.train_step(state, batches)
     assert all(p.is_contiguous() for p in state.model.parameters())
-    every = dist.allgather(_param_vector(state.model).unsqueeze(0), name="cl_params")
+    every = dist.allgather(param_vector(state.model).unsqueeze(0), name="cl_params")
     assert all(torch.equal(every[0], every[r]) for r in range(dist.size()))
 
 
@@ -117,9 +120,9 @@ def test_the_amp_order_with_a_grad_scaler_and_fp16_wire_compression():
     g = torch.Generator().manual_seed(5 + dist.rank())
     batches = [Batch([torch.randn(4, 3, 16, 16, generator=g)], torch.randint(0, 5, (4,), generator=g),
                      torch.zeros(4, 1, dtype=torch.uint8)) for _ in range(cfg.train.grad_accum_steps)]
-    before = _param_vector(state.model).clone()
+    before = param_vector(state.model).clone()
     out = T.train_step(state, batches)
-    after = _param_vector(state.model)
+    after = param_vector(state.model)
     assert math.isfinite(float(out["loss"])) and float(out["grad_norm"]) > 1e-3  # unscaled before the clip
     assert 0 < (after - before).norm() <= 0.5 * 1e-3 * 1.01
     assert state.scaler.get_scale() == 1024.0  # finite gradients: no back-off

@@ -1,16 +1,49 @@
-"""House rules that keep the codebase honest."""
+"""House rules that keep the codebase honest: one horovod importer, no import circle,
+no floor that imports a floor above it, a model registry the README and config follow."""
+import ast
 import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGES = ("hvdtrain", "data", "bench", "launch", "kernels")
+# the layout is the pipeline: a floor imports its own package and the floors below it only
+FLOOR = {"data": 0, "kernels": 0, "hvdtrain": 1, "bench": 2, "launch": 2}
 
 
 def python_files():
-    for top in ("hvdtrain", "data", "bench", "launch", "kernels"):
+    for top in PACKAGES:
         for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
             for f in files:
                 if f.endswith(".py"):
                     yield os.path.join(dirpath, f)
+
+
+def module_of(path: str) -> str:
+    mod = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    return mod[: -len(".__init__")] if mod.endswith(".__init__") else mod
+
+
+def imports_of(path: str) -> set[str]:
+    """Project modules `path` imports anywhere (top level or inside a function)."""
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from hvdtrain import dist` names a module; `from hvdtrain.x import f` names x
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        else:
+            continue
+        out |= {n for n in names if n.split(".")[0] in PACKAGES}
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = {module_of(p): p for p in python_files()}
+    g = {}
+    for mod, path in mods.items():
+        g[mod] = {n for n in imports_of(path) if n in mods and n != mod and n != mod.split(".")[0]}
+    return g
 
 
 def test_only_dist_imports_horovod():
@@ -19,8 +52,42 @@ def test_only_dist_imports_horovod():
     assert importers == ["hvdtrain/dist.py"]
 
 
+def test_the_import_graph_has_no_circle():
+    g = graph()
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(g[m]):
+            if state.get(n) == "open":
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(n):] + [n]))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = "done"
+    for m in sorted(g):
+        if m not in state:
+            visit(m)
+
+
+def test_no_floor_imports_a_floor_above_it():
+    """data/ and kernels/ import nothing of ours above them; hvdtrain/ imports neither
+    bench/ nor launch/ (the trainer does not depend on its own benchmark or launchers)."""
+    bad = [f"{m} imports {n}" for m, deps in graph().items() for n in deps
+           if n.split(".")[0] != m.split(".")[0] and FLOOR[n.split(".")[0]] >= FLOOR[m.split(".")[0]]]
+    assert not bad, bad
+
+
 def test_entry_points_document_their_command():
-    for mod in ("hvdtrain/sanity.py", "hvdtrain/train.py", "bench/loader.py", "data/synth.py",
-                "data/make_shards.py"):
+    for mod in ("hvdtrain/sanity.py", "hvdtrain/train.py", "bench/loader.py", "bench/train.py", "bench/tune.py",
+                "data/synth.py", "data/make_shards.py"):
         doc = open(os.path.join(ROOT, mod)).read().split('"""')[1]
         assert "python -m" in doc, f"{mod}: docstring should show its command line"
+
+
+def test_readme_model_table_is_the_registry():
+    from hvdtrain import model as M
+
+    assert M.readme_table() in open(os.path.join(ROOT, "README.md")).read(), \
+        "README's model table differs from `python -m hvdtrain.model`: paste its output"

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from data.wds import open_shards
+from data.wds import LABEL_WIDTH, open_shards
 from hvdtrain import config as C
 from hvdtrain import model as M
 from hvdtrain.loader import DaliLoader, DataError, parse_labels
-from hvdtrain.pipeline import LABEL_WIDTH, PipeSpec
+from hvdtrain.pipeline import PipeSpec
 from tests.conftest import unique_shards
 
 
@@ -19,9 +19,14 @@ def spec(**kw):
     return PipeSpec(**base)
 
 
+def val_spec(**kw):
+    """The val pass's spec: resize + centre crop, no shuffle (read with drop_last=False)."""
+    return spec(random_crop_flip=False, shuffle=False, **kw)
+
+
 def test_labels_and_keys_come_out_right(tmp_path):
     unique_shards(str(tmp_path), n=40, shard_size=15, classes=7)
-    loader = DaliLoader(open_shards(str(tmp_path)), spec(train=False), num_classes=7)
+    loader = DaliLoader(open_shards(str(tmp_path)), val_spec(), num_classes=7, drop_last=False)
     seen = {}
     for b in loader.epoch_batches():
         assert b.views[0].shape == (b.labels.shape[0], 3, 32, 32) and b.views[0].dtype == torch.float32
@@ -58,7 +63,7 @@ def test_parse_labels_ascii_digits_and_errors():
 
 def test_out_of_range_label_names_the_sample(tmp_path):
     unique_shards(str(tmp_path), n=16, shard_size=16, classes=10)
-    loader = DaliLoader(open_shards(str(tmp_path)), spec(train=False), num_classes=5)
+    loader = DaliLoader(open_shards(str(tmp_path)), val_spec(), num_classes=5, drop_last=False)
     with pytest.raises(DataError, match=r"train-000000.tar:\d+:u\d{7}.jpg: label \d out of range \[0, 5\)"):
         next(loader.epoch_batches())
 
@@ -68,7 +73,7 @@ def test_initial_contrastive_loss_is_ln_batch(synth_data):
     at ln(B) (the seed recorded 2.7692 against ln 16 = 2.7726)."""
     cfg = C.sanity()
     torch.manual_seed(cfg.seed)
-    enc = M.build("convnet", cfg.model.width, cfg.model.embed_dim)
+    enc = M.build(cfg.model)
     loader = DaliLoader(open_shards(synth_data + "/train"), spec(batch_size=16, views=2, size=64))
     with torch.no_grad():
         losses = [M.info_nce(enc(b.views[0]), enc(b.views[1]), cfg.model.temperature).item()
@@ -80,8 +85,8 @@ def test_kernel_normalize_path_matches_dalis_normalize(tmp_path):
     """uint8 out of DALI + kernels.normalize on the torch side == DALI's crop_mirror_normalize."""
     unique_shards(str(tmp_path), n=24, shard_size=24)
     shards = open_shards(str(tmp_path))
-    a = next(DaliLoader(shards, spec(train=False, normalize="dali")).epoch_batches())
-    b = next(DaliLoader(shards, spec(train=False, normalize="kernel")).epoch_batches())
+    a = next(DaliLoader(shards, val_spec(normalize="dali"), drop_last=False).epoch_batches())
+    b = next(DaliLoader(shards, val_spec(normalize="kernel"), drop_last=False).epoch_batches())
     assert a.keys() == b.keys() and b.views[0].dtype == torch.float32
     assert torch.allclose(a.views[0], b.views[0], atol=1e-5)
 

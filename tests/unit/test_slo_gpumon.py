@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from bench import slo as S
+from hvdtrain import slo as S
 from hvdtrain.gpumon import GpuMonitor, summarise
 
 
@@ -88,4 +88,6 @@ def test_utilisation_timeline_plot(tmp_path):
     from hvdtrain.report import util_plot
     s = summarise([{"t": i * 0.1, "util_pct": u, "mem_used_gib": 1} for i, u in enumerate([0, 50, 90, 95, 97])])
     path = util_plot(str(tmp_path / "gpu_util.png"), s["timeline"])
-    assert path and (tmp_path / "gpu_util.png").stat().st_size > 1000
+    from PIL import Image
+    with Image.open(path) as png:  # decodes: a real picture of the timeline
+        assert png.format == "PNG" and png.size == (660, 330)

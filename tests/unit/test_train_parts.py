@@ -20,7 +20,7 @@ from tests.conftest import ROOT
 @pytest.mark.parametrize("name,params", [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
 def test_resnets_have_the_published_parameter_counts(name, params):
     """torchvision's counts with a 1000-class head: the same architecture, written here."""
-    model = M.build(name, 0, 0, 1000)
+    model = M.build(C.ModelConfig(name=name), 1000)
     assert sum(p.numel() for p in model.parameters()) == params
     assert M.head_classes(model) == 1000
 
@@ -30,7 +30,34 @@ def test_resnet_blocks_start_as_identity_and_small_stem_keeps_resolution():
     x = torch.randn(2, 64, 8, 8)
     block = enc.layers[0].eval()
     assert torch.allclose(block(x), torch.relu(x))  # zero-initialised last norm: identity + ReLU
-    assert M.build("resnet18", 0, 32, None, "gn", True)(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    m = C.ModelConfig(name="resnet18", embed_dim=32, norm="gn", small_stem=True)
+    assert M.build(m, None)(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+
+
+@pytest.mark.parametrize("name", M.names())
+def test_every_registered_model_builds_both_heads_and_the_config_takes_it(name):
+    m = C.ModelConfig(name=name, width=4, embed_dim=16, small_stem=True)
+    x = torch.randn(2, 3, 32, 32)
+    clf, emb = M.build(m, 7), M.build(m, None)
+    assert clf(x).shape == (2, 7) and M.head_classes(clf) == 7
+    assert emb(x).shape == (2, 16) and M.head_classes(emb) is None
+    cfg, _ = C.parse_args(["--preset", "ci", f"--model.name={name}"])
+    assert cfg.model.name == name
+
+
+def test_a_new_model_is_one_registered_function():
+    """The recipe of docs/architecture.md: register a builder; the config accepts it."""
+    @M.register("tiny-test", "a test's model")
+    def _tiny(m, num_classes):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_classes or m.embed_dim))
+    try:
+        cfg, _ = C.parse_args(["--preset", "ci", "--model.name=tiny-test"])
+        assert M.build(cfg.model, 3)(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+        assert "| `tiny-test` | a test's model |" in M.readme_table()
+    finally:
+        del M.REGISTRY["tiny-test"]
+    with pytest.raises(C.ConfigError, match="model.name must be one of convnet, resnet18, resnet50"):
+        C.parse_args(["--preset", "ci", "--model.name=tiny-test"])
 
 
 # ---------------------------------------------------------------- optimisation
@@ -73,7 +100,7 @@ def test_scheduler_resumed_at_a_step_sets_that_steps_lr():
 
 
 def test_no_weight_decay_on_norms_and_biases():
-    model = M.build("resnet18", 0, 0, 10)
+    model = M.build(C.ModelConfig(name="resnet18"), 10)
     groups = optim.param_groups(model, 1e-4, wd_norm_bias=False)
     decayed, free = groups
     assert decayed["weight_decay"] == 1e-4 and free["weight_decay"] == 0.0

@@ -1,5 +1,7 @@
 """The one definition of hvdtrain's service-level objectives (SLOs).
 
+The GO/NO-GO (`hvdtrain.sanity`) owns them; the benches (`bench/`) import them from here.
+
 Defaults are the seed's: loader >= 300 img/s, loss reduction >= 0.15, sanity time
 <= 25 min, GPU utilisation >= 85 %. Override any threshold with a JSON or TOML file:
 

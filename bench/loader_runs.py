@@ -1,0 +1,156 @@
+"""The loaders as `bench.loader` and `bench.loader --tune` run them: each built from the
+config the training uses, timed over windows after a warm-up, with the CPU cores it used.
+See bench/loader.py for what each loader is and what the figures mean.
+"""
+from __future__ import annotations
+
+import io
+import statistics
+import time
+
+import numpy as np
+import psutil
+import torch
+
+from data.wds import Sample, write_split
+from hvdtrain import config as C
+from hvdtrain import pipeline
+from hvdtrain.loader import DaliLoader
+
+
+def make_imagenet_like(out: str, n: int, seed: int = 0) -> str:
+    """n JPEGs of 500x375 (quality 90) with smooth structure plus noise: ImageNet-sized."""
+    from PIL import Image
+
+    from data.synth import jpeg_bytes
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
+
+    def gen():
+        for i in range(n):
+            f = rng.uniform(0.005, 0.05, size=(3, 2))
+            img = np.stack([127 + 100 * np.sin(xx * f[c, 0] + yy * f[c, 1] + rng.uniform(0, 6)) for c in range(3)], -1)
+            img += rng.normal(0, 20, img.shape)
+            yield Sample(f"img{i:06d}", jpeg_bytes(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), 90),
+                         int(rng.integers(0, 1000)))
+    write_split(gen(), out, [str(i) for i in range(1000)], "bench", shard_size=256,
+                extra={"source": "bench.loader synthetic 500x375"})
+    return out
+
+
+def bench_config(a, threads: int, gpu: bool, hw_load: float | None = None, prefetch: int | None = None) -> C.Config:
+    """The training config these loaders stand for: one view, the crop and batch asked for."""
+    cfg = C.Config(preset="bench")
+    cfg.train.task, cfg.train.batch_size, cfg.seed = "classify", a.batch_size, a.seed
+    d = cfg.data
+    d.size, d.min_scale, d.threads, d.shuffle_buffer = a.size, a.min_scale, threads, 256
+    d.decode, d.prefetch = ("mixed" if gpu else "cpu"), (prefetch or a.prefetch)
+    if hw_load is not None:
+        d.hw_decoder_load = hw_load
+    return cfg
+
+
+def spec_for(a, threads: int, gpu: bool, hw_load=None, prefetch=None) -> pipeline.PipeSpec:
+    return pipeline.spec_from_config(bench_config(a, threads, gpu, hw_load, prefetch), "train",
+                                     device_id=0 if gpu else None, threads=threads)
+
+
+def pil_decode_batches(shards, batch_size: int):
+    """Bare full decode with PIL, one core, bytes already in memory: no I/O, no augmentation."""
+    from PIL import Image
+
+    from data.wds import iter_samples
+
+    blobs = [c[e] for p in shards.paths[:2] for _, c in iter_samples(p) for e in c if e != "cls"]
+    i = 0
+    while True:
+        for _ in range(batch_size):
+            Image.open(io.BytesIO(blobs[i % len(blobs)])).convert("RGB")
+            i += 1
+        yield None
+
+
+def ceiling_batches(shards, spec: pipeline.PipeSpec):
+    """The ceiling: the loader's reader and decoder call (same seed: same crops), nothing after."""
+    pipe = pipeline.build(shards, pipeline.ceiling_of(spec))
+    while True:
+        out = pipe.run()
+        if spec.decode == "mixed":
+            out[0].as_cpu()  # one pixel per image: waits for the GPU work of this batch
+        yield None
+
+
+def make_iter(name: str, shards, a, threads: int, hw_load=None, prefetch=None):
+    """A batch iterator for loader `name` at one setting, or a reason it is skipped (str)."""
+    gpu = name.endswith("gpu")
+    if gpu and not torch.cuda.is_available():
+        return "no GPU"
+    if name == "pil-decode":
+        return pil_decode_batches(shards, a.batch_size)
+    spec = spec_for(a, threads, gpu, hw_load, prefetch)
+    if name.startswith("ceiling"):
+        return ceiling_batches(shards, spec)
+    if name == "torch":
+        from hvdtrain.torch_loader import TorchLoader
+
+        return (b.views[0] for b in TorchLoader(shards, spec, workers=a.workers or threads).forever())
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    return (b.views[0] for b in DaliLoader(shards, spec, device=device).forever())
+
+
+def time_batches(it, batch_size: int, warmup: int, windows: int, window_batches: int) -> tuple[list[float], float]:
+    """(images/s of each timed window, CPU cores used on average) after `warmup` batches."""
+    for _ in range(warmup):
+        next(it)
+    me = psutil.Process()
+    rates, cpu0, wall0 = [], _cpu_s(me), time.perf_counter()
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(window_batches):
+            b = next(it)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        rates.append(window_batches * batch_size / (time.perf_counter() - t0))
+    cores = (_cpu_s(me) - cpu0) / max(time.perf_counter() - wall0, 1e-9)
+    del b
+    return rates, cores
+
+
+def _cpu_s(p: psutil.Process) -> float:
+    """CPU seconds of this process and its children (DataLoader workers)."""
+    t = p.cpu_times()
+    total = t.user + t.system
+    for c in p.children(recursive=True):
+        try:
+            ct = c.cpu_times()
+            total += ct.user + ct.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_one(name: str, shards, a, threads: int, hw_load=None, prefetch=None, windows=None) -> dict:
+    """One loader at one setting: median images/s of the timed windows, CPU cores used."""
+    from hvdtrain.gpumon import GpuMonitor
+
+    try:
+        it = make_iter(name, shards, a, threads, hw_load, prefetch)
+        if isinstance(it, str):
+            return {"img_s": None, "skipped": it}
+        mon = GpuMonitor(torch.device("cuda", 0) if name.endswith("gpu") else None)
+        windows = windows or a.windows
+        if a.seconds:  # calibrate the window count from one window's rate
+            first = time_batches(it, a.batch_size, a.warmup, 1, a.window_batches)[0][0]
+            windows = max(3, int(a.seconds * first / (a.batch_size * a.window_batches)))
+        else:
+            for _ in range(a.warmup):
+                next(it)
+        mon.start()
+        rates, cores = time_batches(it, a.batch_size, 0, windows, a.window_batches)
+        gpu = mon.stop()
+        gpu.pop("timeline", None)
+        del it
+        return {"img_s": statistics.median(rates), "windows": rates, "cpu_cores_used": cores, "gpu": gpu}
+    except Exception as e:  # noqa: BLE001 - one loader failing must not hide the others
+        return {"img_s": None, "error": f"{e.__class__.__name__}: {e}"}

@@ -1,0 +1,92 @@
+"""What every loader hands the loop: `Batch`, and the conversions loaders share (labels
+from `.cls` bytes, range checks, uint8 crops to normalized model input). Loaders live in
+`hvdtrain.loader` (DALI, in memory, the factory) and `hvdtrain.torch_loader`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hvdtrain.pipeline import MEAN, STD
+
+
+class DataError(RuntimeError):
+    """Bad input found while training; the message names the shard and sample."""
+
+
+@dataclass
+class Batch:
+    views: list[torch.Tensor]   # each [B, 3, H, W], normalized, on the training device
+    labels: torch.Tensor        # [B] int64
+    sources: torch.Tensor       # [B, L] uint8: "tar:offset:member" per sample, 0-padded
+
+    def source(self, i: int) -> str:
+        return decode_source(self.sources[i])
+
+    def keys(self) -> list[str]:
+        """Sample member names (`<key>.<ext>`), for tests and error messages."""
+        return [self.source(i).rsplit(":", 1)[-1] for i in range(self.sources.shape[0])]
+
+
+def dali_reason(e: BaseException) -> str:
+    """The informative line of a DALI error: the one after "encountered:", else the first."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
+        return lines[lines.index("encountered:") + 1]
+    return lines[0] if lines else repr(e)
+
+
+def decode_source(row: torch.Tensor) -> str:
+    return bytes(row.numpy()).rstrip(b"\0").decode(errors="replace")
+
+
+_DIGIT0, _DIGIT9 = ord("0"), ord("9")
+_SPACE = torch.tensor([0, 9, 10, 13, 32], dtype=torch.uint8)  # pad, tab, LF, CR, space
+
+
+def parse_labels(raw: torch.Tensor, sources: torch.Tensor | None = None) -> torch.Tensor:
+    """ASCII-decimal `.cls` bytes, padded to [B, W] with zeros -> int64 [B].
+
+    Vectorised; raises DataError naming the sample when a label has a non-digit byte,
+    no digits at all, or fills the whole padded width (it may have been cut off).
+    """
+    raw = raw.to(torch.int64)
+    digit = (raw >= _DIGIT0) & (raw <= _DIGIT9)
+    space = torch.isin(raw, _SPACE.to(torch.int64))
+    bad = ~(digit | space).all(dim=1) | ~digit.any(dim=1) | (raw[:, -1] != 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        where = decode_source(sources[i]) if sources is not None else f"batch row {i}"
+        text = bytes(raw[i].to(torch.uint8).numpy()).rstrip(b"\0")
+        raise DataError(f"{where}: label {text!r} is not a decimal class index "
+                        f"(.cls must be ASCII digits, at most {raw.shape[1] - 1} bytes)")
+    value = torch.zeros(raw.shape[0], dtype=torch.int64)
+    for j in range(raw.shape[1]):  # W=16 columns: cheap next to decoding a batch
+        d = digit[:, j]
+        value = torch.where(d, value * 10 + (raw[:, j] - _DIGIT0), value)
+    return value
+
+
+def check_label_range(labels: torch.Tensor, sources: torch.Tensor, num_classes: int | None, spec: str) -> None:
+    if num_classes is not None and labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            i = int(((labels < 0) | (labels >= num_classes)).nonzero()[0, 0])
+            raise DataError(f"{decode_source(sources[i])}: label {int(labels[i])} out of range "
+                            f"[0, {num_classes}) for {spec}")
+
+
+def to_model_input(v: torch.Tensor, flip: torch.Tensor | None, device: torch.device, dtype: torch.dtype,
+                   channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC (a quarter of float32's PCIe bytes) -> normalized NCHW on `device`, flipped
+    per sample: Triton on CUDA, the torch reference elsewhere (kernels.normalize)."""
+    from kernels.normalize import normalize
+
+    v = v.to(device, non_blocking=True)
+    if flip is not None:
+        flip = flip.view(-1).to(device, non_blocking=True).bool()
+    return normalize(v, _MEAN, _STD, flip, dtype, channels_last)
+
+
+_MEAN, _STD = torch.tensor(MEAN), torch.tensor(STD)

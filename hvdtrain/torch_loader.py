@@ -1,0 +1,203 @@
+"""The torch baseline behind the same loop: DataLoader workers + PIL over the same shards.
+
+    python -m hvdtrain.train ... --data.loader=torch     # train with it
+    python -m bench.loader --loader torch                # set it beside DALI
+
+It reads samples at the offsets the shards' DALI indexes give (`.idx`: no tar walk), and
+shards them as DALI does: rank r takes the r-th contiguous slice of the samples, padded
+to the same length on every rank (the last sample repeated, like `pad_last_batch`), so
+every rank takes the same number of training steps. With shuffling on, each epoch reads
+a global permutation drawn from (seed, epoch): identical on every rank, a different
+order each epoch, every sample once per epoch across ranks. Each sample's random crop
+and flip come from its own seed (rank seed, epoch, position), so the result does not
+depend on the worker count and a checkpoint (epoch + batches consumed) resumes exactly.
+Outputs are uint8 crops + flip flags, normalized on the training device by
+kernels.normalize, as the DALI CPU path does.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+
+import numpy as np
+import torch
+
+from data.wds import ShardSet, rank_range, read_index, split_name
+from hvdtrain.batch import Batch, DataError, check_label_range, decode_source, to_model_input
+from hvdtrain.pipeline import PipeSpec
+
+KIND = "torch-loader-v1"
+
+
+def random_resized_crop_box(w: int, h: int, min_scale: float, rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop parameters (scale (min_scale, 1), ratio 3/4..4/3)."""
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return x, y, x + cw, y + ch
+    s = min(w, h)
+    return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
+
+
+def index_items(shards: ShardSet) -> list[tuple[str, int, int, int, int, str]]:
+    """(tar, image offset, image size, label offset, label size, image member) per sample,
+    in DALI's global order (tars in the order given, samples in index order)."""
+    items = []
+    for tar, idx in zip(shards.paths, shards.index_paths):
+        for comps in read_index(idx):
+            by_ext = {split_name(name)[1].lower(): (off, size, name) for _, off, size, name in comps}
+            img = next((by_ext[e] for e in ("jpg", "jpeg", "png") if e in by_ext), None)
+            cls = by_ext.get("cls")
+            if img is None or cls is None:
+                key = split_name(comps[0][3])[0] if comps else "?"
+                raise DataError(f"{tar}: {key}: sample has no image or no .cls member (check the shards with "
+                                f"`python -m data.verify {shards.spec}`)")
+            items.append((tar, img[0], img[1], cls[0], cls[1], img[2]))
+    return items
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Map-style: index (item number, per-sample seed) -> (uint8 views, flips, label, source)."""
+
+    def __init__(self, items, spec: PipeSpec):
+        self.items, self.spec = items, spec
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key):
+        from PIL import Image, ImageOps
+
+        i, seed = key
+        tar, off, size, cls_off, cls_size, name = self.items[i]
+        source = f"{tar}:{off}:{name}"
+        with open(tar, "rb") as f:
+            data, label = os.pread(f.fileno(), size, off), os.pread(f.fileno(), cls_size, cls_off)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")  # as DALI's decoder: EXIF applied
+        except Exception as e:  # noqa: BLE001 - every PIL failure means "cannot decode this sample"
+            raise DataError(f"{source}: undecodable image ({e.__class__.__name__}: {e})") from None
+        text = label.strip()
+        if not text.isdigit():
+            raise DataError(f"{source}: label {label[:20]!r} is not a decimal class index")
+        rng, s = random.Random(seed), self.spec.size
+        views, flips = [], []
+        for _ in range(self.spec.views if self.spec.random_crop_flip else 1):
+            if self.spec.random_crop_flip:
+                box = random_resized_crop_box(im.width, im.height, self.spec.min_scale, rng)
+                views.append(np.asarray(im.resize((s, s), Image.BILINEAR, box=box)))
+                flips.append(rng.random() < 0.5)
+            else:  # DALI's val_view: shorter side to size*8/7, centre crop
+                short = int(round(s * 8 / 7))
+                k = short / min(im.width, im.height)
+                r = im.resize((max(s, round(im.width * k)), max(s, round(im.height * k))), Image.BILINEAR)
+                x, y = (r.width - s) // 2, (r.height - s) // 2
+                views.append(np.asarray(r.crop((x, y, x + s, y + s))))
+                flips.append(False)
+        return ([torch.from_numpy(np.ascontiguousarray(v)) for v in views], torch.tensor(flips),
+                int(text), source.encode())
+
+
+def _collate(samples):
+    views = [torch.stack([s[0][k] for s in samples]) for k in range(len(samples[0][0]))]
+    flips = torch.stack([s[1] for s in samples])
+    labels = torch.tensor([s[2] for s in samples], dtype=torch.int64)
+    width = max(len(s[3]) for s in samples)
+    sources = torch.zeros(len(samples), width, dtype=torch.uint8)
+    for i, s in enumerate(samples):
+        sources[i, :len(s[3])] = torch.frombuffer(bytearray(s[3]), dtype=torch.uint8)
+    return views, flips, labels, sources
+
+
+class _Plan:
+    """The DataLoader's batch sampler: this epoch's batches, set before each pass, so one
+    DataLoader (and its persistent workers) serves every epoch."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class TorchLoader:
+    """DataLoader + PIL, sharded and padded like DALI; see the module docstring."""
+
+    def __init__(self, shards: ShardSet, spec: PipeSpec, num_classes: int | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False, drop_last: bool = True, checkpoint: bytes | None = None,
+                 epoch: int = 0, workers: int | None = None):
+        self.shards, self.spec, self.num_classes = shards, spec, num_classes
+        self.device, self.dtype, self.channels_last, self.drop_last = device or torch.device("cpu"), dtype, \
+            channels_last, drop_last
+        self.items = index_items(shards)
+        self.per_rank = -(-len(self.items) // spec.num_shards)  # ceil: the padded slice length
+        self.epoch, self.skip = epoch, 0
+        self.last_source = "(no batch read yet)"
+        if checkpoint is not None:
+            state = json.loads(checkpoint)
+            if state.get("kind") != KIND:
+                raise ValueError(f"not a torch-loader checkpoint: {str(state)[:80]}")
+            self.epoch, self.skip = state["epoch"], state["batches"]
+        self.workers = spec.num_threads if workers is None else workers
+        self._plan, self._batches_done = _Plan(), self.skip
+        self._loader = torch.utils.data.DataLoader(
+            _Samples(self.items, spec), batch_sampler=self._plan, num_workers=self.workers, collate_fn=_collate,
+            persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None)
+
+    def describe(self) -> str:
+        return f"torch DataLoader + PIL, {self.workers} worker(s)"
+
+    def _keys(self, epoch: int) -> list[tuple[int, int]]:
+        """(item, seed) for this rank's padded slice of epoch `epoch`'s global order."""
+        n = len(self.items)
+        order = list(range(n))
+        if self.spec.shuffle:
+            random.Random(self.spec.order_seed * 1_000_003 + epoch).shuffle(order)  # same on every rank
+        lo, hi = rank_range(n, self.spec.shard_id, self.spec.num_shards)
+        mine = order[lo:hi]
+        real = len(mine)
+        if self.drop_last:  # training: every rank the same length (DALI's pad_last_batch)
+            mine = mine + [mine[-1]] * (self.per_rank - len(mine))
+        base = self.spec.seed * 1_000_003 + epoch * 7_919
+        return [(item, base + pos) for pos, item in enumerate(mine)][: len(mine) if self.drop_last else real]
+
+    def _batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        keys, b = self._keys(epoch), self.spec.batch_size
+        batches = [keys[i:i + b] for i in range(0, len(keys), b)]
+        if self.drop_last and batches and len(batches[-1]) < b:
+            batches.pop()
+        return batches
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self._batches(self.epoch))
+
+    def epoch_batches(self):
+        self._plan.batches, self._batches_done = self._batches(self.epoch)[self.skip:], self.skip
+        for views, flips, labels, sources in (self._loader if self._plan.batches else ()):
+            check_label_range(labels, sources, self.num_classes, self.shards.spec)
+            views = [to_model_input(v, flips[:, k] if self.spec.random_crop_flip else None, self.device,
+                                    self.dtype, self.channels_last) for k, v in enumerate(views)]
+            self.last_source = decode_source(sources[-1])
+            self._batches_done += 1
+            yield Batch(views, labels, sources)
+        self.epoch, self.skip, self._batches_done = self.epoch + 1, 0, 0
+
+    def forever(self):
+        while True:
+            yield from self.epoch_batches()
+
+    def checkpoint(self) -> bytes:
+        return json.dumps({"kind": KIND, "epoch": self.epoch, "batches": self._batches_done}).encode()
