@@ -55,13 +55,10 @@ def loader_target(ctx: dict) -> float | None:
 
 
 # ---------------------------------------------------------------- reading the outputs
-def loader_of(key: str) -> str:
-    return key.split("@")[0]
-
-
 def best(doc: dict, loader: str) -> dict | None:
-    """The loader's fastest setting in a bench.loader BENCH_JSON (results: key -> {img_s, ...})."""
-    rows = [r for k, r in doc["results"].items() if loader_of(k) == loader and r.get("img_s")]
+    """The loader's fastest setting in a bench.loader BENCH_JSON (results: key -> {loader,
+    img_s, threads, hw_decoder_load, vs_ceiling, gpu, ...})."""
+    rows = [r for r in doc["results"].values() if r.get("loader") == loader and r.get("img_s")]
     return max(rows, key=lambda r: r["img_s"]) if rows else None
 
 
@@ -75,6 +72,13 @@ def gpu_of(row: dict | None, name: str):
 
 def sanity_slo(doc: dict, name: str):
     return next(s["value"] for s in doc["slos"] if s["name"] == name)
+
+
+def dominant(breakdown: dict | None) -> str | None:
+    """The step-time breakdown's verdict, e.g. 'data_wait 62% (data-bound)'."""
+    if not breakdown or not breakdown.get("dominant"):
+        return None
+    return f"{breakdown['dominant']} {100 * breakdown['share']:.0f}% ({breakdown.get('bound')})"
 
 
 def dmon_gap(doc: dict) -> float | None:
@@ -97,7 +101,7 @@ def loader_figures(size: int, targets: bool) -> tuple[Figure, ...]:
                lambda d: field_of(best(d, "dali-gpu"), "hw_decoder_load")),
         Figure(f"{p}_jpeg_engines_util_pct", f"{size} px: JPEG engines' load at that setting (NVML)",
                lambda d: gpu_of(best(d, "dali-gpu"), "jpg_util_mean_pct")),
-        Figure(f"{p}_ceiling_img_s", f"{size} px: best decode-only ceiling img/s", lambda d: field_of(best(d, "ceiling"), "img_s")),
+        Figure(f"{p}_ceiling_img_s", f"{size} px: best decode-only ceiling img/s", lambda d: field_of(best(d, "ceiling-gpu"), "img_s")),
         Figure(f"{p}_dali_cpu_img_s", f"{size} px: best dali-cpu img/s", lambda d: field_of(best(d, "dali-cpu"), "img_s")),
         Figure(f"{p}_torch_img_s", f"{size} px: best torch DataLoader img/s", lambda d: field_of(best(d, "torch"), "img_s")),
         Figure(f"{p}_errors", f"{size} px: loader errors", lambda d: d["error"] or "none", "==", "none"),
@@ -118,6 +122,7 @@ STEPS: tuple[Step, ...] = (
         Figure("sanity_sm_util_pct", "SM utilisation, NVML GPM mean", lambda d: d["gpu"].get("sm_util_mean_pct")),
         Figure("sanity_max_vram_gib", "max VRAM, GiB (torch max allocated, rank 0)", lambda d: d["max_memory_gib"]),
         Figure("sanity_img_s", "sanity training img/s, all ranks", lambda d: d["images_per_s"]),
+        Figure("sanity_dominant_phase", "where the step time went (largest share)", lambda d: dominant(d["breakdown"])),
     )),
     Step("loader-224", COMMANDS["loader-224"], 120, "bench_json", loader_figures(224, True)),
     Step("loader-64", COMMANDS["loader-64"], 60, "bench_json", loader_figures(64, False)),
@@ -132,6 +137,8 @@ STEPS: tuple[Step, ...] = (
                "img/s per A100 (AMP, DALI); a reference, not a target"),
         Figure("train_synthetic_img_s", "ResNet-50 img/s on synthetic batches", lambda d: d["synthetic"]["steady_images_per_s"]),
         Figure("train_gpu_util_pct", "GPU utilisation on real shards, NVML mean", lambda d: d["gpu"]["util_mean_pct"]),
+        Figure("train_dominant_phase", "real shards: where the step time went (largest share)",
+               lambda d: dominant(d["breakdown"])),
     )),
     Step("kernels", COMMANDS["kernels"], 45, "bench_json", (
         Figure("kernels_compiled", "Triton kernels compiled, not interpreted", lambda d: d["interpreter"], "==", False),
