@@ -27,7 +27,8 @@ from bench.steprun import Figure, Step, dry_check, run_step
 # ---------------------------------------------------------------- the commands, in one place
 # A flag that changes in a module is a one-line fix here; tests/e2e/test_gpu_check.py's
 # dry run fails first (it runs each module's own parser on these flags).
-LOADER_SWEEP = ("--loader", "all", "--threads", "4,8,16", "--hw-decoder-load", "0,0.65,0.9,0.99")
+# 3 x 4 dali-gpu settings, each beside its ceiling, + dali-cpu, torch, pil: 3 timed windows each
+LOADER_SWEEP = ("--loader", "all", "--threads", "4,8,16", "--hw-decoder-load", "0,0.65,0.9,0.99", "--windows", "3")
 COMMANDS: dict[str, tuple[str, ...]] = {
     "gpu-tests": ("{py}", "-m", "pytest", "-q", "-rs", "--strict-markers", "-m", "gpu", "-p", "no:cacheprovider",
                   "--junitxml={dir}/gpu-tests.xml", "tests/gpu"),
@@ -109,12 +110,12 @@ def loader_figures(size: int, targets: bool) -> tuple[Figure, ...]:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("gpu-tests", COMMANDS["gpu-tests"], 120, "junit:{dir}/gpu-tests.xml", (
+    Step("gpu-tests", COMMANDS["gpu-tests"], 150, "junit:{dir}/gpu-tests.xml", (
         Figure("gpu_tests_failed", "GPU tests failed or errored", lambda d: d["failures"] + d["errors"], "==", 0),
         Figure("gpu_tests_skipped", "GPU tests skipped (HVDTRAIN_REQUIRE_GPU=1)", lambda d: d["skipped"], "==", 0),
         Figure("gpu_tests_passed", "GPU tests passed", lambda d: d["passed"], ">=", 1),
     ), env={"HVDTRAIN_REQUIRE_GPU": "1"}, dry="collect"),
-    Step("sanity", COMMANDS["sanity"], 120, "json:{dir}/sanity/sanity.json", (
+    Step("sanity", COMMANDS["sanity"], 90, "json:{dir}/sanity/sanity.json", (
         Figure("sanity_verdict", "sanity verdict", lambda d: d["verdict"], "==", "GO"),
         Figure("sanity_gpu_util_pct", "GPU utilisation, NVML mean (rank 0's GPU)",
                lambda d: sanity_slo(d, "gpu_util_pct"), ">=", 85.0),
@@ -124,10 +125,10 @@ STEPS: tuple[Step, ...] = (
         Figure("sanity_img_s", "sanity training img/s, all ranks", lambda d: d["images_per_s"]),
         Figure("sanity_dominant_phase", "where the step time went (largest share)", lambda d: dominant(d["breakdown"])),
     )),
-    Step("loader-224", COMMANDS["loader-224"], 120, "bench_json", loader_figures(224, True)),
+    Step("loader-224", COMMANDS["loader-224"], 150, "bench_json", loader_figures(224, True)),
     Step("loader-64", COMMANDS["loader-64"], 60, "bench_json", loader_figures(64, False)),
     Step("train-data", COMMANDS["train-data"], 30, "none"),
-    Step("train", COMMANDS["train"], 90, "bench_json", (
+    Step("train", COMMANDS["train"], 80, "bench_json", (
         Figure("train_amp_channels_last", "AMP bf16 and channels_last in effect",
                lambda d: [d["config"]["train"]["amp"], d["config"]["data"]["channels_last"]], "==", ["bf16", True]),
         Figure("train_real_over_synthetic", "real shards / synthetic batches img/s", lambda d: d["real_over_synthetic"],
@@ -140,7 +141,7 @@ STEPS: tuple[Step, ...] = (
         Figure("train_dominant_phase", "real shards: where the step time went (largest share)",
                lambda d: dominant(d["breakdown"])),
     )),
-    Step("kernels", COMMANDS["kernels"], 45, "bench_json", (
+    Step("kernels", COMMANDS["kernels"], 40, "bench_json", (
         Figure("kernels_compiled", "Triton kernels compiled, not interpreted", lambda d: d["interpreter"], "==", False),
         Figure("kernels_copy_bw_gb_s", "device copy bandwidth, GB/s (read + write)", lambda d: d["copy_bw_gb_s"]),
         *(Figure(f"kernels_{key}_of_copy_bw", f"{op}: Triton, fraction of copy bandwidth",

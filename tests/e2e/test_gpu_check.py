@@ -40,7 +40,7 @@ def test_the_plans_commands_parse(step, tmp_path):
 def test_dry_run_prints_the_plan(tmp_path):
     r = run([PY, "-m", "bench.gpu_check", "--dry-run", "--only", "kernels,train-data"], timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "[kernels] timeout 45 s: {py} -m bench.kernels" in r.stdout
+    assert "[kernels] timeout 40 s: {py} -m bench.kernels" in r.stdout
     assert "kernels_compiled" in r.stdout and r.stdout.count("parses: yes") == 2
     assert sum(s.timeout_s for s in G.STEPS) <= 600  # the whole check fits in 10 minutes
 
