@@ -110,12 +110,12 @@ def loader_figures(size: int, targets: bool) -> tuple[Figure, ...]:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("gpu-tests", COMMANDS["gpu-tests"], 150, "junit:{dir}/gpu-tests.xml", (
+    Step("gpu-tests", COMMANDS["gpu-tests"], 140, "junit:{dir}/gpu-tests.xml", (
         Figure("gpu_tests_failed", "GPU tests failed or errored", lambda d: d["failures"] + d["errors"], "==", 0),
         Figure("gpu_tests_skipped", "GPU tests skipped (HVDTRAIN_REQUIRE_GPU=1)", lambda d: d["skipped"], "==", 0),
         Figure("gpu_tests_passed", "GPU tests passed", lambda d: d["passed"], ">=", 1),
     ), env={"HVDTRAIN_REQUIRE_GPU": "1"}, dry="collect"),
-    Step("sanity", COMMANDS["sanity"], 90, "json:{dir}/sanity/sanity.json", (
+    Step("sanity", COMMANDS["sanity"], 80, "json:{dir}/sanity/sanity.json", (
         Figure("sanity_verdict", "sanity verdict", lambda d: d["verdict"], "==", "GO"),
         Figure("sanity_gpu_util_pct", "GPU utilisation, NVML mean (rank 0's GPU)",
                lambda d: sanity_slo(d, "gpu_util_pct"), ">=", 85.0),
@@ -125,10 +125,10 @@ STEPS: tuple[Step, ...] = (
         Figure("sanity_img_s", "sanity training img/s, all ranks", lambda d: d["images_per_s"]),
         Figure("sanity_dominant_phase", "where the step time went (largest share)", lambda d: dominant(d["breakdown"])),
     )),
-    Step("loader-224", COMMANDS["loader-224"], 150, "bench_json", loader_figures(224, True)),
+    Step("loader-224", COMMANDS["loader-224"], 140, "bench_json", loader_figures(224, True)),
     Step("loader-64", COMMANDS["loader-64"], 60, "bench_json", loader_figures(64, False)),
-    Step("train-data", COMMANDS["train-data"], 30, "none"),
-    Step("train", COMMANDS["train"], 80, "bench_json", (
+    Step("train-data", COMMANDS["train-data"], 25, "none"),
+    Step("train", COMMANDS["train"], 75, "bench_json", (
         Figure("train_amp_channels_last", "AMP bf16 and channels_last in effect",
                lambda d: [d["config"]["train"]["amp"], d["config"]["data"]["channels_last"]], "==", ["bf16", True]),
         Figure("train_real_over_synthetic", "real shards / synthetic batches img/s", lambda d: d["real_over_synthetic"],
@@ -193,7 +193,9 @@ def fmt(x) -> str:
 
 def markdown(report: dict) -> str:
     v = report["versions"]
-    lines = [f"# gpu-check: {'PASS' if report['passed'] else 'FAIL: ' + ', '.join(report['failed_steps'])}", "",
+    verdict = "PASS" if report["passed"] else "FAIL: " + ", ".join(report["failed_steps"]) if report["failed_steps"] \
+        else "INCOMPLETE"
+    lines = [f"# gpu-check: {verdict}" + ("" if report["complete"] else " (incomplete: not every step ran)"), "",
              f"GPU: {', '.join(v.get('gpus') or ['?'])}; driver {v.get('driver')} (CUDA {v.get('cuda_driver')}); "
              f"torch {v.get('torch')} (CUDA {v.get('cuda_torch')}); NCCL {v.get('nccl')}; DALI {v.get('dali')}; "
              f"horovod {v.get('horovod')}; git {report['git_sha'][:12]}", ""]
@@ -262,18 +264,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_plan(steps: tuple[Step, ...], ctx: dict, run_dir: str, versions_: dict) -> dict:
-    """Every step in order (a failed step does not stop the others); writes gpu-check.json
-    and gpu-check.md into run_dir and returns the report."""
+    """Every step in order (a failed step does not stop the others). gpu-check.json and
+    gpu-check.md are rewritten after each step (`complete: false` until the last), so a
+    run cut short still leaves what it measured."""
     from hvdtrain import provenance
 
-    results = [run_step(s, ctx, run_dir) for s in steps]
-    failed = [r["name"] for r in results if not r["passed"]]
-    report = {"passed": not failed, "failed_steps": failed, "run_dir": run_dir, "versions": versions_,
-              "git_sha": provenance.code_state()["git_sha"], "gpus": ctx["gpus"], "steps": results}
-    with open(os.path.join(run_dir, "gpu-check.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(os.path.join(run_dir, "gpu-check.md"), "w") as f:
-        f.write(markdown(report))
+    results: list[dict] = []
+    report: dict = {}
+    for i, s in enumerate(steps):
+        results.append(run_step(s, ctx, run_dir))
+        failed = [r["name"] for r in results if not r["passed"]]
+        report = {"passed": not failed and i == len(steps) - 1, "complete": i == len(steps) - 1,
+                  "failed_steps": failed, "run_dir": run_dir, "versions": versions_,
+                  "git_sha": provenance.code_state()["git_sha"], "gpus": ctx["gpus"], "steps": results}
+        with open(os.path.join(run_dir, "gpu-check.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        with open(os.path.join(run_dir, "gpu-check.md"), "w") as f:
+            f.write(markdown(report))
+    failed = report["failed_steps"]
     print(f"\ngpu_check: {'PASS' if not failed else 'FAIL: ' + ', '.join(failed)}; report: {run_dir}/gpu-check.md",
           flush=True)
     return report

@@ -42,7 +42,8 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "[kernels] timeout 40 s: {py} -m bench.kernels" in r.stdout
     assert "kernels_compiled" in r.stdout and r.stdout.count("parses: yes") == 2
-    assert sum(s.timeout_s for s in G.STEPS) <= 600  # the whole check fits in 10 minutes
+    # the whole check, with set-up checks and version reading around it, fits in a 10-minute call
+    assert sum(s.timeout_s for s in G.STEPS) <= 570
 
 
 def test_dry_run_names_a_flag_no_parser_accepts(tmp_path):
@@ -92,7 +93,7 @@ def test_a_failing_or_hanging_step_fails_the_check_and_is_named(tmp_path):
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
     # the files a person and a program read
     on_disk = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert on_disk["failed_steps"] == ["slow-figure", "crashes", "hangs"]
+    assert on_disk["failed_steps"] == ["slow-figure", "crashes", "hangs"] and on_disk["complete"]
     md = (tmp_path / "gpu-check.md").read_text()
     assert md.startswith("# gpu-check: FAIL: slow-figure, crashes, hangs")
     assert "| img/s | 100 | >= 200 | FAIL |" in md
