@@ -37,7 +37,13 @@ class DataConfig:
     loader: str = "dali"     # dali | torch (DataLoader + PIL, the baseline) behind the same loop
     shuffle_buffer: int = 1024  # DALI initial_fill: samples in the shuffle buffer
     normalize: str = "auto"  # auto | dali | kernel (uint8 out of DALI, kernels.normalize on the
-                             # training device); auto = kernel with decode=cpu, dali with mixed
+                             # training device); auto = kernel for decode=cpu feeding a GPU (a quarter
+                             # of float32's PCIe bytes), else dali (in DALI's threads: on a CPU-only
+                             # machine kernel would run on the training thread, 2x slower measured)
+    antialias: bool = False  # antialiased resize: costs ~20 % of the CPU loader's img/s (measured,
+                             # docs/benchmarks.md); RRC downscales <= 2x at 224 px from ImageNet sizes
+    fast_idct: bool = True   # libjpeg-turbo's fast IDCT in the CPU decoder (+3 % measured, "little
+                             # reduction in quality" per libjpeg-turbo)
     channels_last: bool = False  # model input in channels_last memory format (the weights stay
                                  # contiguous: Horovod 0.28 allreduces contiguous gradients only)
     shuffle: bool = True     # train: shuffle (off = shard order, for equality tests)

@@ -46,6 +46,8 @@ class PipeSpec:
     prefetch: int = 2
     normalize: str = "dali"     # dali: float CHW out of DALI | kernel: uint8 HWC + flip flags out,
                                 # normalized on the target device by kernels.normalize (4x fewer bytes)
+    antialias: bool = False     # antialiased resize (downscaling)
+    fast_idct: bool = True      # libjpeg-turbo's fast IDCT (CPU decoding)
     ceiling: bool = False       # bench only: the decoder call alone, its output dropped inside the pipeline
     order_seed: int = 0         # identical on every rank: the per-epoch order of samples (torch loader)
 
@@ -60,7 +62,10 @@ def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1,
     their own, so every pass sees the same views)."""
     d, task = cfg.data, TK.get(cfg.train.task)
     decode = d.decode if d.decode != "auto" else ("mixed" if device_id is not None else "cpu")
-    normalize = d.normalize if d.normalize != "auto" else ("kernel" if decode == "cpu" else "dali")
+    # kernel only where it saves PCIe bytes: CPU decode feeding a GPU; with no GPU it would
+    # move DALI's (threaded) normalize onto the training thread
+    normalize = d.normalize if d.normalize != "auto" else (
+        "kernel" if decode == "cpu" and device_id is not None else "dali")
     train = split == "train"
     views = task.views if train else task.val_views
     return PipeSpec(batch_size=cfg.train.batch_size if train else (d.val_batch_size or cfg.train.batch_size),
@@ -69,7 +74,7 @@ def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1,
                     views=views, random_crop_flip=d.augment if train else views == 2,
                     shuffle=d.shuffle if train else False, decode=decode, hw_decoder_load=d.hw_decoder_load,
                     shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, normalize=normalize,
-                    order_seed=derive_seed(cfg.seed, "order", 0))
+                    antialias=d.antialias, fast_idct=d.fast_idct, order_seed=derive_seed(cfg.seed, "order", 0))
 
 
 def ceiling_of(spec: PipeSpec) -> PipeSpec:
@@ -78,16 +83,16 @@ def ceiling_of(spec: PipeSpec) -> PipeSpec:
     return dataclasses.replace(spec, ceiling=True)
 
 
-def train_view(images, size: int, min_scale: float, device: str):
+def train_view(images, size: int, min_scale: float, device: str, antialias: bool = False):
     """One random view: a random-resized crop (uint8 HWC) and its coin-flip flag."""
     crop = fn.random_resized_crop(images, size=(size, size), random_area=(min_scale, 1.0),
-                                  device=device)
+                                  antialias=antialias, device=device)
     return crop, fn.random.coin_flip()
 
 
-def val_view(images, size: int, device: str):
+def val_view(images, size: int, device: str, antialias: bool = False):
     """Deterministic view: shorter side to size*8/7, centre crop size x size (uint8 HWC)."""
-    resized = fn.resize(images, resize_shorter=int(round(size * 8 / 7)), device=device)
+    resized = fn.resize(images, resize_shorter=int(round(size * 8 / 7)), antialias=antialias, device=device)
     return fn.crop(resized, crop=(size, size), device=device)
 
 
@@ -109,7 +114,7 @@ def decode(images, spec: PipeSpec):
     """The decoder call: a region-of-interest decode of one random crop window for
     single-view training (fewer pixels through the IDCT), else a full decode."""
     mixed = spec.decode == "mixed"
-    kw = {"device": "mixed" if mixed else "cpu", "output_type": types.RGB}
+    kw = {"device": "mixed" if mixed else "cpu", "output_type": types.RGB, "use_fast_idct": spec.fast_idct}
     if mixed:
         kw["hw_decoder_load"] = spec.hw_decoder_load
     if spec.random_crop_flip and spec.views == 1:
@@ -133,13 +138,13 @@ def _wds_pipeline(shards: ShardSet, spec: PipeSpec):
         return fn.crop(decoded, crop=(1, 1), device=device)
     source = fn.pad(fn.get_property(images, key="source_info"), fill_value=0)  # "tar:offset:member"
     if spec.random_crop_flip and spec.views == 1:
-        outs = finish([fn.resize(decoded, size=(spec.size, spec.size), device=device)],
+        outs = finish([fn.resize(decoded, size=(spec.size, spec.size), antialias=spec.antialias, device=device)],
                       [fn.random.coin_flip()], spec)
     elif spec.random_crop_flip:
-        pairs = [train_view(decoded, spec.size, spec.min_scale, device) for _ in range(spec.views)]
+        pairs = [train_view(decoded, spec.size, spec.min_scale, device, spec.antialias) for _ in range(spec.views)]
         outs = finish([v for v, _ in pairs], [f for _, f in pairs], spec)
     else:
-        outs = finish([val_view(decoded, spec.size, device)], None, spec)
+        outs = finish([val_view(decoded, spec.size, device, spec.antialias)], None, spec)
     labels = fn.pad(labels, fill_value=0, shape=[LABEL_WIDTH])
     return (*outs, labels, source)
 

@@ -12,7 +12,8 @@ order each epoch, every sample once per epoch across ranks. Each sample's random
 and flip come from its own seed (rank seed, epoch, position), so the result does not
 depend on the worker count and a checkpoint (epoch + batches consumed) resumes exactly.
 Outputs are uint8 crops + flip flags, normalized on the training device by
-kernels.normalize, as the DALI CPU path does.
+kernels.normalize (spec.normalize == "kernel", for a GPU), or normalized float CHW made in
+the workers (otherwise: on a CPU-only machine the training thread stays free, as with DALI).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 
 from data.wds import ShardSet, rank_range, read_index, split_name
 from hvdtrain.batch import Batch, DataError, check_label_range, decode_source, to_model_input
-from hvdtrain.pipeline import PipeSpec
+from hvdtrain.pipeline import MEAN, STD, PipeSpec
 
 KIND = "torch-loader-v1"
 
@@ -93,17 +94,28 @@ class _Samples(torch.utils.data.Dataset):
         for _ in range(self.spec.views if self.spec.random_crop_flip else 1):
             if self.spec.random_crop_flip:
                 box = random_resized_crop_box(im.width, im.height, self.spec.min_scale, rng)
-                views.append(np.asarray(im.resize((s, s), Image.BILINEAR, box=box)))
+                views.append(np.array(im.resize((s, s), Image.BILINEAR, box=box)))
                 flips.append(rng.random() < 0.5)
             else:  # DALI's val_view: shorter side to size*8/7, centre crop
                 short = int(round(s * 8 / 7))
                 k = short / min(im.width, im.height)
                 r = im.resize((max(s, round(im.width * k)), max(s, round(im.height * k))), Image.BILINEAR)
                 x, y = (r.width - s) // 2, (r.height - s) // 2
-                views.append(np.asarray(r.crop((x, y, x + s, y + s))))
+                views.append(np.array(r.crop((x, y, x + s, y + s))))
                 flips.append(False)
+        if self.spec.normalize != "kernel":  # float CHW made here, in the worker
+            views = [_normalized(v, f) for v, f in zip(views, flips)]
         return ([torch.from_numpy(np.ascontiguousarray(v)) for v in views], torch.tensor(flips),
                 int(text), source.encode())
+
+
+_MEAN_NP, _STD_NP = np.array(MEAN, np.float32), np.array(STD, np.float32)
+
+
+def _normalized(v: np.ndarray, flip: bool) -> np.ndarray:
+    """uint8 HWC -> (x - mean) / std as float32 CHW, mirrored if `flip` (kernels.normalize_ref's maths)."""
+    x = (v.astype(np.float32) - _MEAN_NP) / _STD_NP
+    return (x[:, ::-1] if flip else x).transpose(2, 0, 1)
 
 
 def _collate(samples):
@@ -143,15 +155,15 @@ class TorchLoader:
             channels_last, drop_last
         self.items = index_items(shards)
         self.per_rank = -(-len(self.items) // spec.num_shards)  # ceil: the padded slice length
-        self.epoch, self.skip = epoch, 0
+        self.epoch, self._batches_done = epoch, 0  # position in the epoch: batches handed out
         self.last_source = "(no batch read yet)"
         if checkpoint is not None:
             state = json.loads(checkpoint)
             if state.get("kind") != KIND:
                 raise ValueError(f"not a torch-loader checkpoint: {str(state)[:80]}")
-            self.epoch, self.skip = state["epoch"], state["batches"]
+            self.epoch, self._batches_done = state["epoch"], state["batches"]
         self.workers = spec.num_threads if workers is None else workers
-        self._plan, self._batches_done = _Plan(), self.skip
+        self._plan = _Plan()
         self._loader = torch.utils.data.DataLoader(
             _Samples(self.items, spec), batch_sampler=self._plan, num_workers=self.workers, collate_fn=_collate,
             persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None)
@@ -185,15 +197,20 @@ class TorchLoader:
         return len(self._batches(self.epoch))
 
     def epoch_batches(self):
-        self._plan.batches, self._batches_done = self._batches(self.epoch)[self.skip:], self.skip
+        """The rest of the current epoch (all of it, unless resumed or left mid-epoch)."""
+        self._plan.batches = self._batches(self.epoch)[self._batches_done:]
         for views, flips, labels, sources in (self._loader if self._plan.batches else ()):
             check_label_range(labels, sources, self.num_classes, self.shards.spec)
-            views = [to_model_input(v, flips[:, k] if self.spec.random_crop_flip else None, self.device,
-                                    self.dtype, self.channels_last) for k, v in enumerate(views)]
+            if self.spec.normalize == "kernel":
+                views = [to_model_input(v, flips[:, k] if self.spec.random_crop_flip else None, self.device,
+                                        self.dtype, self.channels_last) for k, v in enumerate(views)]
+            else:
+                fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+                views = [v.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=fmt) for v in views]
             self.last_source = decode_source(sources[-1])
             self._batches_done += 1
             yield Batch(views, labels, sources)
-        self.epoch, self.skip, self._batches_done = self.epoch + 1, 0, 0
+        self.epoch, self._batches_done = self.epoch + 1, 0
 
     def forever(self):
         while True:

@@ -67,6 +67,17 @@ def test_shardwriter_shards_train_with_two_ranks(tmp_path):
     assert json.load(open(tmp_path / "run" / "config.json"))["data"]["train"]["shards"] == 3
 
 
+def test_the_torch_loader_trains_behind_the_same_loop(tmp_path, synth_data):
+    r = run(HOROVODRUN + [sys.executable, "-m", "hvdtrain.train", "--preset", "ci", "--task", "classify",
+                          "--data.loader=torch", "--train.steps=4", "--train.log_every=1",
+                          f"--data.train={synth_data}/train", f"--data.val={synth_data}/val", f"--run.dir={tmp_path}/run"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "input   torch DataLoader + PIL, 1 worker(s)" in r.stdout
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs if "train_loss" in x] == [1, 2, 3, 4]
+    assert [x["val_samples"] for x in recs if "val_loss" in x] == [64]  # every val sample once over 2 ranks
+
+
 def test_bad_data_path_and_bad_key_fail_clearly(tmp_path):
     r = run([sys.executable, "-m", "hvdtrain.sanity", "--train.stepz=3"], timeout=120)
     assert r.returncode == 2 and "unknown config key --train.stepz" in r.stderr
@@ -110,6 +121,7 @@ def test_classify_with_mixup_and_cutmix_two_ranks(tmp_path, synth_data, backend)
     env = {**os.environ, "HVDTRAIN_KERNELS": backend, "TRITON_INTERPRET": "1"}
     r = run(HOROVODRUN + [sys.executable, "-m", "hvdtrain.train", "--preset", "ci", "--train.task=classify",
                           "--train.steps=4", "--aug.mixup=0.4", "--aug.cutmix=1.0", "--aug.label_smoothing=0.1",
+                          "--data.normalize=kernel",  # the normalize kernel too (auto picks DALI's on a CPU-only machine)
                           f"--data.train={synth_data}/train", f"--run.dir={tmp_path}/run"], env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     want = "triton (interpreter)" if backend == "triton" else "torch reference"

@@ -23,12 +23,15 @@ def test_world_is_two_ranks():
     assert dist.size() == 2, "run tests/parallel under horovodrun -np 2"
 
 
+@pytest.mark.parametrize("kind", ["dali", "torch"])
 @pytest.mark.parametrize("n", [200, 205])
-def test_ranks_read_disjoint_samples_and_take_equal_steps(shared_dir, n):
+def test_ranks_read_disjoint_samples_and_take_equal_steps(shared_dir, n, kind):
+    from hvdtrain.torch_loader import TorchLoader
+
     shards = make_data(shared_dir, f"uniq{n}", n, shard_size=60)
-    loader = DaliLoader(shards, rank_spec())
+    loader = DaliLoader(shards, rank_spec()) if kind == "dali" else TorchLoader(shards, rank_spec(), workers=0)
     keys = [k for b in loader.epoch_batches() for k in b.keys()]
-    all_keys = dist.allgather_object(keys, name=f"keys{n}")
+    all_keys = dist.allgather_object(keys, name=f"keys{n}{kind}")
     counts = [len(k) for k in all_keys]
     assert len(set(counts)) == 1, f"ranks took different numbers of batches: {counts}"
     assert counts[0] == (n // dist.size()) // 10 * 10

@@ -126,3 +126,36 @@ def test_exif_orientation_is_applied_like_a_viewer_shows_it():
     assert pipe.run()[0].as_array().shape == (1, 60, 20, 3)
     with Image.open(io.BytesIO(buf.getvalue())) as shown:
         assert ImageOps.exif_transpose(shown).size == (20, 60)  # (width, height), as DALI
+
+
+# ---------------------------------------------------------------- the torch loader behind the same protocol
+def test_torch_loader_reads_every_sample_once_with_its_label(tmp_path):
+    from hvdtrain.torch_loader import TorchLoader
+
+    unique_shards(str(tmp_path), n=40, shard_size=15, classes=7)
+    loader = TorchLoader(open_shards(str(tmp_path)), val_spec(), num_classes=7, drop_last=False, workers=0)
+    seen = {}
+    for b in loader.epoch_batches():
+        assert b.views[0].shape == (b.labels.shape[0], 3, 32, 32) and b.views[0].dtype == torch.float32
+        seen.update(zip(b.keys(), b.labels.tolist()))
+    assert len(seen) == 40 and loader.epoch == 1 and len(loader) == 5
+    assert all(label == int(key[1:8]) % 7 for key, label in seen.items())
+
+
+def test_torch_loader_shuffles_per_epoch_and_resumes_exactly(tmp_path):
+    from hvdtrain.torch_loader import TorchLoader
+
+    unique_shards(str(tmp_path), n=48, shard_size=16)
+    shards = open_shards(str(tmp_path))
+    a = TorchLoader(shards, spec(), workers=2)
+    it = a.forever()
+    first = [next(it) for _ in range(6)]  # one epoch (6 batches of 8) ...
+    second = [next(it) for _ in range(2)]  # ... and two batches of the next
+    ep0, ep1 = [k for b in first for k in b.keys()], [k for b in second for k in b.keys()]
+    assert len(set(ep0)) == 48 and a.epoch == 1 and ep0[:16] != ep1  # every sample once, a new order
+    state = a.checkpoint()
+    rest = [next(it) for _ in range(3)]
+    b = TorchLoader(shards, spec(), workers=0, checkpoint=state)  # worker count does not change the crops
+    again = [x for x, _ in zip(b.forever(), range(3))]
+    for x, y in zip(rest, again):
+        assert x.keys() == y.keys() and torch.equal(x.views[0], y.views[0])
