@@ -1,11 +1,15 @@
 """Mixed (nvJPEG + the hardware JPEG decoder) against CPU (libjpeg-turbo) decode, on the
 same shards with shuffling off.
 
-Tolerance: both decoders follow the JPEG IDCT accuracy rules and differ by rounding, a
-level or two; the shards are 4:4:4 (no chroma upsampling, which decoders do differently),
-and the val path's resize is the same algorithm on both backends. So, over every pixel of
-a pass: mean |difference| <= 2 levels (of 255) and 99 % of values within 8 levels. A
-channel swap, a shifted crop, another resize or another image fails that by tens of levels.
+Tolerance: with the accurate IDCT both decoders follow the JPEG IDCT accuracy rules and
+differ by rounding, a level or two; the shards are 4:4:4 (no chroma upsampling, which
+decoders do differently), and the val path's resize is the same algorithm on both
+backends. So, over every pixel of a pass: mean |difference| <= 2 levels (of 255) and 99 %
+of values within 8 levels. With the training default `data.fast_idct=True` (libjpeg-turbo's
+fast integer IDCT on the CPU side) allow mean 3 and p99 12: on these shards the fast IDCT
+alone moves the CPU's pixels by mean 1.06, p99 4 levels (measured on the CPU, 2026-11-24,
+DALI 2.4.0). A channel swap, a shifted
+crop, another resize or another image fails either by tens of levels.
 """
 import pytest
 import torch
@@ -16,13 +20,15 @@ from hvdtrain.pipeline import STD
 from tests.gpu.common import GPU, small_cfg
 
 pytestmark = GPU
-MEAN_LEVELS, P99_LEVELS = 2.0, 8.0
+TOLERANCE = {False: (2.0, 8.0), True: (3.0, 12.0)}  # fast_idct -> (mean, p99) levels
 
 
-def loader(shards, split: str, decode: str, hw_load: float = 0.99, shuffle: bool = False) -> DaliLoader:
+def loader(shards, split: str, decode: str, hw_load: float = 0.99, shuffle: bool = False,
+           fast_idct: bool = True) -> DaliLoader:
     cfg = small_cfg()
     cfg.data.size, cfg.data.decode, cfg.data.normalize = 96, decode, "dali"  # the same normalize on both
     cfg.data.hw_decoder_load, cfg.data.shuffle, cfg.data.val_batch_size = hw_load, shuffle, 16
+    cfg.data.fast_idct = fast_idct
     gpu = decode == "mixed"
     spec = pipeline.spec_from_config(cfg, split, device_id=0 if gpu else None, threads=2)
     return DaliLoader(shards, spec, num_classes=shards.num_classes,
@@ -45,18 +51,20 @@ def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b).abs() * std).flatten()
 
 
-@pytest.mark.parametrize("hw_load", [0.0, 0.99], ids=["cuda-decoder", "hardware-decoder"])
-def test_mixed_decode_matches_cpu_decode_on_the_val_path(photo_shards, hw_load):
-    cpu_keys, cpu_labels, cpu_views = one_pass(loader(photo_shards, "val", "cpu"))
-    gpu_keys, gpu_labels, gpu_views = one_pass(loader(photo_shards, "val", "mixed", hw_load))
+@pytest.mark.parametrize("hw_load,fast_idct", [(0.0, False), (0.99, False), (0.99, True)],
+                         ids=["cuda-decoder", "hardware-decoder", "hardware-decoder-fast-idct"])
+def test_mixed_decode_matches_cpu_decode_on_the_val_path(photo_shards, hw_load, fast_idct):
+    cpu_keys, cpu_labels, cpu_views = one_pass(loader(photo_shards, "val", "cpu", fast_idct=fast_idct))
+    gpu_keys, gpu_labels, gpu_views = one_pass(loader(photo_shards, "val", "mixed", hw_load, fast_idct=fast_idct))
     assert len(cpu_keys) == photo_shards.total == 48
     assert gpu_keys == cpu_keys and gpu_labels == cpu_labels  # same samples, same order
     assert gpu_views.shape == cpu_views.shape == (48, 3, 96, 96)
     d = levels(gpu_views, cpu_views)
     mean, p99, worst = float(d.mean()), float(d.quantile(0.99)), float(d.max())
-    assert mean <= MEAN_LEVELS and p99 <= P99_LEVELS, (
+    tol_mean, tol_p99 = TOLERANCE[fast_idct]
+    assert mean <= tol_mean and p99 <= tol_p99, (
         f"mixed vs cpu decode: mean {mean:.2f}, p99 {p99:.2f}, max {worst:.1f} levels "
-        f"(tolerance mean {MEAN_LEVELS}, p99 {P99_LEVELS})")
+        f"(tolerance mean {tol_mean}, p99 {tol_p99})")
 
 
 def test_the_mixed_val_path_is_deterministic(photo_shards):
