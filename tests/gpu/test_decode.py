@@ -8,8 +8,8 @@ backends. So, over every pixel of a pass: mean |difference| <= 2 levels (of 255)
 of values within 8 levels. With the training default `data.fast_idct=True` (libjpeg-turbo's
 fast integer IDCT on the CPU side) allow mean 3 and p99 12: on these shards the fast IDCT
 alone moves the CPU's pixels by mean 1.06, p99 4 levels (measured on the CPU, 2026-11-24,
-DALI 2.4.0). A channel swap, a shifted
-crop, another resize or another image fails either by tens of levels.
+DALI 2.4.0). A channel swap, a shifted crop, another resize or another image fails either
+by tens of levels.
 """
 import pytest
 import torch
