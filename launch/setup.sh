@@ -69,19 +69,20 @@ TORCH_INDEX=()
 if [[ "$CUDA_MAJOR" == none ]]; then
     DALI_PKG=nvidia-dali-cuda120 HVD_GPU=none
     [[ -z "${HVDTRAIN_TORCH_INDEX:-}" ]] || TORCH_INDEX=(--index-url "$HVDTRAIN_TORCH_INDEX")
-    say "no NVIDIA GPU driver (nvidia-smi): CPU torch, DALI's CPU backend, horovod with Gloo"
+    say "no NVIDIA GPU driver (nvidia-smi): CPU torch, DALI's CPU backend"
 elif ((CUDA_MAJOR == 12)); then
     DALI_PKG=nvidia-dali-cuda120 HVD_GPU=nccl
     TORCH_INDEX=(--index-url "${HVDTRAIN_TORCH_INDEX:-https://download.pytorch.org/whl/cu126}")
-    say "NVIDIA driver for CUDA 12: torch's CUDA 12 build, $DALI_PKG, horovod with NCCL"
+    say "NVIDIA driver for CUDA 12: torch's CUDA 12 build, $DALI_PKG"
 elif ((CUDA_MAJOR >= 13)); then
     DALI_PKG=nvidia-dali-cuda130 HVD_GPU=nccl
     [[ -z "${HVDTRAIN_TORCH_INDEX:-}" ]] || TORCH_INDEX=(--index-url "$HVDTRAIN_TORCH_INDEX")
-    say "NVIDIA driver for CUDA $CUDA_MAJOR: torch's CUDA 13 build, $DALI_PKG, horovod with NCCL"
+    say "NVIDIA driver for CUDA $CUDA_MAJOR: torch's CUDA 13 build, $DALI_PKG"
 else
     die "the NVIDIA driver supports CUDA $CUDA_MAJOR only; hvdtrain's torch and DALI need a CUDA 12 or newer driver"
 fi
 HVD_GPU=${HVDTRAIN_HOROVOD_GPU:-$HVD_GPU}
+say "horovod: Gloo$([[ "$HVD_GPU" == nccl ]] && echo " + NCCL" || true)"
 grep -q "^$DALI_PKG==" constraints.txt || die "constraints.txt has no pin for $DALI_PKG"
 BUILD_TOOLS=(setuptools wheel packaging cloudpickle psutil pyyaml)
 DEPS=("$DALI_PKG" webdataset numpy pillow nvidia-ml-py pytest pytest-timeout tqdm matplotlib tensorboard)
@@ -124,6 +125,16 @@ sys.stdout.writelines(line for line in open(sys.argv[1]) if norm(line.split("=="
 PY
 }
 
+in_venv() {  # is package $1 installed inside .venv itself (not seen through the system site)?
+    "$PY" - "$1" 2>/dev/null <<'PY'
+import importlib.metadata as m, os, sys
+try:
+    where = os.path.realpath(m.distribution(sys.argv[1]).locate_file(""))
+except m.PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if where.startswith(os.path.realpath(sys.prefix) + os.sep) else 1)
+PY
+}
 make_venv() {
     if [[ "$TORCH_MODE" != system ]]; then "$BOOT" -m venv "$VENV"; return; fi
     # an image's Python may lack ensurepip: then the venv borrows the bootstrap's pip
@@ -131,7 +142,8 @@ make_venv() {
         || { rm -rf "$VENV"; "$BOOT" -m venv --system-site-packages --without-pip "$VENV"; } \
         || die "$BOOT could not create $VENV"
     # a venv made from a venv sees only the base interpreter's packages: add the bootstrap's
-    "$BOOT" -c "import site, sysconfig; p = sysconfig.get_paths(); print('\n'.join(dict.fromkeys([p['purelib'], p['platlib'], *site.getsitepackages()])))" \
+    # site folders after .venv's own, as site folders (their .pth files count too)
+    "$BOOT" -c "import site, sysconfig; p = sysconfig.get_paths(); dirs = list(dict.fromkeys([p['purelib'], p['platlib'], *site.getsitepackages()])); print(f'import site, sys; list(map(site.addsitedir, sorted(set({dirs!r}) - set(sys.path))))')" \
         >"$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hvdtrain_system.pth"
 }
 # offline + system: the folder's wheels whose package `python` lacks, installed with
@@ -181,9 +193,10 @@ else
         pip_install "${TORCH_INDEX[@]}" "$TORCH_PIN" || die "pip could not install $TORCH_PIN"
     fi
     say "DALI: $(grep "^$DALI_PKG==" constraints.txt)"
-    # the other CUDA build of DALI installs the same `nvidia.dali` package: never both
+    # the other CUDA build of DALI installs the same `nvidia.dali` package: never both in
+    # .venv (one the image has is left alone: .venv's comes first on the path)
     for other in nvidia-dali-cuda120 nvidia-dali-cuda130; do
-        if [[ "$other" != "$DALI_PKG" && -x "$PY" ]] && "$PY" -m pip show -q "$other" >/dev/null 2>&1; then
+        if [[ "$other" != "$DALI_PKG" && -x "$PY" ]] && in_venv "$other"; then
             if [[ "$DRY" == 1 ]]; then say "would run: pip uninstall -y $other"
             else pipq uninstall -q -y "$other" || die "could not remove $other"; fi
         fi
