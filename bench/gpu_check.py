@@ -71,8 +71,8 @@ def gpu_of(row: dict | None, name: str):
     return None if row is None else (row.get("gpu") or {}).get(name)
 
 
-def sanity_slo(doc: dict, name: str):
-    return next(s["value"] for s in doc["slos"] if s["name"] == name)
+def sanity_slo(doc: dict, name: str, key: str = "value"):
+    return next(s.get(key) for s in doc["slos"] if s["name"] == name)
 
 
 def dominant(breakdown: dict | None) -> str | None:
@@ -101,7 +101,8 @@ def loader_figures(size: int, targets: bool) -> tuple[Figure, ...]:
         Figure(f"{p}_dali_gpu_hw_decoder_load", f"{size} px: best dali-gpu setting: hw_decoder_load",
                lambda d: field_of(best(d, "dali-gpu"), "hw_decoder_load")),
         Figure(f"{p}_jpeg_engines_util_pct", f"{size} px: JPEG engines' load at that setting (NVML)",
-               lambda d: gpu_of(best(d, "dali-gpu"), "jpg_util_mean_pct")),
+               lambda d: gpu_of(best(d, "dali-gpu"), "jpg_util_mean_pct"),
+               why=lambda d: gpu_of(best(d, "dali-gpu"), "jpg_util_why") or "no dali-gpu measurement"),
         Figure(f"{p}_ceiling_img_s", f"{size} px: best decode-only ceiling img/s", lambda d: field_of(best(d, "ceiling-gpu"), "img_s")),
         Figure(f"{p}_dali_cpu_img_s", f"{size} px: best dali-cpu img/s", lambda d: field_of(best(d, "dali-cpu"), "img_s")),
         Figure(f"{p}_torch_img_s", f"{size} px: best torch DataLoader img/s", lambda d: field_of(best(d, "torch"), "img_s")),
@@ -118,9 +119,12 @@ STEPS: tuple[Step, ...] = (
     Step("sanity", COMMANDS["sanity"], 80, "json:{dir}/sanity/sanity.json", (
         Figure("sanity_verdict", "sanity verdict", lambda d: d["verdict"], "==", "GO"),
         Figure("sanity_gpu_util_pct", "GPU utilisation, NVML mean (rank 0's GPU)",
-               lambda d: sanity_slo(d, "gpu_util_pct"), ">=", 85.0),
-        Figure("sanity_dmon_gap_pct", "|NVML - nvidia-smi dmon sm| utilisation, points", dmon_gap, "<=", 10.0),
-        Figure("sanity_sm_util_pct", "SM utilisation, NVML GPM mean", lambda d: d["gpu"].get("sm_util_mean_pct")),
+               lambda d: sanity_slo(d, "gpu_util_pct"), ">=", 85.0,
+               why=lambda d: sanity_slo(d, "gpu_util_pct", "not_evaluated")),
+        Figure("sanity_dmon_gap_pct", "NVML vs nvidia-smi dmon utilisation, points apart", dmon_gap, "<=", 10.0,
+               why=lambda d: d["gpu"].get("why") or (d["gpu"].get("dmon") or {}).get("why")),
+        Figure("sanity_sm_util_pct", "SM utilisation, NVML GPM mean", lambda d: d["gpu"].get("sm_util_mean_pct"),
+               why=lambda d: d["gpu"].get("sm_util_why")),
         Figure("sanity_max_vram_gib", "max VRAM, GiB (torch max allocated, rank 0)", lambda d: d["max_memory_gib"]),
         Figure("sanity_img_s", "sanity training img/s, all ranks", lambda d: d["images_per_s"]),
         Figure("sanity_dominant_phase", "where the step time went (largest share)", lambda d: dominant(d["breakdown"])),
@@ -137,7 +141,8 @@ STEPS: tuple[Step, ...] = (
                lambda d: d["real"]["steady_images_per_s"], reference=f"DeepLearningExamples: {DLE_RESNET50_A100_IMG_S} "
                "img/s per A100 (AMP, DALI); a reference, not a target"),
         Figure("train_synthetic_img_s", "ResNet-50 img/s on synthetic batches", lambda d: d["synthetic"]["steady_images_per_s"]),
-        Figure("train_gpu_util_pct", "GPU utilisation on real shards, NVML mean", lambda d: d["gpu"]["util_mean_pct"]),
+        Figure("train_gpu_util_pct", "GPU utilisation on real shards, NVML mean", lambda d: d["gpu"]["util_mean_pct"],
+               why=lambda d: d["gpu"].get("why")),
         Figure("train_dominant_phase", "real shards: where the step time went (largest share)",
                lambda d: dominant(d["breakdown"])),
     )),
@@ -206,7 +211,8 @@ def markdown(report: dict) -> str:
         for f in s["figures"]:
             target = f"{f['op']} {fmt(f['target'])}" if f["op"] and f["target"] is not None else (f["reference"] or "-")
             result = f["status"] + (f": {f['why']}" if f["why"] else "")
-            lines.append(f"| {f['label']} | {fmt(f['value'])} | {target} | {result} |")
+            cells = (f["label"], fmt(f["value"]), target, result)
+            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

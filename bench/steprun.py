@@ -34,6 +34,7 @@ class Figure:
     op: str | None = None          # >=, <=, == ; None: reported beside a reference, no target
     target: Any = None             # a value, or target(ctx) -> value | None (None: reported)
     reference: str = ""            # shown beside a reported figure (e.g. a published rate)
+    why: Callable[[dict], str] | None = None  # the output's own reason when it has no value
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,13 @@ def judge(fig: Figure, doc: dict | None, why: str, ctx: dict) -> dict:
     if doc is not None:
         try:
             out["value"] = fig.read(doc)
-        except (KeyError, IndexError, TypeError, ValueError) as e:
+        except (KeyError, IndexError, TypeError, ValueError, StopIteration) as e:
             why = f"not in the output ({e.__class__.__name__}: {e})"
+    if out["value"] is None and doc is not None and fig.why is not None and not why:
+        try:
+            why = fig.why(doc) or ""
+        except (KeyError, IndexError, TypeError, ValueError, StopIteration):
+            why = ""
     if out["value"] is None:
         out.update(status="NOT EVALUATED", why=why or "not measured (the output has no value)")
     elif fig.op is None or target is None:
