@@ -88,24 +88,28 @@ def dmon_gap(doc: dict) -> float | None:
     return None if nvml is None or dmon is None else abs(nvml - dmon)
 
 
+def of_best(loader: str, name: str):
+    """A reader: `name` of the loader's fastest setting."""
+    return lambda d: field_of(best(d, loader), name)
+
+
 def loader_figures(size: int, targets: bool) -> tuple[Figure, ...]:
-    p = f"loader_{size}"
+    p, op = f"loader_{size}", ">=" if targets else None
     return (
-        Figure(f"{p}_dali_gpu_img_s", f"{size} px: best dali-gpu img/s", lambda d: field_of(best(d, "dali-gpu"), "img_s"),
-               ">=" if targets else None, loader_target if targets else None,
-               "MLPerf ResNet-50's rate per GPU" if targets else ""),
+        Figure(f"{p}_dali_gpu_img_s", f"{size} px: best dali-gpu img/s", of_best("dali-gpu", "img_s"), op,
+               loader_target if targets else None, "MLPerf ResNet-50's rate per GPU" if targets else ""),
         Figure(f"{p}_dali_gpu_vs_ceiling", f"{size} px: best dali-gpu / ceiling at its setting",
-               lambda d: field_of(best(d, "dali-gpu"), "vs_ceiling"), ">=" if targets else None, 0.85),
+               of_best("dali-gpu", "vs_ceiling"), op, 0.85),
         Figure(f"{p}_dali_gpu_threads", f"{size} px: best dali-gpu setting: DALI threads",
-               lambda d: field_of(best(d, "dali-gpu"), "threads")),
+               of_best("dali-gpu", "threads")),
         Figure(f"{p}_dali_gpu_hw_decoder_load", f"{size} px: best dali-gpu setting: hw_decoder_load",
-               lambda d: field_of(best(d, "dali-gpu"), "hw_decoder_load")),
+               of_best("dali-gpu", "hw_decoder_load")),
         Figure(f"{p}_jpeg_engines_util_pct", f"{size} px: JPEG engines' load at that setting (NVML)",
                lambda d: gpu_of(best(d, "dali-gpu"), "jpg_util_mean_pct"),
                why=lambda d: gpu_of(best(d, "dali-gpu"), "jpg_util_why") or "no dali-gpu measurement"),
-        Figure(f"{p}_ceiling_img_s", f"{size} px: best decode-only ceiling img/s", lambda d: field_of(best(d, "ceiling-gpu"), "img_s")),
-        Figure(f"{p}_dali_cpu_img_s", f"{size} px: best dali-cpu img/s", lambda d: field_of(best(d, "dali-cpu"), "img_s")),
-        Figure(f"{p}_torch_img_s", f"{size} px: best torch DataLoader img/s", lambda d: field_of(best(d, "torch"), "img_s")),
+        Figure(f"{p}_ceiling_img_s", f"{size} px: best decode-only ceiling img/s", of_best("ceiling-gpu", "img_s")),
+        Figure(f"{p}_dali_cpu_img_s", f"{size} px: best dali-cpu img/s", of_best("dali-cpu", "img_s")),
+        Figure(f"{p}_torch_img_s", f"{size} px: best torch DataLoader img/s", of_best("torch", "img_s")),
         Figure(f"{p}_errors", f"{size} px: loader errors", lambda d: d["error"] or "none", "==", "none"),
     )
 
@@ -140,7 +144,8 @@ STEPS: tuple[Step, ...] = (
         Figure("train_real_img_s", "ResNet-50 img/s on real shards (DALI mixed)",
                lambda d: d["real"]["steady_images_per_s"], reference=f"DeepLearningExamples: {DLE_RESNET50_A100_IMG_S} "
                "img/s per A100 (AMP, DALI); a reference, not a target"),
-        Figure("train_synthetic_img_s", "ResNet-50 img/s on synthetic batches", lambda d: d["synthetic"]["steady_images_per_s"]),
+        Figure("train_synthetic_img_s", "ResNet-50 img/s on synthetic batches",
+               lambda d: d["synthetic"]["steady_images_per_s"]),
         Figure("train_gpu_util_pct", "GPU utilisation on real shards, NVML mean", lambda d: d["gpu"]["util_mean_pct"],
                why=lambda d: d["gpu"].get("why")),
         Figure("train_dominant_phase", "real shards: where the step time went (largest share)",

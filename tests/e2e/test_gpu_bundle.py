@@ -28,7 +28,8 @@ def make_wheel(folder, name: str, version: str, requires=(), filler_bytes: int =
 def bundle(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    dali = make_wheel(src, "nvidia-dali-cuda130", "2.4.0", ["numpy", "gast<=0.7.0,>=0.3.3", "pyyaml-ft; python_version >= '3.13'"])
+    dali = make_wheel(src, "nvidia-dali-cuda130", "2.4.0",
+                      ["numpy", "gast<=0.7.0,>=0.3.3", "pyyaml-ft; python_version >= '3.13'"])
     make_wheel(src, "numpy", "2.4.6")  # the image has numpy: it must not be installed
     (src / "horovod-0.28.1.tar.gz").write_bytes(os.urandom(3000))
     out = tmp_path / "bundle"
