@@ -8,7 +8,7 @@ ARGS    ?=
 # every multi-process test and run is bounded: a hung collective fails, never blocks CI
 TIMEOUT ?= 1200
 
-.PHONY: setup sanity test test-unit test-parallel test-e2e test-slurm bench clean
+.PHONY: setup sanity test test-unit test-parallel test-e2e test-slurm bench gpu-check clean
 
 setup:
 	@launch/setup.sh
@@ -46,6 +46,11 @@ endif
 
 bench:
 	$(PY) -m bench.loader $(ARGS)
+
+## is this GPU node healthy and fast? GPU tests, sanity, loader, train and kernel figures
+## against their targets in runs/gpu-check-<id>/ (exit 2 with no GPU; ARGS=--dry-run: the plan)
+gpu-check: setup
+	$(PY) -m bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

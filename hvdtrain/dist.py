@@ -11,6 +11,7 @@ leaves the others waiting in it.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -27,14 +28,41 @@ def is_collective_failure(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "Horovod has been shut down" in str(e))
 
 
+class GpuLayoutError(RuntimeError):
+    """More ranks on a node than GPUs it shows: the message says what to run instead."""
+
+
+def gpu_for_rank(local_rank: int, local_size: int, visible_gpus: int) -> int | None:
+    """The GPU this rank drives: one rank per GPU, by local rank; None with no visible GPU
+    (the CPU path, Gloo). More local ranks than GPUs raises GpuLayoutError: NCCL refuses two
+    ranks on one GPU ("duplicate GPU") and they would share its memory and SMs anyway."""
+    if visible_gpus <= 0:
+        return None
+    if local_size > visible_gpus:
+        raise GpuLayoutError(
+            f"{local_size} ranks on this node but it shows {visible_gpus} GPU(s); hvdtrain runs one rank per "
+            f"GPU. Run `horovodrun -np {visible_gpus} -H localhost:{visible_gpus} python -m ...` on this node "
+            f"(over several nodes: {visible_gpus} ranks per node), or run {local_size} ranks on the CPU with "
+            f"Gloo by hiding the GPUs: CUDA_VISIBLE_DEVICES= horovodrun -np {local_size} ...")
+    return local_rank
+
+
 def init() -> None:
-    """Start Horovod (idempotent) and pin this process to its GPU, if there is one."""
+    """Start Horovod (idempotent) and pin this process to its GPU before DALI or NCCL
+    touch one. More local ranks than GPUs stops every rank at once (exit 2) with the
+    command to run instead."""
     global _initialised
     if not _initialised:
         hvd.init()
         _initialised = True
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
+        try:
+            gpu = gpu_for_rank(local_rank(), local_size(), torch.cuda.device_count())
+        except GpuLayoutError as e:
+            if local_rank() == 0:
+                print(f"hvdtrain: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        torch.cuda.set_device(gpu)
 
 
 def rank() -> int:

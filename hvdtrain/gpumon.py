@@ -6,6 +6,13 @@ beside it. NVML indices ignore CUDA_VISIBLE_DEVICES: the GPU is found by this pr
 CUDA device UUID (falling back to PCI bus id), never by index. With no GPU the result
 is "not evaluated" — never 0.0 (the seed's 0.00 % was a measurement fault).
 
+Two readings back the kernel-time figure where the GPU supports them, each "not
+evaluated" with NVML's reason where it does not (never 0):
+- `sm_util_mean_pct`: NVML GPM's SM utilisation (the share of SMs busy; Hopper and
+  newer), from pairs of GPM samples at least GPM_MIN_INTERVAL_S apart;
+- `jpg_util_mean_pct`: the hardware JPEG engines' load (`nvmlDeviceGetJpgUtilization`),
+  which `nvidia-smi dmon -s u` does not show and `utilization.gpu` does not count.
+
     mon = GpuMonitor(torch.device("cuda", 0)); mon.start(); ...work...; stats = mon.stop()
 """
 from __future__ import annotations
@@ -20,9 +27,81 @@ from typing import Any
 import torch
 
 
+# NVML: two GPM samples taken less than 100 ms apart give no meaningful metric
+GPM_MIN_INTERVAL_S = 0.2
+
+
 def not_evaluated(why: str) -> dict:
     return {"evaluated": False, "why": why, "samples": 0, "util_mean_pct": None,
-            "util_p10_pct": None, "util_p50_pct": None}
+            "util_p10_pct": None, "util_p50_pct": None, "sm_util_mean_pct": None, "sm_util_why": why,
+            "jpg_util_mean_pct": None, "jpg_util_why": why}
+
+
+class GpmSmUtil:
+    """NVML GPM's SM utilisation (percent of SMs busy) between consecutive GPM samples.
+    `why` is non-empty when it cannot be read: no GPM on this GPU (before Hopper), an
+    nvidia-ml-py without the GPM API, or an NVML error (its message)."""
+
+    def __init__(self, nvml: Any, handle: Any):
+        self.nvml, self.handle = nvml, handle
+        self.values: list[float] = []
+        self.why = ""
+        self._bufs: list | None = None
+        try:
+            if not nvml.nvmlGpmQueryDeviceSupport(handle).isSupportedDevice:
+                self.why = "NVML GPM is not supported on this GPU (Hopper or newer only)"
+                return
+            self._bufs = [nvml.nvmlGpmSampleAlloc(), nvml.nvmlGpmSampleAlloc()]
+            nvml.nvmlGpmSampleGet(handle, self._bufs[0])
+            self._t_prev = time.monotonic()
+        except AttributeError as e:
+            self.why = f"this nvidia-ml-py has no GPM API ({e})"
+        except Exception as e:  # noqa: BLE001 - NVML's reason is the report
+            self.why = f"NVML GPM: {e}"
+            self.close()
+
+    def tick(self) -> None:
+        """A new GPM sample and the SM utilisation since the previous one, once at least
+        GPM_MIN_INTERVAL_S has passed (NVML's GPM counters refresh every 100 ms)."""
+        if self._bufs is None or time.monotonic() - self._t_prev < GPM_MIN_INTERVAL_S:
+            return
+        n, (prev, cur) = self.nvml, self._bufs
+        try:
+            n.nvmlGpmSampleGet(self.handle, cur)
+            t = time.monotonic()
+            mg = n.c_nvmlGpmMetricsGet_t()
+            mg.version, mg.numMetrics = n.NVML_GPM_METRICS_GET_VERSION, 1
+            mg.sample1, mg.sample2 = prev, cur
+            mg.metrics[0].metricId = n.NVML_GPM_METRIC_SM_UTIL
+            m = n.nvmlGpmMetricsGet(mg).metrics[0]
+            if m.nvmlReturn != n.NVML_SUCCESS:
+                raise n.NVMLError(m.nvmlReturn)
+        except Exception as e:  # noqa: BLE001 - a failed reading ends GPM sampling, said why
+            self.why = f"NVML GPM SM_UTIL failed after {len(self.values)} reading(s): {e}"
+            self.values = []
+            self.close()
+            return
+        self.values.append(float(m.value))
+        self._bufs, self._t_prev = [cur, prev], t
+
+    def close(self) -> None:
+        for b in self._bufs or []:
+            try:
+                self.nvml.nvmlGpmSampleFree(b)
+            except Exception:  # noqa: BLE001 - freeing is best effort
+                pass
+        self._bufs = None
+
+
+def jpg_probe(nvml: Any, handle: Any) -> str:
+    """'' when the JPEG engines' load can be read, else why not (NVML's reason)."""
+    try:
+        nvml.nvmlDeviceGetJpgUtilization(handle)
+        return ""
+    except AttributeError as e:
+        return f"this nvidia-ml-py has no nvmlDeviceGetJpgUtilization ({e})"
+    except Exception as e:  # noqa: BLE001 - e.g. NVMLError_NotSupported: no JPEG engine
+        return f"nvmlDeviceGetJpgUtilization: {e}"
 
 
 def _find_handle(nvml: Any, dev: torch.device) -> Any:
@@ -73,6 +152,11 @@ class GpuMonitor:
         util = n.nvmlDeviceGetUtilizationRates(h)
         mem = n.nvmlDeviceGetMemoryInfo(h)
         s = {"t": time.monotonic(), "util_pct": float(util.gpu), "mem_used_gib": mem.used / 2**30}
+        if not self._jpg_why:
+            try:
+                s["jpg_util_pct"] = float(n.nvmlDeviceGetJpgUtilization(h)[0])  # [percent, period us]
+            except Exception as e:  # noqa: BLE001 - stops the JPEG readings, says why
+                self._jpg_why = f"nvmlDeviceGetJpgUtilization failed mid-window: {e}"
         for key, fn in (("sm_clock_mhz", lambda: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
                         ("power_w", lambda: n.nvmlDeviceGetPowerUsage(h) / 1000.0)):
             try:
@@ -84,10 +168,13 @@ class GpuMonitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.samples.append(self._sample())
+            self._gpm.tick()
             self._stop.wait(self.interval_s)
 
     def start(self) -> "GpuMonitor":
         if self.handle is not None:
+            self._jpg_why = jpg_probe(self.nvml, self.handle)
+            self._gpm = GpmSmUtil(self.nvml, self.handle)  # its first sample: the window's start
             self._thread = threading.Thread(target=self._run, name="gpumon", daemon=True)
             self._thread.start()
             self._dmon = start_dmon(self.nvml, self.handle)
@@ -98,7 +185,8 @@ class GpuMonitor:
             return not_evaluated(self.why_not or "monitor not started")
         self._stop.set()
         self._thread.join()
-        out = summarise(self.samples)
+        self._gpm.close()
+        out = summarise(self.samples, self._gpm.values, self._gpm.why, self._jpg_why)
         out["dmon"] = stop_dmon(getattr(self, "_dmon", None))
         return out
 
@@ -151,10 +239,15 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def summarise(samples: list[dict]) -> dict:
+def summarise(samples: list[dict], sm_util: list[float] | None = None, sm_why: str = "",
+              jpg_why: str = "") -> dict:
+    """Mean, p10, p50 of utilisation.gpu and the other readings. `sm_util`: GPM SM
+    utilisation readings (`sm_why` when there are none); JPEG load comes from the samples'
+    `jpg_util_pct` (`jpg_why` when they have none)."""
     if not samples:
         return not_evaluated("no samples in the window")
     util = [s["util_pct"] for s in samples]
+    jpg = [s["jpg_util_pct"] for s in samples if s.get("jpg_util_pct") is not None]
     clocks = [s["sm_clock_mhz"] for s in samples if s.get("sm_clock_mhz") is not None]
     power = [s["power_w"] for s in samples if s.get("power_w") is not None]
     return {"evaluated": True, "why": "", "samples": len(samples),
@@ -163,4 +256,9 @@ def summarise(samples: list[dict]) -> dict:
             "mem_used_max_gib": max(s["mem_used_gib"] for s in samples),
             "sm_clock_mean_mhz": statistics.fmean(clocks) if clocks else None,
             "power_mean_w": statistics.fmean(power) if power else None,
+            "sm_util_mean_pct": statistics.fmean(sm_util) if sm_util else None,
+            "sm_util_samples": len(sm_util or []),
+            "sm_util_why": "" if sm_util else (sm_why or "no GPM reading in the window"),
+            "jpg_util_mean_pct": statistics.fmean(jpg) if jpg else None,
+            "jpg_util_why": "" if jpg else (jpg_why or "no JPEG-engine reading in the window"),
             "timeline": [(round(s["t"] - samples[0]["t"], 3), s["util_pct"]) for s in samples]}

@@ -1,0 +1,302 @@
+"""Is this GPU node healthy and fast? One command, one report.
+
+    make gpu-check                              # = python -m bench.gpu_check
+    python -m bench.gpu_check --dry-run         # the plan, and (no GPU needed) that every command parses
+    python -m bench.gpu_check --only sanity,kernels
+
+Runs, in order, each bounded by its timeout (whole plan under 10 minutes on one H100):
+the GPU-marked tests; `hvdtrain.sanity` with one rank per visible GPU; `bench.loader`
+at 224 px (a DALI threads x hw_decoder_load sweep) and at 64 px; `bench.train --preset
+resnet50` (AMP bf16, channels_last, real shards vs synthetic batches); `bench.kernels`.
+Every figure is read from the command's JSON output and set beside its target. Writes
+runs/gpu-check-<id>/gpu-check.{json,md} and one log per step, with the versions (driver,
+CUDA, torch, DALI, horovod, NCCL) and the GPU model. Exit 0 only if every figure with a
+target passed (one not evaluated counts as not passed), 1 otherwise; with no GPU it says
+so and exits 2 at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from bench.steprun import Figure, Step, dry_check, run_step
+
+# ---------------------------------------------------------------- the commands, in one place
+# A flag that changes in a module is a one-line fix here; tests/e2e/test_gpu_check.py's
+# dry run fails first (it runs each module's own parser on these flags).
+# 3 x 4 dali-gpu settings, each beside its ceiling, + dali-cpu, torch, pil: 3 timed windows each
+LOADER_SWEEP = ("--loader", "all", "--threads", "4,8,16", "--hw-decoder-load", "0,0.65,0.9,0.99", "--windows", "3")
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "gpu-tests": ("{py}", "-m", "pytest", "-q", "-rs", "--strict-markers", "-m", "gpu", "-p", "no:cacheprovider",
+                  "--junitxml={dir}/gpu-tests.xml", "tests/gpu"),
+    "sanity": ("{horovodrun}", "-np", "{gpus}", "-H", "localhost:{gpus}", "{py}", "-m", "hvdtrain.sanity",
+               "--run.dir={dir}/sanity"),
+    "loader-224": ("{py}", "-m", "bench.loader", *LOADER_SWEEP, "--size", "224", "--run-dir", "{dir}/loader-224"),
+    "loader-64": ("{py}", "-m", "bench.loader", *LOADER_SWEEP, "--size", "64", "--run-dir", "{dir}/loader-64"),
+    # ImageNet-like 256 px JPEGs for bench.train: 8192 take ~15 s on one core
+    "train-data": ("{py}", "-m", "data.synth", "{dir}/train-data", "--classes", "100", "--train", "8192",
+                   "--val", "256", "--size", "256", "--seed", "1"),
+    "train": ("{horovodrun}", "-np", "1", "-H", "localhost:1", "{py}", "-m", "bench.train", "--preset", "resnet50",
+              "--train.amp=bf16", "--data.channels_last=True", "--data.train={dir}/train-data/train",
+              "--train.steps=20", "--warmup=3", "--run-dir={dir}/train"),
+    "kernels": ("{py}", "-m", "bench.kernels"),
+}
+
+# ---------------------------------------------------------------- targets
+MLPERF_RESNET50_IMG_S = {"H200": 7940.0, "H100": 7150.0}  # per GPU, MLPerf Training v4.0 (DESIGN.md)
+DLE_RESNET50_A100_IMG_S = 2470  # NVIDIA DeepLearningExamples, AMP + DALI, per A100: a reference
+
+
+def loader_target(ctx: dict) -> float | None:
+    """The rate MLPerf's ResNet-50 consumes images at on this GPU; other GPUs: no target."""
+    return next((v for k, v in MLPERF_RESNET50_IMG_S.items() if k in ctx.get("gpu_name", "")), None)
+
+
+# ---------------------------------------------------------------- reading the outputs
+def best(doc: dict, loader: str) -> dict | None:
+    """The loader's fastest setting in a bench.loader BENCH_JSON (results: key -> {loader,
+    img_s, threads, hw_decoder_load, vs_ceiling, gpu, ...})."""
+    rows = [r for r in doc["results"].values() if r.get("loader") == loader and r.get("img_s")]
+    return max(rows, key=lambda r: r["img_s"]) if rows else None
+
+
+def field_of(row: dict | None, name: str):
+    return None if row is None else row.get(name)
+
+
+def gpu_of(row: dict | None, name: str):
+    return None if row is None else (row.get("gpu") or {}).get(name)
+
+
+def sanity_slo(doc: dict, name: str, key: str = "value"):
+    return next(s.get(key) for s in doc["slos"] if s["name"] == name)
+
+
+def dominant(breakdown: dict | None) -> str | None:
+    """The step-time breakdown's verdict, e.g. 'data_wait 62% (data-bound)'."""
+    if not breakdown or not breakdown.get("dominant"):
+        return None
+    return f"{breakdown['dominant']} {100 * breakdown['share']:.0f}% ({breakdown.get('bound')})"
+
+
+def dmon_gap(doc: dict) -> float | None:
+    g = doc["gpu"]
+    nvml, dmon = g.get("util_mean_pct"), (g.get("dmon") or {}).get("sm_mean_pct")
+    return None if nvml is None or dmon is None else abs(nvml - dmon)
+
+
+def of_best(loader: str, name: str):
+    """A reader: `name` of the loader's fastest setting."""
+    return lambda d: field_of(best(d, loader), name)
+
+
+def loader_figures(size: int, targets: bool) -> tuple[Figure, ...]:
+    p, op = f"loader_{size}", ">=" if targets else None
+    return (
+        Figure(f"{p}_dali_gpu_img_s", f"{size} px: best dali-gpu img/s", of_best("dali-gpu", "img_s"), op,
+               loader_target if targets else None, "MLPerf ResNet-50's rate per GPU" if targets else ""),
+        Figure(f"{p}_dali_gpu_vs_ceiling", f"{size} px: best dali-gpu / ceiling at its setting",
+               of_best("dali-gpu", "vs_ceiling"), op, 0.85),
+        Figure(f"{p}_dali_gpu_threads", f"{size} px: best dali-gpu setting: DALI threads",
+               of_best("dali-gpu", "threads")),
+        Figure(f"{p}_dali_gpu_hw_decoder_load", f"{size} px: best dali-gpu setting: hw_decoder_load",
+               of_best("dali-gpu", "hw_decoder_load")),
+        Figure(f"{p}_jpeg_engines_util_pct", f"{size} px: JPEG engines' load at that setting (NVML)",
+               lambda d: gpu_of(best(d, "dali-gpu"), "jpg_util_mean_pct"),
+               why=lambda d: gpu_of(best(d, "dali-gpu"), "jpg_util_why") or "no dali-gpu measurement"),
+        Figure(f"{p}_ceiling_img_s", f"{size} px: best decode-only ceiling img/s", of_best("ceiling-gpu", "img_s")),
+        Figure(f"{p}_dali_cpu_img_s", f"{size} px: best dali-cpu img/s", of_best("dali-cpu", "img_s")),
+        Figure(f"{p}_torch_img_s", f"{size} px: best torch DataLoader img/s", of_best("torch", "img_s")),
+        Figure(f"{p}_errors", f"{size} px: loader errors", lambda d: d["error"] or "none", "==", "none"),
+    )
+
+
+STEPS: tuple[Step, ...] = (
+    Step("gpu-tests", COMMANDS["gpu-tests"], 140, "junit:{dir}/gpu-tests.xml", (
+        Figure("gpu_tests_failed", "GPU tests failed or errored", lambda d: d["failures"] + d["errors"], "==", 0),
+        Figure("gpu_tests_skipped", "GPU tests skipped (HVDTRAIN_REQUIRE_GPU=1)", lambda d: d["skipped"], "==", 0),
+        Figure("gpu_tests_passed", "GPU tests passed", lambda d: d["passed"], ">=", 1),
+    ), env={"HVDTRAIN_REQUIRE_GPU": "1"}, dry="collect"),
+    Step("sanity", COMMANDS["sanity"], 80, "json:{dir}/sanity/sanity.json", (
+        Figure("sanity_verdict", "sanity verdict", lambda d: d["verdict"], "==", "GO"),
+        Figure("sanity_gpu_util_pct", "GPU utilisation, NVML mean (rank 0's GPU)",
+               lambda d: sanity_slo(d, "gpu_util_pct"), ">=", 85.0,
+               why=lambda d: sanity_slo(d, "gpu_util_pct", "not_evaluated")),
+        Figure("sanity_dmon_gap_pct", "NVML vs nvidia-smi dmon utilisation, points apart", dmon_gap, "<=", 10.0,
+               why=lambda d: d["gpu"].get("why") or (d["gpu"].get("dmon") or {}).get("why")),
+        Figure("sanity_sm_util_pct", "SM utilisation, NVML GPM mean", lambda d: d["gpu"].get("sm_util_mean_pct"),
+               why=lambda d: d["gpu"].get("sm_util_why")),
+        Figure("sanity_max_vram_gib", "max VRAM, GiB (torch max allocated, rank 0)", lambda d: d["max_memory_gib"]),
+        Figure("sanity_img_s", "sanity training img/s, all ranks", lambda d: d["images_per_s"]),
+        Figure("sanity_dominant_phase", "where the step time went (largest share)", lambda d: dominant(d["breakdown"])),
+    )),
+    Step("loader-224", COMMANDS["loader-224"], 140, "bench_json", loader_figures(224, True)),
+    Step("loader-64", COMMANDS["loader-64"], 60, "bench_json", loader_figures(64, False)),
+    Step("train-data", COMMANDS["train-data"], 25, "none"),
+    Step("train", COMMANDS["train"], 75, "bench_json", (
+        Figure("train_amp_channels_last", "AMP bf16 and channels_last in effect",
+               lambda d: [d["config"]["train"]["amp"], d["config"]["data"]["channels_last"]], "==", ["bf16", True]),
+        Figure("train_real_over_synthetic", "real shards / synthetic batches img/s", lambda d: d["real_over_synthetic"],
+               ">=", 0.95),
+        Figure("train_real_img_s", "ResNet-50 img/s on real shards (DALI mixed)",
+               lambda d: d["real"]["steady_images_per_s"], reference=f"DeepLearningExamples: {DLE_RESNET50_A100_IMG_S} "
+               "img/s per A100 (AMP, DALI); a reference, not a target"),
+        Figure("train_synthetic_img_s", "ResNet-50 img/s on synthetic batches",
+               lambda d: d["synthetic"]["steady_images_per_s"]),
+        Figure("train_gpu_util_pct", "GPU utilisation on real shards, NVML mean", lambda d: d["gpu"]["util_mean_pct"],
+               why=lambda d: d["gpu"].get("why")),
+        Figure("train_dominant_phase", "real shards: where the step time went (largest share)",
+               lambda d: dominant(d["breakdown"])),
+    )),
+    Step("kernels", COMMANDS["kernels"], 40, "bench_json", (
+        Figure("kernels_compiled", "Triton kernels compiled, not interpreted", lambda d: d["interpreter"], "==", False),
+        Figure("kernels_copy_bw_gb_s", "device copy bandwidth, GB/s (read + write)", lambda d: d["copy_bw_gb_s"]),
+        *(Figure(f"kernels_{key}_of_copy_bw", f"{op}: Triton, fraction of copy bandwidth",
+                 lambda d, op=op: next(r["fraction_of_copy_bw"] for r in d["results"]
+                                       if r["op"] == op and r["impl"].startswith("triton")))
+          for key, op in (("normalize", "normalize"), ("mix", "mix"), ("soft_ce", "soft CE fwd+bwd"))),
+    )),
+)
+
+
+# ---------------------------------------------------------------- versions, report, main
+VERSIONS = r"""
+import importlib.metadata as m, json, torch
+def dist(*names):
+    for n in names:
+        try:
+            return m.version(n)
+        except m.PackageNotFoundError:
+            pass
+gpu = torch.cuda.is_available()
+print(json.dumps({"torch": torch.__version__, "cuda_torch": torch.version.cuda,
+                  "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                  "nccl": ".".join(map(str, torch.cuda.nccl.version())) if gpu else None,
+                  "dali": dist("nvidia-dali-cuda130", "nvidia-dali-cuda120"), "horovod": dist("horovod")}))
+"""
+
+
+def versions() -> dict:
+    """Driver and its CUDA (nvidia-smi), torch and its CUDA, NCCL, DALI, horovod, GPU models:
+    read in a child process, so this one never holds a CUDA context."""
+    out = subprocess.run([sys.executable, "-c", VERSIONS], capture_output=True, text=True, timeout=120)
+    v = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-500:]}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+        head = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+        v["driver"] = smi[0].split(",")[-1].strip() if smi else None
+        v["cuda_driver"] = head.split("CUDA Version:")[1].split()[0] if "CUDA Version:" in head else None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        v["driver"] = v["cuda_driver"] = f"nvidia-smi failed: {e}"
+    return v
+
+
+def fmt(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def markdown(report: dict) -> str:
+    v = report["versions"]
+    verdict = "PASS" if report["passed"] else "FAIL: " + ", ".join(report["failed_steps"]) if report["failed_steps"] \
+        else "INCOMPLETE"
+    lines = [f"# gpu-check: {verdict}" + ("" if report["complete"] else " (incomplete: not every step ran)"), "",
+             f"GPU: {', '.join(v.get('gpus') or ['?'])}; driver {v.get('driver')} (CUDA {v.get('cuda_driver')}); "
+             f"torch {v.get('torch')} (CUDA {v.get('cuda_torch')}); NCCL {v.get('nccl')}; DALI {v.get('dali')}; "
+             f"horovod {v.get('horovod')}; git {report['git_sha'][:12]}", ""]
+    for s in report["steps"]:
+        lines += [f"## {s['name']}: {'PASS' if s['passed'] else 'FAIL'} ({s['wall_s']} s of {s['timeout_s']} s)", "",
+                  f"`{' '.join(s['argv'])}`  (log: `{os.path.basename(s['log'])}`)", "",
+                  "| figure | measured | target | result |", "|---|---|---|---|"]
+        for f in s["figures"]:
+            target = f"{f['op']} {fmt(f['target'])}" if f["op"] and f["target"] is not None else (f["reference"] or "-")
+            result = f["status"] + (f": {f['why']}" if f["why"] else "")
+            cells = (f["label"], fmt(f["value"]), target, result)
+            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def dry_run(steps: tuple[Step, ...], ctx: dict) -> int:
+    """Print the plan; check, with no GPU, that every command in it parses."""
+    bad = 0
+    total = sum(s.timeout_s for s in steps)
+    print(f"gpu_check --dry-run: {len(steps)} steps, timeouts adding up to {total} s")
+    for s in steps:
+        print(f"\n[{s.name}] timeout {s.timeout_s} s: {' '.join(s.argv)}")
+        for f in s.figures:
+            target = f"{f.op} {getattr(f.target, '__name__', f.target)}" if f.op else "reported"
+            print(f"    {f.key:<44} {target}")
+        problems = dry_check(s, ctx, ctx["dir"])
+        bad += bool(problems)
+        print("    parses: " + ("yes" if not problems else "NO\n      " + "\n      ".join(problems)))
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import shutil
+    import tempfile
+
+    from hvdtrain import provenance
+
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="print the plan and check its commands parse (no GPU)")
+    p.add_argument("--only", default="", help="comma-separated step names (default: all, in order)")
+    p.add_argument("--run-dir", default="", help="report folder (default runs/gpu-check-<id>)")
+    a = p.parse_args(argv)
+    names = [s.name for s in STEPS]
+    only = [n for n in a.only.split(",") if n]
+    if set(only) - set(names):
+        p.error(f"unknown step(s) {sorted(set(only) - set(names))}; steps: {names}")
+    steps = tuple(s for s in STEPS if not only or s.name in only)
+    bindir = os.path.dirname(sys.executable)
+    hvdrun = os.path.join(bindir, "horovodrun") if os.path.exists(os.path.join(bindir, "horovodrun")) \
+        else (shutil.which("horovodrun") or "horovodrun")
+    if a.dry_run:
+        with tempfile.TemporaryDirectory(prefix="gpu-check-dry-") as tmp:
+            return dry_run(steps, {"py": sys.executable, "horovodrun": hvdrun, "gpus": 1, "dir": tmp})
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no GPU: nothing to check")
+        return 2
+    run_dir = os.path.abspath(a.run_dir or os.path.join("runs", provenance.run_id("gpu-check")))
+    os.makedirs(run_dir, exist_ok=True)
+    v = versions()
+    ctx = {"py": sys.executable, "horovodrun": hvdrun, "gpus": torch.cuda.device_count(), "dir": run_dir,
+           "gpu_name": (v.get("gpus") or [""])[0]}
+    print(f"gpu_check: {ctx['gpus']} x {ctx['gpu_name']}, driver {v.get('driver')}; report in {run_dir}", flush=True)
+    return 0 if run_plan(steps, ctx, run_dir, v)["passed"] else 1
+
+
+def run_plan(steps: tuple[Step, ...], ctx: dict, run_dir: str, versions_: dict) -> dict:
+    """Every step in order (a failed step does not stop the others). gpu-check.json and
+    gpu-check.md are rewritten after each step (`complete: false` until the last), so a
+    run cut short still leaves what it measured."""
+    from hvdtrain import provenance
+
+    results: list[dict] = []
+    report: dict = {}
+    for i, s in enumerate(steps):
+        results.append(run_step(s, ctx, run_dir))
+        failed = [r["name"] for r in results if not r["passed"]]
+        report = {"passed": not failed and i == len(steps) - 1, "complete": i == len(steps) - 1,
+                  "failed_steps": failed, "run_dir": run_dir, "versions": versions_,
+                  "git_sha": provenance.code_state()["git_sha"], "gpus": ctx["gpus"], "steps": results}
+        with open(os.path.join(run_dir, "gpu-check.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        with open(os.path.join(run_dir, "gpu-check.md"), "w") as f:
+            f.write(markdown(report))
+    failed = report["failed_steps"]
+    print(f"\ngpu_check: {'PASS' if not failed else 'FAIL: ' + ', '.join(failed)}; report: {run_dir}/gpu-check.md",
+          flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""launch/gpu_bundle.sh packs and splits; launch/gpu_install.sh joins, checks and hands the
+wheels to set-up, on the CPU, with a small bundle of real (tiny) wheels and a fake
+`nvidia-smi` for a CUDA 13 driver. No network: the bundle is packed from a folder
+(HVDTRAIN_BUNDLE_FROM) and set-up runs dry."""
+import os
+import sys
+import zipfile
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e.harness import run
+from tests.e2e.test_setup_dry_run import fake_smi
+
+
+def make_wheel(folder, name: str, version: str, requires=(), filler_bytes: int = 6000) -> str:
+    dist = f"{name.replace('-', '_')}-{version}"
+    path = os.path.join(folder, f"{dist}-py3-none-any.whl")
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(path, "w") as z:  # stored, not deflated: the filler keeps its size
+        z.writestr(f"{dist}.dist-info/METADATA", meta)
+        z.writestr(f"{dist}.dist-info/filler", os.urandom(filler_bytes))
+    return path
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    dali = make_wheel(src, "nvidia-dali-cuda130", "2.4.0",
+                      ["numpy", "gast<=0.7.0,>=0.3.3", "pyyaml-ft; python_version >= '3.13'"])
+    make_wheel(src, "numpy", "2.4.6")  # the image has numpy: it must not be installed
+    (src / "horovod-0.28.1.tar.gz").write_bytes(os.urandom(3000))
+    out = tmp_path / "bundle"
+    env = dict(os.environ, HVDTRAIN_BUNDLE_FROM=str(src), HVDTRAIN_BUNDLE_DIR=str(out),
+               HVDTRAIN_BUNDLE_PART="4k", PYTHON=sys.executable)
+    r = run(["bash", os.path.join(ROOT, "launch", "gpu_bundle.sh")], timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "the image must already have: gast, numpy" not in r.stdout  # numpy is in the bundle
+    assert "the image must already have: gast\n" in r.stdout  # pyyaml-ft's marker is false on 3.12
+    return out, os.path.basename(dali), tmp_path
+
+
+def install(tmp_path, out):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_"))}
+    env.update(PATH=fake_smi(tmp_path / "bin", "13.0") + os.pathsep + env["PATH"], HVDTRAIN_BUNDLE_DIR=str(out),
+               HVDTRAIN_SETUP_DRY_RUN="1", PYTHON_BOOTSTRAP=sys.executable, HVDTRAIN_CACHE=str(tmp_path / "cache"))
+    return run(["bash", os.path.join(ROOT, "launch", "gpu_install.sh")], timeout=120, env=env)
+
+
+def test_parts_join_check_and_install_only_what_the_image_lacks(bundle):
+    out, dali, tmp_path = bundle
+    parts = sorted(p for p in os.listdir(out) if p.startswith("p"))
+    assert len(parts) >= 3 and all(os.path.getsize(out / p / f"bundle.tar.part-{p[1:]}") <= 4096 for p in parts)
+    r = install(tmp_path, out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wheels = out / "wheels"
+    assert f"pip install --no-index --find-links {wheels} --no-deps {wheels / dali}\n" in r.stdout
+    assert "numpy-2.4.6" not in r.stdout
+    assert f"sdist: {wheels}/horovod-0.28.1.tar.gz" in r.stdout  # horovod builds from the bundle
+    assert "HOROVOD_GPU_OPERATIONS=NCCL" in r.stdout
+
+
+def test_a_missing_part_is_named(bundle):
+    out, _, tmp_path = bundle
+    for f in os.listdir(out / "p01"):
+        os.remove(out / "p01" / f)
+    os.rmdir(out / "p01")
+    r = install(tmp_path, out)
+    assert r.returncode == 1 and "lacks part folder(s) p01 of" in r.stderr
+
+
+def test_a_damaged_part_fails_the_checksum(bundle):
+    out, _, tmp_path = bundle
+    part = out / "p00" / "bundle.tar.part-00"
+    data = bytearray(part.read_bytes())
+    data[700] ^= 0xFF
+    part.write_bytes(bytes(data))
+    r = install(tmp_path, out)
+    assert r.returncode == 1 and "do not match the bundle's sha256" in r.stderr

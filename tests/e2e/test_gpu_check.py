@@ -1,0 +1,100 @@
+"""`make gpu-check` on the CPU: it stops at once with no GPU, its plan parses (each module's
+own argument parser accepts the plan's flags: this is what catches a flag that drifted),
+and a step that fails or hangs fails the check with that step named. The runner is the
+real one, on real subprocesses; only the plan is small."""
+import json
+import os
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from bench import gpu_check as G
+from bench.steprun import Figure, Step, dry_check
+from tests.conftest import ROOT
+from tests.e2e.harness import run
+
+PY = sys.executable
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_no_gpu_says_so_and_exits_2_at_once():
+    t0 = time.monotonic()
+    r = run([PY, "-m", "bench.gpu_check"], timeout=60)
+    assert r.returncode == 2 and r.stdout.strip() == "no GPU: nothing to check", r.stdout + r.stderr
+    assert time.monotonic() - t0 < 30
+    assert not any(d.startswith("gpu-check-") for d in os.listdir(os.path.join(ROOT, "runs")))
+
+
+@pytest.mark.parametrize("step", G.STEPS, ids=[s.name for s in G.STEPS])
+def test_the_plans_commands_parse(step, tmp_path):
+    """Each command's module exists and its parser accepts the plan's flags; horovodrun's
+    flags pass horovodrun's parser; pytest collects the GPU tests. A failure names the step
+    and quotes the parser's error: fix the flag in bench/gpu_check.py's COMMANDS."""
+    ctx = {"py": PY, "horovodrun": os.path.join(os.path.dirname(PY), "horovodrun"), "gpus": 1, "dir": str(tmp_path)}
+    assert dry_check(step, ctx, str(tmp_path)) == [], f"gpu-check step {step.name!r} would not run"
+
+
+def test_dry_run_prints_the_plan(tmp_path):
+    r = run([PY, "-m", "bench.gpu_check", "--dry-run", "--only", "kernels,train-data"], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[kernels] timeout 40 s: {py} -m bench.kernels" in r.stdout
+    assert "kernels_compiled" in r.stdout and r.stdout.count("parses: yes") == 2
+    # the whole check, with set-up checks and version reading around it, fits in a 10-minute call
+    assert sum(s.timeout_s for s in G.STEPS) <= 570
+
+
+def test_dry_run_names_a_flag_no_parser_accepts(tmp_path):
+    bad = Step("bad-flag", ("{py}", "-m", "bench.kernels", "--no-such-flag", "1"), 10, "bench_json")
+    ctx = {"py": PY, "horovodrun": "horovodrun", "gpus": 1, "dir": str(tmp_path)}
+    problems = dry_check(bad, ctx, str(tmp_path))
+    assert len(problems) == 1 and "unrecognized arguments: --no-such-flag 1" in problems[0]
+    missing = Step("missing", ("{py}", "-m", "bench.no_such_module"), 10, "none")
+    assert dry_check(missing, ctx, str(tmp_path)) == ["module bench.no_such_module not found"]
+
+
+# a grandchild that outlives a killed parent would keep running after the check: it must die too
+HANG = ("import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        "open(sys.argv[1], 'w').write(str(c.pid)); time.sleep(120)")
+
+
+def fake_plan(tmp_path):
+    bench = 'print("noise"); print("BENCH_JSON " + __import__("json").dumps({"img_s": 100.0, "error": None}))'
+    return (
+        Step("good", ("{py}", "-c", bench), 30, "bench_json",
+             (Figure("good_img_s", "img/s", lambda d: d["img_s"], ">=", 50.0),)),
+        Step("slow-figure", ("{py}", "-c", bench), 30, "bench_json",
+             (Figure("slow_img_s", "img/s", lambda d: d["img_s"], ">=", lambda ctx: ctx["want"]),
+              Figure("absent", "a field the output lacks", lambda d: d["nope"], "==", 1))),
+        Step("crashes", ("{py}", "-c", "import sys; print('boom'); sys.exit(3)"), 30, "bench_json",
+             (Figure("crash_img_s", "img/s", lambda d: d["img_s"], ">=", 1.0),)),
+        Step("hangs", ("{py}", "-c", HANG, str(tmp_path / "grandchild.pid")), 3, "bench_json"),
+    )
+
+
+def test_a_failing_or_hanging_step_fails_the_check_and_is_named(tmp_path):
+    ctx = {"py": PY, "horovodrun": "horovodrun", "gpus": 1, "dir": str(tmp_path), "want": 200.0}
+    t0 = time.monotonic()
+    report = G.run_plan(fake_plan(tmp_path), ctx, str(tmp_path), {"gpus": ["fake"]})
+    assert time.monotonic() - t0 < 25  # the hang cost its timeout, not its sleep
+    assert report["passed"] is False and report["failed_steps"] == ["slow-figure", "crashes", "hangs"]
+    steps = {s["name"]: s for s in report["steps"]}
+    figs = {f["key"]: f for s in report["steps"] for f in s["figures"]}
+    assert steps["good"]["passed"] and figs["good_img_s"]["status"] == "PASS" and figs["good_img_s"]["value"] == 100
+    assert figs["slow_img_s"]["status"] == "FAIL" and figs["slow_img_s"]["target"] == 200
+    assert figs["absent"]["status"] == "NOT EVALUATED" and "KeyError" in figs["absent"]["why"]
+    assert figs["crashes.exit"]["value"] == 3 and figs["crash_img_s"]["status"] == "NOT EVALUATED"
+    assert "no BENCH_JSON line" in figs["crash_img_s"]["why"]
+    assert steps["hangs"]["timed_out"] and "timed out after 3 s" in figs["hangs.exit"]["why"]
+    grandchild = int((tmp_path / "grandchild.pid").read_text())
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    # the files a person and a program read
+    on_disk = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert on_disk["failed_steps"] == ["slow-figure", "crashes", "hangs"] and on_disk["complete"]
+    md = (tmp_path / "gpu-check.md").read_text()
+    assert md.startswith("# gpu-check: FAIL: slow-figure, crashes, hangs")
+    assert "| img/s | 100 | >= 200 | FAIL |" in md
+    assert "boom" in (tmp_path / "crashes.log").read_text()

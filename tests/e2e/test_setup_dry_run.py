@@ -1,0 +1,134 @@
+"""launch/setup.sh's GPU choices, on the CPU: a fake `nvidia-smi` on PATH says which driver
+the machine has, and the dry run (HVDTRAIN_SETUP_DRY_RUN=1) prints the packages, pip
+commands and horovod build flags it would use. Nothing is installed: .venv is read, never
+written, and no network is used."""
+import importlib.util
+import os
+import re
+import shutil
+import stat
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e.harness import run
+
+SMI_HEADER = """+-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 580.159.04             Driver Version: 580.159.04     CUDA Version: {cuda}     |
++-----------------------------------------+------------------------+----------------------+
+| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |
+|   0  NVIDIA H100 80GB HBM3          On  |   00000000:00:07.0 Off |                    0 |
+"""
+NO_DRIVER = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
+
+
+def fake_smi(folder, cuda: str | None) -> str:
+    """An `nvidia-smi` that prints a CUDA `cuda` driver's header, or fails like one with no driver."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "nvidia-smi")
+    body = f"cat <<'EOF'\n{SMI_HEADER.format(cuda=cuda)}EOF\n" if cuda else f"echo \"{NO_DRIVER}\"\nexit 9\n"
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body)
+    os.chmod(path, os.stat(path).st_mode | stat.S_IEXEC)
+    return str(folder)
+
+
+def venv_state():
+    venv = os.path.join(ROOT, ".venv")
+    return sorted(os.listdir(venv)) if os.path.isdir(venv) else None
+
+
+def dry_run(tmp_path, cuda, **env_extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_"))}
+    env.update(PATH=fake_smi(tmp_path / "bin", cuda) + os.pathsep + env["PATH"], HVDTRAIN_SETUP_DRY_RUN="1",
+               HVDTRAIN_TORCH="pip", HVDTRAIN_CACHE=str(tmp_path / "cache"), PYTHON_BOOTSTRAP=sys.executable)
+    env.update(env_extra)
+    before = venv_state()
+    r = run(["bash", os.path.join(ROOT, "launch", "setup.sh")], timeout=120, env=env)
+    assert venv_state() == before and not (tmp_path / "cache").exists(), "a dry run changed something"
+    return r
+
+
+def pip_commands(out: str) -> list[str]:
+    return re.findall(r"would run: (pip install .*)", out)
+
+
+def test_cuda13_driver_picks_dali_cuda130_pypi_torch_and_nccl(tmp_path):
+    r = dry_run(tmp_path, "13.0")
+    assert r.returncode == 0, r.stderr
+    cmds = pip_commands(r.stdout)
+    assert "pip install torch==2.13.0" in cmds  # PyPI's torch 2.13.0 is the CUDA 13 build
+    assert any(c.startswith("pip install -c constraints.txt nvidia-dali-cuda130 ") for c in cmds)
+    assert not any("nvidia-dali-cuda120" in c for c in cmds)
+    assert "DALI: nvidia-dali-cuda130==2.4.0" in r.stdout
+    assert "GPU operations: nccl" in r.stdout and "HOROVOD_GPU_OPERATIONS=NCCL" in r.stdout
+
+
+def test_cuda12_driver_picks_dali_cuda120_and_torchs_cuda12_index(tmp_path):
+    r = dry_run(tmp_path, "12.8")
+    assert r.returncode == 0, r.stderr
+    cmds = pip_commands(r.stdout)
+    assert "pip install --index-url https://download.pytorch.org/whl/cu126 torch==2.13.0" in cmds
+    assert any(c.startswith("pip install -c constraints.txt nvidia-dali-cuda120 ") for c in cmds)
+    assert "HOROVOD_GPU_OPERATIONS=NCCL" in r.stdout
+
+
+def test_no_driver_keeps_the_cpu_choices(tmp_path):
+    r = dry_run(tmp_path, None)
+    assert r.returncode == 0, r.stderr
+    assert "no NVIDIA GPU driver" in r.stdout
+    assert any("nvidia-dali-cuda120" in c for c in pip_commands(r.stdout))
+    assert "GPU operations: none" in r.stdout and "HOROVOD_GPU_OPERATIONS" not in r.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a real nvidia-smi")
+def test_no_nvidia_smi_at_all_is_the_cpu_path(tmp_path):
+    r = dry_run(tmp_path, None, PATH=os.environ["PATH"])
+    assert r.returncode == 0 and "no NVIDIA GPU driver" in r.stdout, r.stdout + r.stderr
+
+
+def test_old_driver_stops_with_a_reason(tmp_path):
+    r = dry_run(tmp_path, "11.4")
+    assert r.returncode == 1 and "CUDA 12 or newer driver" in r.stderr
+
+
+def test_system_torch_offline_installs_only_the_missing_wheels(tmp_path):
+    """A cluster image (here: this venv's Python) keeps its packages; from a wheel folder
+    (no index: launch/gpu_install.sh) pip adds only the wheels of packages it lacks."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    names = ["nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl",
+             "numpy-2.4.6-cp312-cp312-manylinux_2_28_x86_64.whl"]  # numpy: the image has it
+    for n in names:
+        (wheels / n).write_bytes(b"")
+    r = dry_run(tmp_path, "13.0", HVDTRAIN_TORCH="system", HVDTRAIN_WHEELS=str(wheels))
+    assert r.returncode == 0, r.stderr
+    assert "system torch:" in r.stdout
+    cmds = [c for c in pip_commands(r.stdout) if not c.endswith(" -e .")]  # -e . needs no index
+    assert cmds == [f"pip install --no-index --find-links {wheels} --no-deps {wheels / names[0]}"]
+    (wheels / names[0]).unlink()
+    r = dry_run(tmp_path, "13.0", HVDTRAIN_TORCH="system", HVDTRAIN_WHEELS=str(wheels))
+    assert r.returncode == 1 and f"{wheels} has no wheel for nvidia-dali-cuda130" in r.stderr
+
+
+def test_nccl_build_names_what_is_missing(tmp_path):
+    """Not a dry run: install_horovod.sh stops before building, naming nvcc (not on PATH,
+    no CUDA home) and, on a CPU machine, NCCL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_", "CUDA_"))}
+    no_nvcc = [p for p in env["PATH"].split(os.pathsep) if not os.path.exists(os.path.join(p, "nvcc"))]
+    env.update(PATH=os.pathsep.join(no_nvcc), PYTHON=sys.executable, HVDTRAIN_HOROVOD_GPU="nccl",
+               HVDTRAIN_CUDA_DEFAULT=str(tmp_path / "no-cuda"), HVDTRAIN_CACHE=str(tmp_path / "cache"))
+    r = run(["bash", os.path.join(ROOT, "launch", "install_horovod.sh")], timeout=120, env=env)
+    assert r.returncode == 1
+    assert "cannot build horovod with NCCL: missing nvcc" in r.stderr
+    if importlib.util.find_spec("nvidia.nccl") is None:  # a CPU torch brings no NCCL
+        assert "NCCL (nccl.h and libnccl.so.2" in r.stderr
+    assert "HVDTRAIN_HOROVOD_GPU=none" in r.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_two_dali_builds_are_pinned_to_one_version():
+    pins = dict(line.strip().split("==") for line in open(os.path.join(ROOT, "constraints.txt"))
+                if "==" in line and not line.startswith("#"))
+    assert pins["nvidia-dali-cuda120"] == pins["nvidia-dali-cuda130"]
