@@ -24,8 +24,9 @@ sanity: setup
 test: setup
 	$(MAKE) --no-print-directory test-unit test-parallel test-e2e test-slurm
 
+# tests/gpu: skipped with the reason on a machine with no GPU (HVDTRAIN_REQUIRE_GPU=1 makes them required)
 test-unit:
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q tests/unit tests/gpu
 
 # each rank runs pytest; -x ends the rank at its first failure so horovodrun ends the job
 test-parallel:

@@ -86,7 +86,17 @@ def to_model_input(v: torch.Tensor, flip: torch.Tensor | None, device: torch.dev
     v = v.to(device, non_blocking=True)
     if flip is not None:
         flip = flip.view(-1).to(device, non_blocking=True).bool()
-    return normalize(v, _MEAN, _STD, flip, dtype, channels_last)
+    mean, std = _consts(device)
+    return normalize(v, mean, std, flip, dtype, channels_last)
 
 
 _MEAN, _STD = torch.tensor(MEAN), torch.tensor(STD)
+_ON_DEVICE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _consts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std on `device`, copied once: a host->device copy per batch would be a
+    stream sync per batch on a GPU."""
+    if device not in _ON_DEVICE:
+        _ON_DEVICE[device] = (_MEAN.to(device), _STD.to(device))
+    return _ON_DEVICE[device]
