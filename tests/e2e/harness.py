@@ -3,14 +3,13 @@ the whole group (launcher and ranks) and fails the test, so a hung collective ca
 hang CI."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
+from bench.steprun import kill_tree
 from tests.conftest import ROOT
 
 BIN = os.path.dirname(sys.executable)
@@ -75,19 +74,6 @@ def kill_job(pid: int) -> None:
     """SIGKILL a launcher and every process below it, at once. killpg is not enough:
     horovodrun starts each rank in a session of its own (its middleman calls setsid), and
     a rank that outlives its launcher sees SIGTERM or a broken stdout pipe and may clean
-    up, which is not what a kill -9 of the job tests."""
-    try:
-        procs = [psutil.Process(pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for sig in (signal.SIGSTOP, signal.SIGKILL):  # freeze the tree first: no one reacts to the others' deaths
-        for proc in procs:
-            try:
-                proc.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    up, which is not what a kill -9 of the job tests. (bench.steprun.kill_tree: the same
+    for make gpu-check's steps.)"""
+    kill_tree(pid)
