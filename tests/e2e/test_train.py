@@ -197,7 +197,10 @@ def test_classify_run_evaluates_checkpoints_and_writes_its_outputs(tmp_path, syn
     d = tmp_path / "run"
     names = sorted(os.listdir(d))
     assert [n for n in names if n.startswith("ckpt-")] == ["ckpt-00000015.pt", "ckpt-00000020.pt"]
-    assert "best.pt" in names and "curves.png" in names and any(n.startswith("events.out.tfevents") for n in names)
+    assert "best.pt" in names and any(n.startswith("events.out.tfevents") for n in names)
+    from PIL import Image
+    with Image.open(d / "curves.png") as png:  # three panels: loss, val accuracy, lr
+        assert png.format == "PNG" and png.size == (1200, 340)
     assert not any(".tmp" in n for n in names) and ".lock" not in names
     recs = [json.loads(x) for x in open(d / "metrics.jsonl")]
     val = [x for x in recs if "val_loss" in x]
