@@ -8,12 +8,13 @@
 
 Loaders, each built from the same config the training uses (`pipeline.spec_from_config`:
 single-view random-resized crop + flip, normalize as training does it):
-`dali-cpu` (DALI CPU backend, uint8 out, normalized by kernels.normalize), `dali-gpu`
-(mixed decode on a GPU; skipped with no GPU), `torch` (DataLoader + PIL workers,
-`hvdtrain.torch_loader`), `ceiling` (the work no loader can skip, on the same device:
-the same reader and the same decoder call with the same random crops, its output
-dropped inside the pipeline; no resize, no normalize, no transfer; measured at every
-setting a DALI loader runs at), `pil-decode` (PIL's bare full decode, one core, bytes in
+`dali-cpu` (DALI CPU decode: normalized in DALI's threads on a machine with no GPU; on a
+GPU node uint8 crops go to the GPU and kernels.normalize runs there), `dali-gpu` (mixed
+decode on a GPU; skipped with no GPU), `torch` (DataLoader + PIL, `--workers` or
+`--threads` workers, `hvdtrain.torch_loader`), `ceiling` (the work no loader can skip, on
+the same device: the same reader and the same decoder call with the same random crops,
+its output dropped inside the pipeline; no resize, no normalize, no transfer; measured
+beside every loader at its setting, asked for or not), `pil-decode` (PIL's bare full decode, one core, bytes in
 memory: the cross-machine anchor). Each loader is reported as a fraction of its
 device's ceiling at the same setting: at most 1 by construction, so a value above 1.05
 is flagged as a bench bug. Images/s is the median of --windows timed windows after
@@ -39,7 +40,9 @@ ABOVE_CEILING = 1.05  # a loader this far above its ceiling means the bench meas
 
 
 def settings(a) -> list[tuple[str, int, float | None]]:
-    """(loader, threads, hw load) to measure, in order: each DALI setting with its ceiling."""
+    """(loader, threads, hw load) to measure, in order. Every loader is measured beside its
+    ceiling at the same setting, asked for or not: dali-cpu and torch (at its worker count)
+    beside ceiling-cpu, dali-gpu beside ceiling-gpu."""
     names = [n for n in LOADERS if a.loader in ("all", n)]
     sweep = [int(t) for t in str(a.threads).split(",")]
     loads = [float(x) for x in str(a.hw_decoder_load).split(",")] if a.hw_decoder_load else [None]
@@ -54,7 +57,12 @@ def settings(a) -> list[tuple[str, int, float | None]]:
             elif n == "dali-gpu":
                 out += [(n, t, h) for h in loads]
             else:
-                out.append((n, t, None))
+                out.append((n, a.workers or t if n == "torch" else t, None))
+    for n, t, h in list(out):
+        need = {"dali-cpu": ("ceiling-cpu", t, None), "torch": ("ceiling-cpu", t, None),
+                "dali-gpu": ("ceiling-gpu", t, h)}.get(n)
+        if need and need not in out:
+            out.append(need)
     return out
 
 

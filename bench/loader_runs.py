@@ -35,7 +35,7 @@ def make_imagenet_like(out: str, n: int, seed: int = 0) -> str:
             yield Sample(f"img{i:06d}", jpeg_bytes(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), 90),
                          int(rng.integers(0, 1000)))
     write_split(gen(), out, [str(i) for i in range(1000)], "bench", shard_size=256,
-                extra={"source": "bench.loader synthetic 500x375"})
+                extra={"source": "bench.loader synthetic 500x375", "shuffled": True})  # random labels
     return out
 
 
@@ -52,8 +52,11 @@ def bench_config(a, threads: int, gpu: bool, hw_load: float | None = None, prefe
 
 
 def spec_for(a, threads: int, gpu: bool, hw_load=None, prefetch=None) -> pipeline.PipeSpec:
+    """The spec training would use: `gpu` = mixed decode. On a GPU node CPU decode feeds the
+    GPU too (device_id 0), so normalize=auto picks the kernel path there, as training does."""
+    device_id = 0 if (gpu or torch.cuda.is_available()) else None
     return pipeline.spec_from_config(bench_config(a, threads, gpu, hw_load, prefetch), "train",
-                                     device_id=0 if gpu else None, threads=threads)
+                                     device_id=device_id, threads=threads)
 
 
 def pil_decode_batches(shards, batch_size: int):
@@ -94,8 +97,9 @@ def make_iter(name: str, shards, a, threads: int, hw_load=None, prefetch=None):
     if name == "torch":
         from hvdtrain.torch_loader import TorchLoader
 
-        return (b.views[0] for b in TorchLoader(shards, spec, workers=a.workers or threads).forever())
-    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return (b.views[0] for b in TorchLoader(shards, spec, device=device, workers=threads).forever())
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # where training runs
     return (b.views[0] for b in DaliLoader(shards, spec, device=device).forever())
 
 

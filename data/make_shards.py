@@ -134,10 +134,10 @@ def make(src: str, out: str, layout: str = "auto", shard_size: int = 1000, seed:
         rejected: list[tuple[str, str]] = []
         split_dir = os.path.join(out, split)
         info = write_split(to_samples(items, split, rejected), split_dir, classes, split, shard_size,
-                           {"source": os.path.abspath(src), "layout": layout})
+                           {"source": os.path.abspath(src), "layout": layout, "shuffled": True})
         # counted only now: the generator above rejects while it is written
         info = write_info(split_dir, info["shards"], classes, split,
-                          {"source": info["source"], "layout": layout, "rejected": len(rejected),
+                          {"source": info["source"], "layout": layout, "shuffled": True, "rejected": len(rejected),
                            "rejected_files": [f"{p}: {why}" for p, why in rejected[:1000]]})
         report[split] = (info, rejected)
     return report

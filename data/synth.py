@@ -97,7 +97,8 @@ def samples(n: int, num_classes: int, size: int, seed: int, split: str):
 def make(out: str, classes: int, train: int, val: int, size: int, seed: int,
          shard_size: int = 1000) -> dict:
     names = [f"class{c:03d}" for c in range(classes)]
-    extra = {"source": "data.synth", "synth": {"classes": classes, "size": size, "seed": seed}}
+    extra = {"source": "data.synth", "synth": {"classes": classes, "size": size, "seed": seed},
+             "shuffled": True}  # written in random order (the loader need not interleave tars)
     infos = {}
     for split, n in (("train", train), ("val", val)):
         if n > 0:

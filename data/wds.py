@@ -303,6 +303,7 @@ class ShardSet:
     classes: list[str] | None
     fingerprint: str
     info_path: str | None
+    shuffled: bool | None = None  # _info.json says the samples were written in random order
 
     @property
     def total(self) -> int:
@@ -354,7 +355,8 @@ def open_shards(spec: str, build_missing_index: bool = True, check_fit: bool = T
     else:
         info_path = None
         fingerprint = _quick_fingerprint(paths, index_paths)
-    return ShardSet(spec, paths, index_paths, counts, num_classes, classes, fingerprint, info_path)
+    shuffled = bool(info[1].get("shuffled")) if info is not None else None
+    return ShardSet(spec, paths, index_paths, counts, num_classes, classes, fingerprint, info_path, shuffled)
 
 
 def _find_info(paths: list[str]) -> tuple[str, dict] | None:

@@ -47,8 +47,10 @@ class DataConfig:
     channels_last: bool = False  # model input in channels_last memory format (the weights stay
                                  # contiguous: Horovod 0.28 allreduces contiguous gradients only)
     shuffle: bool = True     # train: shuffle (off = shard order, for equality tests)
-    shard_shuffle: bool = True  # train, with shuffle: each epoch reads chunks of every tar in a new order,
-                             # the same on every rank (hvdtrain/shard_order.py); off = DALI's tar order
+    shard_shuffle: str = "auto"  # on | off | auto (on unless _info.json says the samples were written
+                             # shuffled, as data.make_shards and data.synth write them): train, with shuffle,
+                             # each epoch reads chunks of every tar in a new order, the same on every rank
+                             # (hvdtrain/shard_order.py; it rebuilds the pipeline each epoch); off = DALI's order
     interleave_chunk: int = 0  # shard_shuffle: samples per chunk; 0 = total / 8192 within [4, 256]
     augment: bool = True     # train: random-resized crop + flip (off = the val resize + centre crop)
     val_batch_size: int = 0  # validation batch per rank, images; 0 = train.batch_size
@@ -334,6 +336,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.hw_decoder_load must be in [0, 1]")
     choices = {"model.name": (cfg.model.name, model.names()),
                "data.loader": (cfg.data.loader, ("dali", "torch")),
+               "data.shard_shuffle": (cfg.data.shard_shuffle, ("auto", "on", "off")),
                "model.norm": (cfg.model.norm, ("bn", "gn")),
                "train.amp": (t.amp, ("auto", "off", "bf16", "fp16")),
                "optim.schedule": (cfg.optim.schedule, ("constant", "cosine", "step")),

@@ -19,7 +19,10 @@ import itertools
 import os
 import shutil
 import tempfile
+import threading
 from typing import Iterator, Protocol
+
+import numpy as np
 
 import torch
 
@@ -62,40 +65,73 @@ class DaliLoader:
         self.names = pipeline.output_names(spec)
         self.epoch, self.drop_last = epoch, drop_last
         self.last_source = "(no batch read yet)"
-        self._scratch = self._slice = None
-        self._build(checkpoint)
+        self._scratch = self._next_epoch = None
+        self._taken = 0  # batches handed out in this epoch
+        self.pipe, self._it, self._slice = self._make(epoch, checkpoint)
 
-    def _build(self, checkpoint: bytes | None = None) -> None:
-        """The pipeline for the current epoch: over the shards as given, or (shard_shuffle)
-        over this epoch's interleaved slice for this rank, read as DALI's only shard."""
+    def _make(self, epoch: int, checkpoint: bytes | None = None):
+        """(pipeline, iterator, slice) for `epoch`: over the shards as given, or (shard_shuffle)
+        over that epoch's interleaved slice for this rank, read as DALI's only shard, with a
+        seed of its own (else every epoch would replay the same crops)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        shards, spec = self.shards, self.spec
+        shards, spec, sliced = self.shards, self.spec, None
         if spec.shard_shuffle:
-            self._slice = shards = self._epoch_slice()
-            spec = dataclasses.replace(spec, shard_id=0, num_shards=1)
-        self.pipe = self._it = None  # the last epoch's pipeline and its threads go first
+            shards = sliced = self._epoch_slice(epoch)
+            spec = dataclasses.replace(spec, shard_id=0, num_shards=1, seed=epoch_seed(spec.seed, epoch))
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         try:  # DALI reads the index and prefetches the first batches here: errors start here too
-            self.pipe = pipeline.build(shards, spec, checkpoint)
-            self._it = DALIGenericIterator([self.pipe], self.names, reader_name="Reader",
-                                           last_batch_policy=policy, auto_reset=False)
+            pipe = pipeline.build(shards, spec, checkpoint)
+            it = DALIGenericIterator([pipe], self.names, reader_name="Reader", last_batch_policy=policy,
+                                     auto_reset=False)
         except RuntimeError as e:
-            raise self._data_error(e, "could not start reading") from e
+            raise self._data_error(e, "could not start reading", sliced, epoch) from e
+        return pipe, it, sliced
 
-    def _epoch_slice(self) -> ShardSet:
+    def _epoch_slice(self, epoch: int) -> ShardSet:
         from hvdtrain import shard_order
 
         if self._scratch is None:
             self._scratch = tempfile.mkdtemp(prefix=f"hvdtrain-order-r{self.spec.shard_id}-")
             atexit.register(shutil.rmtree, self._scratch, True)
-        out = os.path.join(self._scratch, f"epoch-{self.epoch}")
         s = self.spec
-        sliced = shard_order.epoch_slice(self.shards, s.order_seed, self.epoch, s.shard_id, s.num_shards,
-                                         s.interleave_chunk, out)
-        old = os.path.join(self._scratch, f"epoch-{self.epoch - 1}")
-        shutil.rmtree(old, ignore_errors=True)  # the last epoch's pipeline read its indexes when built
+        sliced = shard_order.epoch_slice(self.shards, s.order_seed, epoch, s.shard_id, s.num_shards,
+                                         s.interleave_chunk, os.path.join(self._scratch, f"epoch-{epoch}"))
+        # two epochs back: its pipeline read its indexes when it was built, and is gone
+        shutil.rmtree(os.path.join(self._scratch, f"epoch-{epoch - 2}"), ignore_errors=True)
         return sliced
+
+    def _prepare_next_epoch(self) -> None:
+        """shard_shuffle: build the next epoch's pipeline in a thread while this epoch's last
+        batches are consumed, so its first batches are ready at the boundary (DALI runs
+        the build and the prefetch in its own threads)."""
+        box: dict = {}
+
+        def work():
+            try:
+                box["made"] = self._make(self.epoch + 1)
+            except BaseException as e:  # noqa: BLE001 - re-raised at the boundary, in the loop's thread
+                box["error"] = e
+        t = threading.Thread(target=work, name="hvdtrain-next-epoch", daemon=True)
+        t.start()
+        self._next_epoch = (t, box)
+
+    def _start_next_epoch(self) -> None:
+        if self.spec.shard_shuffle:
+            if self._next_epoch is None:
+                self._prepare_next_epoch()
+            t, box = self._next_epoch
+            t.join()
+            self._next_epoch = None
+            if "error" in box:
+                raise box["error"]
+            self.pipe = self._it = None  # the old pipeline and its threads go first
+            self.pipe, self._it, self._slice = box["made"]
+        elif not self.drop_last and self.spec.random_crop_flip:
+            self.pipe = self._it = None  # a val pass with random views: the same views every pass
+            self.pipe, self._it, self._slice = self._make(self.epoch)
+        else:
+            self._it.reset()
 
     def checkpoint(self) -> bytes:
         """The reader position and random states after the last batch handed out (the
@@ -129,43 +165,55 @@ class DaliLoader:
         except RuntimeError as e:
             raise self._data_error(e, "stopped reading") from e
 
-    def _data_error(self, e: RuntimeError, what: str) -> DataError:
-        """DALI's error does not name the sample: scan this rank's part of the data for it."""
+    def _data_error(self, e: BaseException, what: str, sliced: ShardSet | None = None,
+                    epoch: int | None = None) -> DataError:
+        """DALI's error does not name the sample: scan this rank's part of the data for it
+        (with shard_shuffle: the epoch's slice, `sliced`, default the current one)."""
         from data import verify
 
-        if self.spec.shard_shuffle and self._slice is not None:  # this epoch's chunks, from every tar
-            found, complete = verify.locate_indexed(self._slice, self.num_classes)
+        sliced = sliced or getattr(self, "_slice", None)
+        epoch = self.epoch if epoch is None else epoch
+        if self.spec.shard_shuffle and sliced is not None:  # this epoch's chunks, from every tar
+            found, complete = verify.locate_indexed(sliced, self.num_classes)
         else:
             found, complete = verify.locate(self.shards, self.spec.shard_id, self.spec.num_shards, self.num_classes)
-        whose = f"rank {self.spec.shard_id}'s samples" + (f" of epoch {self.epoch}" if self.spec.shard_shuffle else "")
+        whose = f"rank {self.spec.shard_id}'s samples" + (f" of epoch {epoch}" if self.spec.shard_shuffle else "")
         if found:
             more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
             where = f" A scan of {whose} found: " + "; ".join(str(p) for p in found[:3]) + more + "."
         else:
             where = f" A scan of {whose} found no bad sample" + ("." if complete else " in its time budget.")
-        return DataError(f"DALI {what} {self.shards.spec} (rank {self.spec.shard_id}, epoch {self.epoch}; the "
+        return DataError(f"DALI {what} {self.shards.spec} (rank {self.spec.shard_id}, epoch {epoch}; the "
                          f"last good batch ended at {self.last_source}): {dali_reason(e)}.{where} List every "
                          f"problem with `python -m data.verify {self.shards.spec}`, or train past bad samples "
                          f"with --data.on_error=skip")
 
     def epoch_batches(self):
-        """One epoch of batches on this rank."""
+        """The rest of this epoch on this rank."""
         while True:
+            if self.spec.shard_shuffle and self._next_epoch is None and self._taken >= len(self) - 2:
+                self._prepare_next_epoch()
             try:
                 out = self._next()
             except StopIteration:
+                self._start_next_epoch()
                 self.epoch += 1
-                if self.spec.shard_shuffle:
-                    self._build()  # the next epoch's interleaved order
-                else:
-                    self._it.reset()
+                self._taken = 0
                 return
+            self._taken += 1
             yield self._convert(out)
 
     def forever(self):
         """Batches across epochs, for step-based training."""
         while True:
             yield from self.epoch_batches()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The DALI seed of a rebuilt epoch: the rank's seed for epoch 0, an independent one after."""
+    if epoch == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]) & 0x7FFFFFFF
 
 
 class InMemoryLoader:
@@ -197,7 +245,8 @@ def from_config(cfg, shards: ShardSet, split: str = "train", threads: int = 1, c
 
     gpu = torch.cuda.is_available()
     spec = pipeline.spec_from_config(cfg, split, rank=dist.rank(), size=dist.size(),
-                                     device_id=dist.local_rank() if gpu else None, threads=threads)
+                                     device_id=dist.local_rank() if gpu else None, threads=threads,
+                                     written_shuffled=shards.shuffled)
     kw = dict(num_classes=shards.num_classes, device=dist.device(), channels_last=cfg.data.channels_last,
               drop_last=split == "train", checkpoint=checkpoint, epoch=epoch)
     if cfg.data.loader == "torch":

@@ -55,13 +55,15 @@ class PipeSpec:
 
 
 def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1, device_id: int | None = None,
-                     threads: int = 1) -> PipeSpec:
+                     threads: int = 1, written_shuffled: bool | None = None) -> PipeSpec:
     """The pipeline a run's config asks for, for `split` ("train" or "val") on one rank.
 
     Train: the task's views, random-resized crop + flip unless `data.augment=False`,
     shuffled unless `data.shuffle=False`. Val: never shuffled; classify gets the
     deterministic resize + centre crop, contrastive its two random views (from a seed of
-    their own, so every pass sees the same views)."""
+    their own, rebuilt every pass so every pass sees the same views). `written_shuffled`:
+    the shards' `_info.json` says their samples were written in random order
+    (`data.shard_shuffle=auto` then leaves the tars in DALI's order)."""
     d, task = cfg.data, TK.get(cfg.train.task)
     decode = d.decode if d.decode != "auto" else ("mixed" if device_id is not None else "cpu")
     # kernel only where it saves PCIe bytes: CPU decode feeding a GPU; with no GPU it would
@@ -77,7 +79,9 @@ def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1,
                     shuffle=d.shuffle if train else False, decode=decode, hw_decoder_load=d.hw_decoder_load,
                     shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, normalize=normalize,
                     antialias=d.antialias, fast_idct=d.fast_idct, order_seed=derive_seed(cfg.seed, "order", 0),
-                    shard_shuffle=train and d.shuffle and d.shard_shuffle, interleave_chunk=d.interleave_chunk)
+                    shard_shuffle=train and d.shuffle and (d.shard_shuffle == "on" or (
+                        d.shard_shuffle == "auto" and not written_shuffled)),
+                    interleave_chunk=d.interleave_chunk)
 
 
 def ceiling_of(spec: PipeSpec) -> PipeSpec:

@@ -52,6 +52,10 @@ def open_data(cfg: C.Config) -> tuple[ShardSet, ShardSet | None, dict]:
         val = open_shards(cfg.data.val, check_fit=not skip) if cfg.data.val else None
     except ShardError as e:
         raise Refused(f"data error: {e}") from e
+    for split, shards in (("train", train), ("val", val)):
+        if shards is not None and shards.total < dist.size():
+            raise Refused(f"data error: {split} data {shards.spec} has {shards.total} sample(s) for {dist.size()} "
+                          f"ranks: every rank needs at least one")
     data = {"train": train.describe()}
     if val is not None:
         data["val"] = val.describe()
@@ -148,16 +152,19 @@ class Run:
     @staticmethod
     def _agreed(make):
         """Build the loaders on every rank and agree on the outcome (one allgather): a rank
-        whose part of the data cannot be read stops every rank with its message, instead of
-        leaving the others waiting in their first collective (with shard_shuffle each rank
-        reads only its own slice's indexes, so only some ranks may see the problem)."""
+        that cannot start reading its part of the data (a bad sample where DALI starts, a
+        malformed index) stops every rank with its message, instead of leaving the others
+        waiting in their first collective."""
         try:
             out, err = make(), None
-        except DataError as e:
-            out, err = None, f"rank {dist.rank()}: {e}"
+        except (DataError, ShardError) as e:
+            out, err = None, (type(e).__name__, f"rank {dist.rank()}: {e}")
         errs = [x for x in dist.allgather_object(err, name="loaders_ok") if x]
         if errs:
-            raise DataError(errs[0] if err is None else err.split(": ", 1)[1])
+            kind, msg = err or errs[0]
+            if kind == "ShardError":
+                raise Refused(f"data error: {msg}")
+            raise DataError(msg if err is None else msg.split(": ", 1)[1])
         return out
 
     def _val_loader(self):
@@ -186,6 +193,8 @@ class Run:
     def close(self) -> None:
         if self.dog is not None:
             self.dog.stop()
+        if getattr(self, "gpu_started", False):
+            self._stop_gpu()
         if self.logs is not None:
             self.logs.close()
             self.logs = None
@@ -207,9 +216,13 @@ class Run:
             self.gpu_started = True
 
     def _stop_gpu(self) -> dict:
-        if self.gpu_started or self.gpu.why_not:  # no GPU, or no NVML: the monitor says why
-            return self.gpu.stop()
-        return not_evaluated("no step after the warm-up")
+        started, self.gpu_started = self.gpu_started, False
+        if started:
+            self._gpu_summary = self.gpu.stop()
+            return self._gpu_summary
+        if getattr(self, "_gpu_summary", None) is not None:  # stopped already (train, then close)
+            return self._gpu_summary
+        return self.gpu.stop() if self.gpu.why_not else not_evaluated("no step after the warm-up")
 
     def on_log(self, step, values, res, elapsed, out):
         rec = {"step": step, "train_loss": sum(values) / len(values), "lr": out["lr"],
@@ -276,6 +289,7 @@ class Run:
         (no validation, no checkpoints). Returns the timed steps' result and the GPU's."""
         beat = lambda st: self.dog.beat(f"bench step {st.step}")  # noqa: E731
         self.dog.start()
+        gpu = None
         try:
             S.run_loop(self.state, loader, warmup, on_step=beat)
             self.gpu = GpuMonitor(self.state.device)
@@ -284,7 +298,8 @@ class Run:
             res = S.run_loop(self.state, loader, steps, on_step=beat)
         finally:
             self.dog.stop()
-        return res, self._stop_gpu()
+            gpu = self._stop_gpu()  # also when a step raised: no sampler thread or dmon left behind
+        return res, gpu
 
     def diagnosis(self, phase_s: dict) -> dict:
         spec = getattr(self.loader, "spec", None)

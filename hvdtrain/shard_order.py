@@ -27,7 +27,7 @@ import math
 import os
 import random
 
-from data.wds import ShardSet, rank_range, read_index, write_index_rows
+from data.wds import ShardError, ShardSet, rank_range
 
 MAX_CHUNKS = 8192  # auto chunk size: about this many chunks per epoch (index files written per rank)
 
@@ -38,29 +38,48 @@ def auto_chunk(total: int) -> int:
 
 
 def epoch_slice(shards: ShardSet, seed: int, epoch: int, rank: int, size: int, chunk: int, out_dir: str) -> ShardSet:
-    """Rank `rank`'s samples of epoch `epoch`, as a ShardSet of chunk indexes in `out_dir`."""
+    """Rank `rank`'s samples of epoch `epoch`, as a ShardSet of chunk indexes in `out_dir`.
+
+    The chunk order comes from the shards' sample counts alone; only the index lines of
+    this rank's chunks are kept (as text), so an ImageNet-sized epoch costs one read of the
+    index files and about 1/size of their lines in memory."""
     chunk = chunk or auto_chunk(shards.total)
-    pieces = []
-    for tar, idx in zip(shards.paths, shards.index_paths):
-        rows = read_index(idx)
-        pieces += [(tar, rows[i:i + chunk]) for i in range(0, len(rows), chunk)]
+    pieces = [(t, i, min(i + chunk, n)) for t, n in enumerate(shards.counts) for i in range(0, n, chunk)]
     random.Random(seed * 1_000_003 + epoch).shuffle(pieces)
     lo, hi = rank_range(shards.total, rank, size)
-    per_rank = -(-shards.total // size)
-    mine, pos = [], 0
-    for tar, rows in pieces:
-        a, b = max(lo, pos), min(hi, pos + len(rows))
-        if a < b:
-            mine.append((tar, rows[a - pos:b - pos]))
-        pos += len(rows)
-    if hi - lo < per_rank and mine:  # pad like DALI's pad_last_batch: every rank as long
-        tar, rows = mine[-1]
-        mine[-1] = (tar, rows + [rows[-1]] * (per_rank - (hi - lo)))
+    mine, pos = [], 0  # (tar number, first, last) sample ranges of this rank, in reading order
+    for t, a, b in pieces:
+        x, y = max(lo, pos), min(hi, pos + b - a)
+        if x < y:
+            mine.append((t, a + x - pos, a + y - pos))
+        pos += b - a
+    if not mine:
+        raise ShardError(f"{shards.spec}: {shards.total} sample(s) for {size} ranks: rank {rank} has none")
+    lines = _index_lines(shards, {t for t, _, _ in mine})
+    pad = -(-shards.total // size) - (hi - lo)  # DALI's pad_last_batch: every rank as long
     os.makedirs(out_dir, exist_ok=True)
     paths, idx_paths, counts = [], [], []
-    for i, (tar, rows) in enumerate(mine):
+    for i, (t, a, b) in enumerate(mine):
+        rows = lines[t][a:b] + (lines[t][b - 1:b] * pad if i == len(mine) - 1 else [])
         p = os.path.join(out_dir, f"{i:06d}.idx")
-        counts.append(write_index_rows(p, rows))
-        paths.append(tar)
+        tmp = p + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"v1.2 {len(rows)}\n" + "".join(rows))
+        os.replace(tmp, p)
+        paths.append(shards.paths[t])
         idx_paths.append(p)
+        counts.append(len(rows))
     return dataclasses.replace(shards, paths=paths, index_paths=idx_paths, counts=counts)
+
+
+def _index_lines(shards: ShardSet, wanted: set[int]) -> dict[int, list[str]]:
+    """The sample lines (after the header) of the wanted tars' indexes, checked against the counts."""
+    out = {}
+    for t in sorted(wanted):
+        with open(shards.index_paths[t]) as f:
+            f.readline()
+            out[t] = [x if x.endswith("\n") else x + "\n" for x in f if x.strip()]
+        if len(out[t]) != shards.counts[t]:
+            raise ShardError(f"{shards.index_paths[t]}: {len(out[t])} sample lines, its header says "
+                             f"{shards.counts[t]}: rebuild it with `python -m data.make_shards --index-only`")
+    return out

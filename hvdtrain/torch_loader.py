@@ -179,11 +179,15 @@ class TorchLoader:
             random.Random(self.spec.order_seed * 1_000_003 + epoch).shuffle(order)  # same on every rank
         lo, hi = rank_range(n, self.spec.shard_id, self.spec.num_shards)
         mine = order[lo:hi]
-        real = len(mine)
+        if not mine:
+            raise DataError(f"{self.shards.spec}: {n} sample(s) for {self.spec.num_shards} ranks: rank "
+                            f"{self.spec.shard_id} has none")
         if self.drop_last:  # training: every rank the same length (DALI's pad_last_batch)
             mine = mine + [mine[-1]] * (self.per_rank - len(mine))
-        base = self.spec.seed * 1_000_003 + epoch * 7_919
-        return [(item, base + pos) for pos, item in enumerate(mine)][: len(mine) if self.drop_last else real]
+        # a seed per (rank seed, epoch, position), never shared by two of them; a val pass
+        # (drop_last=False) uses the same seeds every pass, so random views repeat exactly
+        e = epoch if self.drop_last else 0
+        return [(item, (self.spec.seed << 64) + (e << 32) + pos) for pos, item in enumerate(mine)]
 
     def _batches(self, epoch: int) -> list[list[tuple[int, int]]]:
         keys, b = self._keys(epoch), self.spec.batch_size

@@ -48,7 +48,11 @@ def wait_for(what: str, ok, timeout_s: float, p: subprocess.Popen | None = None,
         if ok():
             return
         if p is not None and p.poll() is not None:
-            out = "".join(x.read() for x in (p.stdout, p.stderr) if x is not None and not x.closed) if p.stdout else ""
+            kill_job(p.pid)  # ranks may outlive the launcher and hold its pipes open
+            try:
+                out = "".join(x or "" for x in p.communicate(timeout=10))
+            except (subprocess.TimeoutExpired, ValueError):
+                out = "(no output could be read)"
             pytest.fail(f"the job ended (exit {p.returncode}) before {what}\n{out[-3000:]}")
         time.sleep(poll_s)
     if p is not None:

@@ -42,14 +42,15 @@ def test_np1_accum2_equals_np2_accum1(tmp_path):
 
 
 # ---------------------------------------------------------------- kill -9, then --resume auto
-def test_kill9_then_resume_auto_gives_the_same_losses(tmp_path, synth_data):
+@pytest.mark.parametrize("interleave", ["off", "on"])
+def test_kill9_then_resume_auto_gives_the_same_losses(tmp_path, synth_data, interleave):
     """Checkpoints every 5 steps of 40; the job is killed (SIGKILL to the launcher and both
     ranks) once step 12 is logged; --resume auto continues from the newest checkpoint
     (step 10, or a later one where the kill came late: steps take tens of ms here), and
     every step after it must equal the uninterrupted run's bit for bit (same threads, CPU)."""
     steps = 40
     args = CI + [f"--data.train={synth_data}/train", "--train.log_every=1", "--train.ckpt_every=5",
-                 f"--train.steps={steps}"]
+                 f"--train.steps={steps}", f"--data.shard_shuffle={interleave}"]  # on: epochs rebuilt from the seed
     full = run(HOROVODRUN + TRAIN + args + [f"--run.dir={tmp_path}/full"])
     assert full.returncode == 0, (full.stdout + full.stderr)[-3000:]
     metrics = tmp_path / "cut" / "metrics.jsonl"

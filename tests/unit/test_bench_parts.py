@@ -17,12 +17,17 @@ def test_a_loader_above_its_ceiling_is_reported_as_a_bench_bug():
 
 
 def test_every_dali_setting_is_measured_beside_its_ceiling():
-    a = argparse.Namespace(loader="all", threads="4,8", hw_decoder_load="0,0.99")
+    a = argparse.Namespace(loader="all", threads="4,8", hw_decoder_load="0,0.99", workers=0)
     plan = settings(a)
     gpu = [(t, h) for n, t, h in plan if n == "dali-gpu"]
     assert gpu == [(t, h) for n, t, h in plan if n == "ceiling-gpu"] == [(4, 0.0), (4, 0.99), (8, 0.0), (8, 0.99)]
     assert [t for n, t, _ in plan if n == "ceiling-cpu"] == [4, 8]
     assert [n for n, *_ in plan].count("pil-decode") == 1  # one core whatever the thread count
+    # a single loader still gets its ceiling, at its own setting (torch: its worker count)
+    one = argparse.Namespace(loader="dali-cpu", threads="2", hw_decoder_load="", workers=0)
+    assert settings(one) == [("dali-cpu", 2, None), ("ceiling-cpu", 2, None)]
+    workers = argparse.Namespace(loader="torch", threads="1", hw_decoder_load="", workers=4)
+    assert settings(workers) == [("torch", 4, None), ("ceiling-cpu", 4, None)]
 
 
 def test_the_tuner_prefers_the_cheaper_of_two_equal_settings():

@@ -2,6 +2,7 @@
 constraints.txt pins every dependency setup.py names."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -39,9 +40,13 @@ def test_version_has_one_home():
 def test_install_and_run_a_console_script(tmp_path):
     """pip install --no-deps --target: a wheel built from setup.py, then the commands it
     installed, run from outside the repository so they import the installed copy."""
-    target = tmp_path / "site"
+    target, src = tmp_path / "site", tmp_path / "src"
+    # built from a copy: setuptools would leave build/ and an egg-info in the checkout, and a
+    # stale build/ can ship modules the tree no longer has
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info",
+                                                             "__pycache__", ".gpu-bundle"))
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--target", str(target), ROOT], capture_output=True, text=True, timeout=300)
+                        "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for cmd in setup_metadata()["COMMANDS"]:
         assert (target / "bin" / cmd).exists(), cmd

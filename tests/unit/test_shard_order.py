@@ -67,3 +67,45 @@ def test_resume_mid_epoch_after_a_rebuild_is_exact(by_class):
     assert epoch == 1
     for x, y in zip(rest, again):
         assert x.keys() == y.keys() and torch.equal(x.views[0], y.views[0])
+
+
+def test_resume_exactly_at_an_epoch_boundary(by_class):
+    a = loader(by_class, 0)
+    it = a.forever()
+    for _ in range(20):  # exactly one epoch: the next batch comes from the next epoch's pipeline
+        next(it)
+    state, epoch = a.checkpoint(), a.epoch
+    rest = [next(it) for _ in range(2)]
+    b = DaliLoader(by_class, a.spec, num_classes=CLASSES, checkpoint=state, epoch=epoch)
+    again = [x for x, _ in zip(b.forever(), range(2))]
+    for x, y in zip(rest, again):
+        assert x.keys() == y.keys() and torch.equal(x.views[0], y.views[0])
+
+
+def test_contrastive_val_passes_see_the_same_views(by_class):
+    """Two random views per image, drawn again each pass, would make the val loss (and
+    best.pt) noise: every pass rebuilds from the fixed seed."""
+    spec = PipeSpec(batch_size=BATCH, num_threads=1, shard_id=0, num_shards=1, device_id=None, seed=3, size=16,
+                    views=2, random_crop_flip=True, shuffle=False)
+    ld = DaliLoader(by_class, spec, num_classes=CLASSES, drop_last=False)
+    first, second = (list(ld.epoch_batches())[:3] for _ in range(2))
+    for x, y in zip(first, second):
+        assert x.keys() == y.keys() and all(torch.equal(u, v) for u, v in zip(x.views, y.views))
+    assert not torch.equal(first[0].views[0], first[0].views[1])  # random views, not copies
+
+
+def test_auto_interleaves_only_shards_not_written_shuffled(by_class, tmp_path):
+    from data import synth
+    from hvdtrain import config as C
+    from hvdtrain.pipeline import spec_from_config
+
+    synth.make(str(tmp_path), classes=3, train=12, val=0, size=16, seed=1)
+    ours = open_shards(str(tmp_path / "train"))
+    assert ours.shuffled is True and by_class.shuffled is False  # write_split alone claims nothing
+    cfg = C.ci()
+    on = {m: spec_from_config(C.parse_args(["--preset", "ci", f"--data.shard_shuffle={m}"])[0], "train",
+                              written_shuffled=w).shard_shuffle
+          for m, w in (("auto", None), ("off", None), ("on", True))}
+    assert on == {"auto": True, "off": False, "on": True}
+    assert spec_from_config(cfg, "train", written_shuffled=ours.shuffled).shard_shuffle is False
+    assert spec_from_config(cfg, "val", written_shuffled=None).shard_shuffle is False  # val: never
