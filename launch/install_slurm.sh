@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Install Debian's Slurm + munge for the test cluster (tests/slurm), if missing.
+# Install Debian's Slurm + munge (and OpenSSH, for horovodrun across the two test nodes)
+# for the test cluster (tests/slurm), if missing.
 # Needs root (apt-get, no interaction). Nothing is configured in /etc: the tests write
 # their own slurm.conf in a temporary folder (launch/testcluster.py).
 set -euo pipefail
-PKGS=(slurmctld slurmd slurm-client munge)
+PKGS=(slurmctld slurmd slurm-client munge openssh-server openssh-client)
 if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
-   && command -v munged >/dev/null; then
-    echo "install_slurm: $(slurmctld -V) and munge already installed"
+   && command -v munged >/dev/null && [[ -x /usr/sbin/sshd ]] && command -v ssh >/dev/null; then
+    echo "install_slurm: $(slurmctld -V), munge and OpenSSH already installed"
     exit 0
 fi
 if [[ $(id -u) != 0 ]]; then

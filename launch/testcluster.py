@@ -1,8 +1,13 @@
-"""A one-node Slurm cluster on loopback, for tests: munged + slurmctld + slurmd.
+"""A Slurm cluster on loopback, for tests: munged + slurmctld + one slurmd per node.
 
-    python -m launch.testcluster up DIR      # prints `export SLURM_CONF=DIR/slurm.conf`
+    python -m launch.testcluster up DIR [--nodes 2]   # prints `export SLURM_CONF=DIR/slurm.conf`
     python -m launch.testcluster down DIR
 
+One node (the default) is this host under its own name, with all its cores. Two nodes
+are `n1` and `n2`: two `slurmd -N nK` daemons on one host, each on its own loopback port
+(`NodeHostname=localhost NodeAddr=127.0.0.1 Port=`), with `%n` in their spool, pid and
+log paths, `CPUs=` cores each (2: room for 2 tasks per node) and the host's memory;
+both share the same cores and filesystem, so compare results between them, not speed.
 Everything lives in DIR (config, keys, sockets, state, logs); nothing in /etc changes.
 Clients find the cluster through SLURM_CONF. Daemons start with stdin from /dev/null
 and their own log files, and are stopped by PID. Needs Debian's `slurmctld slurmd
@@ -20,7 +25,7 @@ import subprocess
 import sys
 import time
 
-DAEMONS = ("slurmd", "slurmctld", "munged")
+TWO_NODES = ("n1", "n2")
 
 
 class ClusterError(RuntimeError):
@@ -41,9 +46,28 @@ def _node_facts() -> tuple[str, int, int]:
     return name, cpus, mem
 
 
-def write_config(d: str) -> str:
-    node, cpus, mem = _node_facts()
-    for sub in ("munge", "state", "spool", "log"):
+def node_names(d: str) -> list[str]:
+    """The nodes of the cluster in `d`, as its slurm.conf names them."""
+    with open(os.path.join(d, "slurm.conf")) as f:
+        return re.findall(r"^NodeName=(\S+)", f.read(), flags=re.M)
+
+
+def _node_lines(nodes: int, cpus_per_node: int | None) -> tuple[list[str], str]:
+    host, cpus, mem = _node_facts()
+    if nodes == 1:
+        return [f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus_per_node or cpus} RealMemory={mem} "
+                "State=UNKNOWN"], f"{host}(127.0.0.1)"
+    if nodes != len(TWO_NODES):
+        raise ClusterError(f"nodes={nodes}: the test cluster has 1 or {len(TWO_NODES)} nodes")
+    lines = [f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} "
+             f"CPUs={cpus_per_node or 2} RealMemory={mem} State=UNKNOWN" for n in TWO_NODES]
+    return lines, f"{host}(127.0.0.1)"
+
+
+def write_config(d: str, nodes: int = 1, cpus_per_node: int | None = None) -> str:
+    node_lines, ctld = _node_lines(nodes, cpus_per_node)
+    names = [line.split()[0].split("=", 1)[1] for line in node_lines]
+    for sub in ("munge", "state", "log", *(os.path.join("spool", n) for n in names)):
         os.makedirs(os.path.join(d, sub), exist_ok=True)
     os.chmod(os.path.join(d, "munge"), 0o755)  # munged's socket folder: world-enterable
     key = os.path.join(d, "munge.key")
@@ -54,7 +78,7 @@ def write_config(d: str) -> str:
     conf = f"""# written by launch/testcluster.py (random FirstJobId: runs/slurm-<id> never collide across clusters)
 ClusterName=hvdtest
 FirstJobId={random.randint(1_000_000, 60_000_000)}
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={ctld}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 SlurmUser=root
@@ -63,11 +87,12 @@ AuthType=auth/munge
 AuthInfo=socket={d}/munge/munge.socket.2
 CryptoType=crypto/munge
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd-%n.pid
 SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
+SlurmdLogFile={d}/log/slurmd-%n.log
+CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -80,8 +105,8 @@ KillWait=10
 MinJobAge=600
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+{chr(10).join(node_lines)}
+PartitionName=debug Nodes={",".join(names)} Default=YES MaxTime=INFINITE State=UP
 """
     path = os.path.join(d, "slurm.conf")
     with open(path, "w") as f:
@@ -115,14 +140,14 @@ def env_for(d: str) -> dict:
     return {**os.environ, "SLURM_CONF": os.path.join(d, "slurm.conf")}
 
 
-def up(d: str) -> dict:
-    """Start the cluster in folder `d`; returns the environment clients need."""
+def up(d: str, nodes: int = 1, cpus_per_node: int | None = None) -> dict:
+    """Start the cluster in folder `d` (1 or 2 nodes); returns the environment clients need."""
     for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
         if shutil.which(tool) is None:
             raise ClusterError(f"{tool} not found: install Debian's slurmctld slurmd slurm-client munge "
                                "(launch/install_slurm.sh)")
     os.makedirs(d, exist_ok=True)
-    conf = write_config(d)
+    conf = write_config(d, nodes, cpus_per_node)
     env = env_for(d)
     sock = os.path.join(d, "munge", "munge.socket.2")
     _start(d, "munged", ["munged", "--foreground", "--force", f"--socket={sock}",
@@ -132,20 +157,34 @@ def up(d: str) -> dict:
     _start(d, "slurmctld", ["slurmctld", "-D", "-i", "-f", conf], env)
     _wait("slurmctld", lambda: subprocess.run(["scontrol", "ping"], env=env, capture_output=True,
                                               text=True).stdout.count("UP") > 0, 30, d)
-    node = _node_facts()[0]
-    _start(d, "slurmd", ["slurmd", "-D", "-f", conf, "-N", node], env)
+    names = node_names(d)
+    for n in names:
+        _start(d, _slurmd(n, names), ["slurmd", "-D", "-f", conf, "-N", n], env)
 
     def idle() -> bool:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
-        return "idle" in out or "mixed" in out
-    _wait("node idle in sinfo", idle, 60, d)
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=env, capture_output=True, text=True).stdout
+        states = dict(line.split() for line in out.splitlines() if line.strip())
+        return all(states.get(n) in ("idle", "mixed") for n in names)
+    _wait(f"node(s) {','.join(names)} idle in sinfo", idle, 60, d)
     return env
+
+
+def _slurmd(node: str, names: list[str]) -> str:
+    """The daemon's pid-file name: `slurmd` on one node, `slurmd-NODE` on several."""
+    return "slurmd" if len(names) == 1 else f"slurmd-{node}"
+
+
+def _daemons(d: str) -> list[str]:
+    """Every daemon started in `d`, slurmd's first (munged last: the others need it to stop)."""
+    slurmds = sorted(f[:-len(".daemon.pid")] for f in os.listdir(d) if f.startswith("slurmd")
+                     and f.endswith(".daemon.pid"))
+    return slurmds + ["slurmctld", "munged"]
 
 
 def down(d: str, timeout_s: float = 20) -> list[str]:
     """Stop the daemons by PID (TERM, then KILL); returns the names that needed KILL."""
     pids = {}
-    for name in DAEMONS:
+    for name in _daemons(d) if os.path.isdir(d) else []:
         path = os.path.join(d, f"{name}.daemon.pid")
         if os.path.exists(path):
             pids[name] = int(open(path).read())
@@ -183,13 +222,16 @@ def _alive(pid: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    nodes = 1
+    if len(argv) == 4 and argv[2] == "--nodes" and argv[3].isdigit():
+        nodes, argv = int(argv[3]), argv[:2]
     if len(argv) != 2 or argv[0] not in ("up", "down"):
         print(__doc__, file=sys.stderr)
         return 2
     d = os.path.abspath(argv[1])
     try:
         if argv[0] == "up":
-            up(d)
+            up(d, nodes)
             print(f"export SLURM_CONF={d}/slurm.conf")
         else:
             down(d)
