@@ -11,6 +11,7 @@ leaves the others waiting in it.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from typing import Any
 
@@ -79,6 +80,28 @@ def size() -> int:
 
 def local_size() -> int:
     return hvd.local_size()
+
+
+def node_name() -> str:
+    """The node this rank runs on, as the launcher named it: horovodrun's `-H` host
+    (HOROVOD_HOSTNAME; launch/slurm.py sets it from the node list under srun), else
+    Slurm's node name, else the host name. Under horovodrun the batch step's SLURM_*
+    variables reach every rank over ssh, so SLURMD_NODENAME alone would name one node."""
+    return (os.environ.get("HOROVOD_HOSTNAME") or os.environ.get("SLURMD_NODENAME")
+            or platform.node())
+
+
+def placement() -> list[dict]:
+    """Where every rank runs (one allgather_object; every rank calls it): rank, node,
+    local rank/size, cross rank/size and pid, in rank order."""
+    global last_placement
+    me = {"rank": rank(), "node": node_name(), "local_rank": local_rank(), "local_size": local_size(),
+          "cross_rank": hvd.cross_rank(), "cross_size": hvd.cross_size(), "pid": os.getpid()}
+    last_placement = allgather_object(me, name="placement")
+    return last_placement
+
+
+last_placement: list[dict] = []  # the newest placement(): named in a failed collective's message
 
 
 def is_primary() -> bool:

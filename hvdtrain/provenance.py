@@ -65,7 +65,19 @@ def run_id(prefix: str) -> str:
     return f"{prefix}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
-def banner(code: dict, config_hash: str, data: dict, ranks: int, device: str) -> str:
+def describe_placement(placement: list[dict]) -> str:
+    """`n1: rank 0 (local 0/1); n2: rank 1 (local 0/1); 2 node(s), cross size 2`."""
+    by_node: dict[str, list[dict]] = {}
+    for p in placement:
+        by_node.setdefault(p["node"], []).append(p)
+    nodes = "; ".join(f"{n}: rank {','.join(str(p['rank']) for p in ps)} (local "
+                      f"{','.join(str(p['local_rank']) for p in ps)}/{ps[0]['local_size']})"
+                      for n, ps in by_node.items())
+    return f"{nodes}; {len(by_node)} node(s), cross size {max(p['cross_size'] for p in placement)}"
+
+
+def banner(code: dict, config_hash: str, data: dict, ranks: int, device: str,
+           placement: list[dict] | None = None) -> str:
     dirty = ""
     if code["git_dirty"]:
         dirty = f" DIRTY ({len(code['git_changed'])} changed: {', '.join(code['git_changed'][:5])})"
@@ -75,6 +87,8 @@ def banner(code: dict, config_hash: str, data: dict, ranks: int, device: str) ->
     lines = [f"code    {code['git_sha']}{dirty}   from {code.get('code_path', REPO)}",
              f"config  {config_hash}",
              f"ranks   {ranks} x {device}   host {platform.node()}   python {sys.version.split()[0]}"]
+    if placement:
+        lines.append(f"nodes   {describe_placement(placement)}")
     job = slurm_job()
     if job:
         lines.append(f"slurm   job {job['slurm_job_id']} ({job['slurm_job_name']}) on {job['slurm_job_nodelist']}, "

@@ -99,7 +99,8 @@ def run(cfg: C.Config, slo_file: str | None) -> dict:
     mem, mem_kind = max_memory()
     return {"verdict": S.verdict(results), "config": C.to_dict(cfg), "config_hash": r.prov["config_hash"],
             **{k: v for k, v in r.prov.items() if k.startswith("git_") or k == "code_path"},
-            "run_dir": r.dir, "data": r.data, "ranks": dist.size(), "device": str(r.state.device),
+            "run_dir": r.dir, "data": r.data, "ranks": dist.size(), "placement": r.placement,
+            "nodes": sorted({p["node"] for p in r.placement}), "device": str(r.state.device),
             "torch_threads": r.torch_threads, "dali_threads": r.dali_threads, "loader": r.loader.describe(),
             "decode": getattr(getattr(r.loader, "spec", None), "decode", "cpu"),
             "loss_step1": losses[0], "loss_first10": first, "loss_last10": last, "loss_reduction": first - last,

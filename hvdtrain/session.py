@@ -146,6 +146,7 @@ class Run:
         self.dog = Watchdog(cfg.run.watchdog_s, dist.rank())
         self.gpu = GpuMonitor(self.state.device)  # started at the end of the warm-up (see the docstring)
         self.gpu_started = False
+        self.placement = dist.placement()  # every rank: one allgather
         if dist.is_primary():
             self._banner(info["notes"] + notes)
 
@@ -174,8 +175,8 @@ class Run:
 
     def _banner(self, notes: list[str]) -> None:
         cfg, st = self.cfg, self.state
-        print(provenance.banner(self.prov, self.prov["config_hash"], self.data, dist.size(), str(dist.device())),
-              flush=True)
+        print(provenance.banner(self.prov, self.prov["config_hash"], self.data, dist.size(), str(dist.device()),
+                                self.placement), flush=True)
         print(f"run     {self.dir}   preset {cfg.preset}, task {cfg.train.task}, model {cfg.model.name}, "
               f"global batch {optim.global_batch(cfg, dist.size())}, peak lr {optim.peak_lr(cfg, dist.size()):.4g}, "
               f"amp {st.amp or 'off'}, threads torch {self.torch_threads} / DALI {self.dali_threads}"
@@ -187,7 +188,8 @@ class Run:
             print(n, flush=True)
         report.write_json(os.path.join(self.dir, "config.json"),
                           {"config": C.to_dict(cfg), **self.prov, "data": self.data, "resumed_from": self.info["path"],
-                           "start_step": st.step, "ranks": dist.size(), "slurm": provenance.slurm_job(),
+                           "start_step": st.step, "ranks": dist.size(), "placement": self.placement,
+                           "slurm": provenance.slurm_job(),
                            "versions": provenance.versions()})
 
     def close(self) -> None:
@@ -359,8 +361,10 @@ def guarded(prog: str, fn, codes: dict | None = None) -> int:
         if not dist.is_collective_failure(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = (f"; the ranks ran on {provenance.describe_placement(dist.last_placement)}"
+                 if dist.last_placement else "")
         print(f"{prog}: rank {dist.rank()}: a collective failed, most likely because another rank "
-              f"stopped (the launcher's message names it): {first}", file=sys.stderr, flush=True)
+              f"stopped (the launcher's message names it): {first}{where}", file=sys.stderr, flush=True)
         return EXIT_STALLED
 
 

@@ -7,7 +7,10 @@
 `launch/slurm_run.sh` (the body of every launch/*.sbatch) calls this. Two launchers:
 
 - `horovodrun` (default): `horovodrun -np $SLURM_NTASKS -H host1:k1,host2:k2 python -m MODULE`
-  from the batch step; horovodrun starts the ranks (over ssh on other nodes).
+  from the batch step; horovodrun starts the ranks, over ssh on the other nodes: those need
+  passwordless ssh from the first node and node names that resolve. HOROVODRUN_ARGS adds
+  horovodrun options (`--ssh-port 2222 --ssh-identity-file ~/.ssh/id_cluster`,
+  `--network-interfaces ib0`).
 - `srun` (`LAUNCHER=srun`): each Slurm task is one Horovod rank. The batch step starts
   Horovod's Gloo rendezvous server (`rendezvous`), then `srun python -m launch.slurm task
   ...` sets HOROVOD_RANK/SIZE/LOCAL_RANK/... from SLURM_PROCID/NTASKS/LOCALID and the
@@ -117,8 +120,9 @@ def horovod_hosts(alloc: list[tuple[str, int]]) -> str:
     return ",".join(f"{h}:{k}" for h, k in alloc)
 
 
-def horovodrun_command(alloc, python: str, module: str, args: list[str], horovodrun: str = "horovodrun") -> list[str]:
-    return [horovodrun, "-np", str(sum(k for _, k in alloc)), "-H", horovod_hosts(alloc),
+def horovodrun_command(alloc, python: str, module: str, args: list[str], horovodrun: str = "horovodrun",
+                       extra: str = "") -> list[str]:
+    return [horovodrun, *shlex.split(extra), "-np", str(sum(k for _, k in alloc)), "-H", horovod_hosts(alloc),
             python, "-m", module, *args]
 
 
@@ -169,7 +173,8 @@ def main(argv: list[str]) -> int:
             if launcher == "horovodrun":
                 hvdrun = os.path.join(os.path.dirname(python), "horovodrun")
                 line = horovodrun_command(alloc, python, rest[0], rest[1:],
-                                          hvdrun if os.path.exists(hvdrun) else "horovodrun")
+                                          hvdrun if os.path.exists(hvdrun) else "horovodrun",
+                                          os.environ.get("HOROVODRUN_ARGS", ""))
             elif launcher == "srun":
                 line = srun_command(alloc, python, rest[0], rest[1:])
             else:

@@ -5,16 +5,13 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 
 import pytest
 import webdataset as wds
 
 from launch import testcluster
 from tests.conftest import ROOT, jpeg
-
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-            "DEADLINE"}
+from tests.slurm.jobs import job_field, sbatch, wait_gone, wait_job, wait_output
 
 
 @pytest.fixture(scope="module")
@@ -31,33 +28,6 @@ def cluster():
     leftovers = subprocess.run(["pgrep", "-f", d], capture_output=True, text=True).stdout.split()
     assert not leftovers, f"daemons still running after teardown: {leftovers}"
     assert not killed, f"needed SIGKILL to stop: {killed}"
-
-
-def sbatch(env, script, *args, extra_env=None):
-    r = subprocess.run(["sbatch", "--parsable", os.path.join("launch", script), *args], cwd=ROOT,
-                       env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip().split(";")[0]
-
-
-def job_field(env, job, field):
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
-    for part in out.split():
-        if part.startswith(field + "="):
-            return part.split("=", 1)[1]
-    return None
-
-
-def wait_job(env, job, timeout_s=420):
-    """Poll scontrol (there is no sacct without a database) until the job ends."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = job_field(env, job, "JobState")
-        if state in TERMINAL:
-            return state, open(os.path.join(ROOT, "runs", f"slurm-{job}.out")).read()
-        time.sleep(1)
-    subprocess.run(["scancel", job], env=env)
-    pytest.fail(f"job {job} still {state} after {timeout_s}s")
 
 
 def test_sanity_sbatch_two_tasks_completes_with_report(cluster, synth_data):
@@ -94,24 +64,13 @@ def test_scancel_leaves_no_stray_processes(cluster, synth_data, tmp_path):
     marker = str(tmp_path / "cancel-me")
     job = sbatch(cluster, "sanity.sbatch", "--preset", "ci", "--train.steps=100000",
                  f"--data.train={synth_data}/train", f"--run.dir={marker}")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # training has started on both ranks
-        out = open(os.path.join(ROOT, "runs", f"slurm-{job}.out")).read() if os.path.exists(
-            os.path.join(ROOT, "runs", f"slurm-{job}.out")) else ""
-        if "step " in out:
-            break
-        time.sleep(1)
+    wait_output(cluster, job, "step ", timeout_s=120)  # training has started on both ranks
     procs = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert len(procs) >= 3, "expected horovodrun and two ranks running"
     subprocess.run(["scancel", job], env=cluster, check=True)
     state, _ = wait_job(cluster, job, timeout_s=60)
     assert state == "CANCELLED"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        procs = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
-        if not procs:
-            break
-        time.sleep(0.5)
+    procs = wait_gone(marker)
     assert not procs, f"processes left after scancel: {procs}"
 
 

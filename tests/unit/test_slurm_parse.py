@@ -43,6 +43,8 @@ def test_allocation_multi_node_and_commands():
     assert horovodrun_command(alloc, "py", "hvdtrain.train", ["--seed=1"]) == [
         "horovodrun", "-np", "7", "-H", "node01:2,node02:2,node03:2,node07:1", "py", "-m", "hvdtrain.train",
         "--seed=1"]
+    assert horovodrun_command(alloc, "py", "m", [], extra="--ssh-port 2222 --ssh-identity-file '/k ey'")[:5] == [
+        "horovodrun", "--ssh-port", "2222", "--ssh-identity-file", "/k ey"]
     assert srun_command(alloc, "py", "m", [])[:2] == ["srun", "--ntasks=7"]
     assert allocation({"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS_PER_NODE": "4"}) == [("n1", 4), ("n2", 4)]
 
@@ -92,3 +94,14 @@ def test_sbatch_scripts_hold_no_hyperparameters():
         assert body == [f'exec "${{HVDTRAIN_ROOT:-$SLURM_SUBMIT_DIR}}/launch/slurm_run.sh" '
                         f'{ {"sanity": "hvdtrain.sanity", "train": "hvdtrain.train", "bench": "bench.loader"}[name]} "$@"']
         assert "#SBATCH --output=runs/slurm-%j.out" in text
+
+
+def test_placement_line_names_each_node_and_its_ranks():
+    from hvdtrain.provenance import describe_placement
+
+    def p(rank, node, local, size, cross):
+        return {"rank": rank, "node": node, "local_rank": local, "local_size": size, "cross_rank": 0,
+                "cross_size": cross, "pid": 1}
+    assert describe_placement([p(0, "n1", 0, 2, 2), p(1, "n1", 1, 2, 2), p(2, "n2", 0, 2, 2), p(3, "n2", 1, 2, 2)]) \
+        == "n1: rank 0,1 (local 0,1/2); n2: rank 2,3 (local 0,1/2); 2 node(s), cross size 2"
+    assert describe_placement([p(0, "localhost", 0, 1, 1)]) == "localhost: rank 0 (local 0/1); 1 node(s), cross size 1"

@@ -1,0 +1,92 @@
+"""Submitting and watching real sbatch jobs on a test cluster (launch/testcluster.py):
+shared by the one-node and two-node rooms. There is no sacct without a database, so
+jobs are watched with `scontrol show job -o`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+            "DEADLINE"}
+
+
+def sbatch(env, script, *args, extra_env=None, opts=()):
+    """Submit launch/<script> from the repository root (script None: `opts` hold a
+    --wrap); returns the job id."""
+    cmd = [os.path.join("launch", script), *args] if script else ["--output=runs/slurm-%j.out"]
+    r = subprocess.run(["sbatch", "--parsable", *opts, *cmd], cwd=ROOT,
+                       env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def job_field(env, job, field):
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    for part in out.split():
+        if part.startswith(field + "="):
+            return part.split("=", 1)[1]
+    return None
+
+
+def output(job) -> str:
+    path = os.path.join(ROOT, "runs", f"slurm-{job}.out")
+    return open(path, errors="replace").read() if os.path.exists(path) else ""
+
+
+def wait_job(env, job, timeout_s=420):
+    """Poll until the job ends; (state, its output). A job still running at the
+    deadline is cancelled and the test fails."""
+    deadline, state = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        state = job_field(env, job, "JobState")
+        if state in TERMINAL:
+            return state, output(job)
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job} still {state} after {timeout_s}s:\n{output(job)[-3000:]}")
+
+
+def wait_output(env, job, text, timeout_s=180) -> str:
+    """Wait until the job's output contains `text` (training has started, ...)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = output(job)
+        if text in out:
+            return out
+        if job_field(env, job, "JobState") in TERMINAL:
+            pytest.fail(f"job {job} ended before printing {text!r}:\n{out[-3000:]}")
+        time.sleep(0.3)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job}: no {text!r} after {timeout_s}s:\n{output(job)[-3000:]}")
+
+
+def pids_matching(marker: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+
+
+def running(pid) -> bool:
+    """The process exists and is not a zombie (an exited child nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(marker: str, timeout_s=30, pids=()) -> list[str]:
+    """Processes still running after `timeout_s` whose command line holds `marker`, or
+    that are among `pids` (none: [])."""
+    deadline = time.monotonic() + timeout_s
+
+    def left():
+        return sorted({*pids_matching(marker), *(str(p) for p in pids if running(p))})
+    procs = left()
+    while procs and time.monotonic() < deadline:
+        time.sleep(0.3)
+        procs = left()
+    return procs
