@@ -14,11 +14,11 @@ setup:
 	@launch/setup.sh
 
 ## set-up, the embedded synthetic data set, then the 2-rank GO/NO-GO run (seed config);
-## horovodrun's "[rank]<stdout>:" prefixes are taken off so the report reads as it is
+## horovodrun's "[rank]<stdout>:" prefixes (also after a progress bar's \r) are taken off so the report reads as it is
 ## written to runs/<run-id>/sanity.md (the exit status is horovodrun's: pipefail)
 sanity: setup
 	timeout -k 30 $(TIMEOUT) $(HVDRUN) -np $(NP) -H localhost:$(NP) $(PY) -m hvdtrain.sanity $(ARGS) 2>&1 \
-		| sed -u -E 's/^\[[0-9]+\]<std(out|err)>://' 
+		| sed -u -E 's/(^|\r)\[[0-9]+\]<std(out|err)>:/\1/g'
 
 ## set-up, then every test: one process, 2 Horovod ranks, whole commands, a real Slurm cluster
 test: setup
