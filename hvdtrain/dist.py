@@ -196,12 +196,16 @@ def shutdown() -> None:
 
 
 def cores_per_rank() -> int:
-    """CPU cores this process may use: the affinity set shared among local ranks."""
+    """CPU cores this process may use: the affinity set shared among local ranks, and no
+    more than Slurm's --cpus-per-task where a job set it (a cluster without task affinity
+    leaves every task the whole node: 4 ranks x all cores would oversubscribe it)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_size()))
+    share = max(1, cores // max(1, local_size()))
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(share, int(per_task)) if per_task.isdigit() and int(per_task) > 0 else share
 
 
 # ---------------------------------------------------------------- launching without horovodrun

@@ -105,3 +105,19 @@ def test_placement_line_names_each_node_and_its_ranks():
     assert describe_placement([p(0, "n1", 0, 2, 2), p(1, "n1", 1, 2, 2), p(2, "n2", 0, 2, 2), p(3, "n2", 1, 2, 2)]) \
         == "n1: rank 0,1 (local 0,1/2); n2: rank 2,3 (local 0,1/2); 2 node(s), cross size 2"
     assert describe_placement([p(0, "localhost", 0, 1, 1)]) == "localhost: rank 0 (local 0/1); 1 node(s), cross size 1"
+
+
+def test_cores_per_rank_honours_slurm_cpus_per_task(monkeypatch):
+    """Without task affinity every Slurm task sees the whole node: --cpus-per-task caps it."""
+    from hvdtrain import dist
+
+    monkeypatch.setattr(dist, "local_size", lambda: 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert dist.cores_per_rank() == 8
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert dist.cores_per_rank() == 3
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")  # never more than the affinity set's share
+    assert dist.cores_per_rank() == 8
+    monkeypatch.setattr(dist, "local_size", lambda: 4)
+    assert dist.cores_per_rank() == 2
