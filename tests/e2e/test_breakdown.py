@@ -19,11 +19,12 @@ def breakdown(run_dir):
 
 def test_a_data_bound_and_a_compute_bound_run_get_opposite_verdicts(tmp_path, synth_data):
     # data-bound: one DALI thread decoding 500x375 JPEGs for a 4-channel convnet on 32 px crops; torch
-    # keeps to the other core (with both, DALI would slow every op of the step and it would read compute)
+    # keeps to the other core (with both, DALI would slow every op of the step and it would read compute);
+    # batches of 32: the step's fixed cost (Python, autograd) is spread over more decodes
     big = make_imagenet_like(str(tmp_path / "big"), 96)
     r = run(hvd(1) + TRAIN + ["--preset", "ci", *QUIET, f"--data.train={big}", "--data.threads=1",
-                              "--data.prefetch=1", "--train.torch_threads=1", "--model.width=4", "--train.batch_size=16",
-                              "--train.steps=16",
+                              "--data.prefetch=1", "--train.torch_threads=1", "--model.width=4", "--train.batch_size=32",
+                              "--train.steps=10",
                               f"--run.dir={tmp_path}/data"])
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     d = breakdown(tmp_path / "data")
