@@ -6,6 +6,14 @@
 # Knobs (environment): LAUNCHER=horovodrun|srun (default horovodrun), DRY_RUN=1 (print
 # the command and environment, run nothing), HVDTRAIN_ROOT (repository; default: the
 # submit directory), HVDTRAIN_PYTHON (default: .venv/bin/python). Holds no hyperparameters.
+#
+# Preemption (hvdtrain/preempt.py): the launcher runs in the background while this shell
+# waits, so the shell can take Slurm's warning (`#SBATCH --signal=B:USR1@90`, or
+# `scancel --signal=USR1 --batch JOBID`; SIGTERM too): it writes <run dir>/preempt.request,
+# which rank 0 reads, and keeps waiting. When hvdtrain.train stops for it (its ranks exit
+# 4 after rank 0 wrote a checkpoint and preempted.json), this shell runs `scontrol requeue`
+# and exits 0; the requeued job (SLURM_RESTART_COUNT > 0) continues with --resume auto in
+# the same runs/slurm-<job id>. Any other module that was preempted exits 4, not requeued.
 set -euo pipefail
 ROOT=${HVDTRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 cd "$ROOT"
@@ -18,8 +26,22 @@ export LAUNCHER
 
 ARGS=("$@")
 # every job records its id: the run folder is runs/slurm-<job id> unless one is given
-if [[ -n "${SLURM_JOB_ID:-}" && "$MODULE" == hvdtrain.* ]] && ! printf '%s\n' "${ARGS[@]}" | grep -q -- '^--run.dir'; then
-    ARGS+=("--run.dir=runs/slurm-${SLURM_JOB_ID}")
+RUN_DIR=""
+for ((i = 0; i < ${#ARGS[@]}; i++)); do
+    case "${ARGS[i]}" in
+        --run.dir=*) RUN_DIR=${ARGS[i]#--run.dir=} ;;
+        --run.dir) RUN_DIR=${ARGS[i + 1]:-} ;;
+    esac
+done
+if [[ -n "${SLURM_JOB_ID:-}" && "$MODULE" == hvdtrain.* && -z "$RUN_DIR" ]]; then
+    RUN_DIR=runs/slurm-${SLURM_JOB_ID}
+    ARGS+=("--run.dir=$RUN_DIR")
+fi
+# a requeued training job continues where it stopped (unless told where to resume from)
+if [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 && "$MODULE" == hvdtrain.train ]] \
+        && ! printf '%s\n' "${ARGS[@]}" | grep -qE -- '^--(run\.)?resume(=|$)'; then
+    ARGS+=(--resume auto)
+    echo "slurm_run: restart ${SLURM_RESTART_COUNT} of job ${SLURM_JOB_ID}: continuing with --resume auto in $RUN_DIR"
 fi
 CMD=$("$HVDTRAIN_PYTHON" -m launch.slurm command "$MODULE" "${ARGS[@]}")
 
@@ -40,4 +62,35 @@ if [[ "$LAUNCHER" == srun ]]; then
     export HOROVOD_GLOO_RENDEZVOUS_ADDR=${HOROVOD_GLOO_RENDEZVOUS_ADDR:-$(hostname)} HOROVOD_GLOO_RENDEZVOUS_PORT=$PORT
 fi
 echo "slurm_run: $CMD"
-if [[ "$LAUNCHER" == srun ]]; then eval "$CMD"; else eval "exec $CMD"; fi
+REQUEST=${RUN_DIR:+$RUN_DIR/preempt.request}
+request() {  # Slurm's warning: tell rank 0 through the run folder, then keep waiting
+    echo "slurm_run: got SIG$1 at $(date +%T): asking the ranks to checkpoint and stop${REQUEST:+ ($REQUEST)}"
+    [[ -n "$REQUEST" ]] && mkdir -p "$RUN_DIR" && echo "SIG$1 $(date +%FT%T)" > "$REQUEST"
+    return 0
+}
+[[ -n "$REQUEST" ]] && rm -f "$REQUEST"  # an earlier run's request is not this one's
+STARTED=$(mktemp)
+eval "$CMD" &
+LAUNCHER_PID=$!
+trap 'request USR1' USR1
+trap 'request TERM' TERM
+while kill -0 "$LAUNCHER_PID" 2>/dev/null; do wait "$LAUNCHER_PID" || true; done  # a trap ends a wait early
+RC=0
+wait "$LAUNCHER_PID" || RC=$?
+trap - USR1 TERM
+# preempted: the ranks exit 4 (horovodrun itself exits 1 and names the code), after rank 0
+# wrote preempted.json, so that file, newer than this launch, is what says so
+if [[ $RC -ne 0 && -n "$RUN_DIR" && "$RUN_DIR/preempted.json" -nt "$STARTED" ]]; then
+    rm -f "$STARTED"
+    if [[ "$MODULE" == hvdtrain.train && -n "${SLURM_JOB_ID:-}" ]]; then
+        STEP=$(sed -n 's/^ *"step": \([0-9]*\).*/\1/p' "$RUN_DIR/preempted.json")
+        echo "slurm_run: preempted after step $STEP; requeueing job $SLURM_JOB_ID: it continues with --resume auto in $RUN_DIR"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    echo "slurm_run: $MODULE was preempted and is not resumable: not requeued; submit it again" >&2
+    exit 4
+fi
+rm -f "$STARTED"
+[[ -n "$REQUEST" ]] && rm -f "$REQUEST"
+exit "$RC"

@@ -1,0 +1,85 @@
+"""What the Slurm tests share: a test cluster as a module fixture (started in a temporary
+folder, stopped by PID, no daemon left), and submitting, watching and reading jobs
+(there is no sacct without a database: scontrol is polled)."""
+import os
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from launch import testcluster
+from tests.conftest import ROOT
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+            "DEADLINE"}
+
+
+def cluster_fixture(nodes: int):
+    """A module-scoped fixture: the cluster's client environment; torn down by PID at the
+    end, also when a test fails, asserting that no daemon is left."""
+    @pytest.fixture(scope="module")
+    def cluster():
+        d = tempfile.mkdtemp(prefix=f"hvdslurm{nodes}-")
+        try:
+            env = testcluster.up(d, nodes=nodes)
+        except Exception:
+            testcluster.down(d)
+            raise
+        yield env
+        subprocess.run(["scancel", "--user", os.environ.get("USER", "root")], env=env, capture_output=True)
+        killed = testcluster.down(d)
+        leftovers = subprocess.run(["pgrep", "-f", d], capture_output=True, text=True).stdout.split()
+        assert not leftovers, f"daemons still running after teardown: {leftovers}"
+        assert not killed, f"needed SIGKILL to stop: {killed}"
+    return cluster
+
+
+def sbatch(env, script, *args, opts=(), extra_env=None) -> str:
+    """Submit launch/`script` from the repository root; `opts` are sbatch's own options."""
+    r = subprocess.run(["sbatch", "--parsable", *opts, os.path.join("launch", script), *args], cwd=ROOT,
+                       env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def job_field(env, job, field):
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    for part in out.split():
+        if part.startswith(field + "="):
+            return part.split("=", 1)[1]
+    return None
+
+
+def output(job) -> str:
+    """The job's output file so far ('' before it exists)."""
+    path = os.path.join(ROOT, "runs", f"slurm-{job}.out")
+    return open(path, errors="replace").read() if os.path.exists(path) else ""
+
+
+def wait_job(env, job, timeout_s=420):
+    """Poll scontrol until the job ends: (state, output)."""
+    deadline = time.monotonic() + timeout_s
+    state = None
+    while time.monotonic() < deadline:
+        state = job_field(env, job, "JobState")
+        if state in TERMINAL:
+            return state, output(job)
+        time.sleep(1)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job} still {state} after {timeout_s}s\n{output(job)[-3000:]}")
+
+
+def wait_until(env, job, what, ok, timeout_s, poll_s=0.2):
+    """Poll `ok()` while the job lives; past `timeout_s`, or if the job ended first,
+    cancel it and fail with its output: a wait never falls through."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        state = job_field(env, job, "JobState")
+        if state in TERMINAL:
+            pytest.fail(f"job {job} ended ({state}) before {what}\n{output(job)[-3000:]}")
+        time.sleep(poll_s)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job}: {what}: not within {timeout_s:.0f} s\n{output(job)[-3000:]}")
