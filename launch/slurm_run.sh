@@ -11,9 +11,10 @@
 # waits, so the shell can take Slurm's warning (`#SBATCH --signal=B:USR1@90`, or
 # `scancel --signal=USR1 --batch JOBID`; SIGTERM too): it writes <run dir>/preempt.request,
 # which rank 0 reads, and keeps waiting. When hvdtrain.train stops for it (its ranks exit
-# 4 after rank 0 wrote a checkpoint and preempted.json), this shell runs `scontrol requeue`
-# and exits 0; the requeued job (SLURM_RESTART_COUNT > 0) continues with --resume auto in
-# the same runs/slurm-<job id>. Any other module that was preempted exits 4, not requeued.
+# 4 after rank 0 wrote a checkpoint and preempted.json) on a USR1, this shell runs
+# `scontrol requeue` and exits 0; the requeued job (SLURM_RESTART_COUNT > 0) continues with
+# --resume auto in the same runs/slurm-<job id>. A stop on SIGTERM alone (scancel, the time
+# limit) and any other module that was preempted exit 4, not requeued.
 set -euo pipefail
 ROOT=${HVDTRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 cd "$ROOT"
@@ -79,16 +80,23 @@ RC=0
 wait "$LAUNCHER_PID" || RC=$?
 trap - USR1 TERM
 # preempted: the ranks exit 4 (horovodrun itself exits 1 and names the code), after rank 0
-# wrote preempted.json, so that file, newer than this launch, is what says so
+# wrote preempted.json, so that file, newer than this launch, is what says so. Only Slurm's
+# warning (USR1) requeues: SIGTERM alone is scancel or the end of the time limit, and a
+# cancelled job must stay cancelled (its checkpoint is there for a resume by hand)
 if [[ $RC -ne 0 && -n "$RUN_DIR" && "$RUN_DIR/preempted.json" -nt "$STARTED" ]]; then
     rm -f "$STARTED"
-    if [[ "$MODULE" == hvdtrain.train && -n "${SLURM_JOB_ID:-}" ]]; then
-        STEP=$(sed -n 's/^ *"step": \([0-9]*\).*/\1/p' "$RUN_DIR/preempted.json")
+    STEP=$(sed -n 's/^ *"step": \([0-9]*\).*/\1/p' "$RUN_DIR/preempted.json")
+    if [[ "$MODULE" != hvdtrain.train ]]; then
+        echo "slurm_run: $MODULE was preempted after step $STEP and is not resumable: not requeued; submit it again" >&2
+    elif ! grep -q SIGUSR1 "$RUN_DIR/preempted.json"; then
+        echo "slurm_run: stopped by SIGTERM (scancel, or the time limit with no warning) after step $STEP with a" \
+             "checkpoint: not requeued; to continue, submit it again with --run.dir=$RUN_DIR --resume auto" >&2
+    elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
         echo "slurm_run: preempted after step $STEP; requeueing job $SLURM_JOB_ID: it continues with --resume auto in $RUN_DIR"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
+        if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
+        echo "slurm_run: scontrol requeue failed (is the job --no-requeue?); to continue, submit it again with" \
+             "--run.dir=$RUN_DIR --resume auto" >&2
     fi
-    echo "slurm_run: $MODULE was preempted and is not resumable: not requeued; submit it again" >&2
     exit 4
 fi
 rm -f "$STARTED"
