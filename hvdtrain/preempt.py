@@ -109,7 +109,11 @@ class Preempt:
 def stopped(p: Preempt, run_dir: str, step: int, steps: int, checkpoint: str | None, save_s: float,
             signals_while_saving: int) -> Preempted:
     """After the stop (and the checkpoint, if the run writes them): rank 0 writes
-    preempted.json and removes the request file. Returns the exception the run raises."""
+    preempted.json and removes the request file; then every rank returns together (a
+    barrier: the launcher ends the others when one exits, and launch/slurm_run.sh reads
+    the record once the launcher has exited). Returns the exception the run raises."""
+    from hvdtrain import dist
+
     if p.primary:
         rec = {"step": step, "of_steps": steps, "reason": p.reason, "request": p.request_text(),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "unix_time": time.time(), "checkpoint": checkpoint,
@@ -122,6 +126,7 @@ def stopped(p: Preempt, run_dir: str, step: int, steps: int, checkpoint: str | N
             json.dump(rec, f, indent=1)
         os.replace(path + ".tmp", path)
         p.consume()
+    dist.barrier()
     if checkpoint is None:
         return Preempted(f"preempted ({p.reason}) after step {step} of {steps}: this run writes no checkpoints "
                          f"and cannot be resumed; run it again (record: {os.path.join(run_dir, RECORD_NAME)})")

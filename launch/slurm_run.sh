@@ -71,7 +71,7 @@ request() {  # Slurm's warning: tell rank 0 through the run folder, then keep wa
 }
 [[ -n "$REQUEST" ]] && rm -f "$REQUEST"  # an earlier run's request is not this one's
 STARTED=$(mktemp)
-eval "$CMD" &
+eval "exec $CMD" &  # the launcher itself, not a subshell that a SIGTERM to this step would end at once
 LAUNCHER_PID=$!
 trap 'request USR1' USR1
 trap 'request TERM' TERM
