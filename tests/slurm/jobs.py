@@ -28,6 +28,12 @@ def cluster_fixture(nodes: int):
             raise
         yield env
         subprocess.run(["scancel", "--user", os.environ.get("USER", "root")], env=env, capture_output=True)
+        # let the jobs end while the daemons live (SIGTERM, a checkpoint, KillWait): a job
+        # whose slurmd is gone is never cleaned up, and its processes outlive the test
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and subprocess.run(["squeue", "-h"], env=env, capture_output=True,
+                                                             text=True).stdout.strip():
+            time.sleep(0.5)
         killed = testcluster.down(d)
         leftovers = subprocess.run(["pgrep", "-f", d], capture_output=True, text=True).stdout.split()
         assert not leftovers, f"daemons still running after teardown: {leftovers}"
