@@ -28,6 +28,7 @@ def elastic_loop(run) -> S.LoopResult:
             g["initial_lr"] = optim.peak_lr(cfg, dist.size())
         state.sched = optim.scheduler(cfg, state.opt, est.step)
         run.dog.beat("an elastic reset")
+        run.preempt.forget()
         if dist.is_primary() and not run.logs.on:  # rank 0 was lost: this rank logs from now on
             run.logs = report.Logs(cfg, run.dir, est.step)
         what = "DALI pipeline" if isinstance(run.loader, L.DaliLoader) else "torch loader"

@@ -19,6 +19,8 @@ Two ways in, and neither does anything but leave a mark that the loop reads late
 
 `Preempt.requested()` makes the local marks one decision with one allreduce of three
 numbers per optimizer step, so every rank stops at the same step and none stops alone.
+The allreduce is started after one step and read after the next, so it never makes the
+loop wait (a blocking one cost 6 ms median, 10 ms mean per step on 2 CPU ranks here).
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class Preempt:
         self._next_poll = 0.0
         self.file_seen = False
         self.reason: str | None = None   # set on every rank once requested() said True
+        self._pending = None             # the allreduce in flight (requested())
 
     def local(self) -> list[int]:
         """[SIGUSR1 seen, SIGTERM seen, request file seen] on this rank, as 0/1."""
@@ -74,13 +77,17 @@ class Preempt:
         return [int("SIGUSR1" in sigs), int("SIGTERM" in sigs), int(self.file_seen)]
 
     def requested(self) -> bool:
-        """Whether any rank has been asked to stop. A collective: every rank calls it at
-        the same step, and every rank gets the same answer."""
+        """Whether any rank has been asked to stop; every rank gets the same answer. One
+        collective per call, overlapped with the next step: the counts sent after step k
+        are read after step k+1 (done by then: no wait), so every rank stops one step
+        after the first to see a request, all at the same step. Call it on every rank at
+        the same steps, and `drain()` after the loop."""
         import torch
 
         from hvdtrain import dist
 
-        counts = dist.allreduce_sum(torch.tensor(self.local(), dtype=torch.int32), name="preempt").tolist()
+        counts = dist.synchronize(self._pending).tolist() if self._pending is not None else [0, 0, 0]
+        self._pending = dist.allreduce_sum_async(torch.tensor(self.local(), dtype=torch.int32), name="preempt")
         if not any(counts):
             return False
         parts = [f"{name} on {n} of {dist.size()} rank(s)" for name, n in zip(("SIGUSR1", "SIGTERM"), counts) if n]
@@ -88,6 +95,18 @@ class Preempt:
             parts.append(f"{REQUEST_NAME} from the batch shell")
         self.reason = ", ".join(parts)
         return True
+
+    def forget(self) -> None:
+        """An elastic reset: the collective in flight died with the old world."""
+        self._pending = None
+
+    def drain(self) -> None:
+        """Wait for the collective in flight (every rank, after the loop)."""
+        if self._pending is not None:
+            from hvdtrain import dist
+
+            dist.synchronize(self._pending)
+            self._pending = None
 
     def request_text(self) -> str | None:
         """What the batch shell wrote into the request file (its signal and time), if any."""

@@ -286,6 +286,7 @@ class Run:
             else:
                 res = S.run_loop(self.state, self.loader, self.cfg.train.steps - self.state.step,
                                  self.on_log, self.on_step, self.stop_requested)
+            self.preempt.drain()
             if res.stopped:
                 self.stop_preempted()  # raises P.Preempted: main exits 4
         finally:

@@ -50,9 +50,11 @@ def test_one_ranks_request_stops_every_rank_at_the_same_step(shared_dir, shards,
                 f.write("SIGUSR1 test\n")
 
     res = S.run_loop(state, loader, 20, on_step=on_step, stop=lambda st: p.requested())
+    p.drain()
     steps = dist.allgather_object((res.stopped, state.step, p.reason), name="preempt_steps")
     assert len(steps) == dist.size()
     want = "SIGUSR1 on 1 of %d rank(s)" % dist.size() if how.startswith("signal") else \
         f"{P.REQUEST_NAME} from the batch shell"
-    assert steps == [(True, 4, want)] * dist.size(), steps
+    # seen after step 3, sent with step 4's check, read at step 5's: every rank stops after step 5
+    assert steps == [(True, 5, want)] * dist.size(), steps
     assert P.received() == (["SIGUSR1"] if how.startswith("signal") and dist.rank() == dist.size() - 1 else [])

@@ -85,7 +85,9 @@ def test_the_request_file_is_read_by_rank_0_only_and_consumed(hvd, tmp_path):
     assert p.local() == [0, 0, 0] and not p.requested()
     (tmp_path / P.REQUEST_NAME).write_text("SIGUSR1 2025-01-01T00:00:00\n")
     assert other.local() == [0, 0, 0]
+    assert not p.requested()  # sent now, read at the next call (the next step)
     assert p.requested() and p.reason == f"{P.REQUEST_NAME} from the batch shell"
+    p.drain()
     assert p.request_text() == "SIGUSR1 2025-01-01T00:00:00"
     p.consume()
     assert not (tmp_path / P.REQUEST_NAME).exists()
@@ -94,7 +96,8 @@ def test_the_request_file_is_read_by_rank_0_only_and_consumed(hvd, tmp_path):
 def test_a_signal_on_this_rank_is_a_request(hvd, handlers, tmp_path):
     p = P.Preempt(str(tmp_path), primary=True, poll_s=0)
     os.kill(os.getpid(), signal.SIGUSR1)
-    assert p.requested() and p.reason == "SIGUSR1 on 1 of 1 rank(s)"
+    assert not p.requested() and p.requested() and p.reason == "SIGUSR1 on 1 of 1 rank(s)"
+    p.drain()
 
 
 @pytest.fixture(scope="module")
