@@ -124,6 +124,17 @@ def allreduce_sum(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
     return hvd.allreduce(t, op=hvd.Sum, name=name)
 
 
+def allreduce_sum_async(t: torch.Tensor, name: str | None = None):
+    """Start a sum over ranks and return at once: `synchronize(handle)` gives the result.
+    A small collective started after one step and read after the next costs the loop no
+    wait (hvdtrain.preempt). Start the next one under the same name only after that."""
+    return hvd.allreduce_async(t, op=hvd.Sum, name=name)
+
+
+def synchronize(handle) -> torch.Tensor:
+    return hvd.synchronize(handle)
+
+
 def allgather(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """Concatenate every rank's tensor along dim 0, in rank order."""
     return hvd.allgather(t, name=name)

@@ -28,6 +28,7 @@ def elastic_loop(run) -> S.LoopResult:
             g["initial_lr"] = optim.peak_lr(cfg, dist.size())
         state.sched = optim.scheduler(cfg, state.opt, est.step)
         run.dog.beat("an elastic reset")
+        run.preempt.forget()
         if dist.is_primary() and not run.logs.on:  # rank 0 was lost: this rank logs from now on
             run.logs = report.Logs(cfg, run.dir, est.step)
         what = "DALI pipeline" if isinstance(run.loader, L.DaliLoader) else "torch loader"
@@ -42,11 +43,14 @@ def elastic_loop(run) -> S.LoopResult:
         state.step = est.step
         while est.step < cfg.train.steps:
             r = S.run_loop(state, run.loader, min(cfg.train.commit_every, cfg.train.steps - est.step),
-                           run.on_log, run.on_step)
+                           run.on_log, run.on_step, run.stop_requested)
             for k in ("samples", "steady_samples", "wall_s", "steady_s", "data_wait_s"):
                 setattr(total, k, getattr(total, k) + getattr(r, k))
             total.step_losses += r.step_losses
             timing.add(total.phase_s, r.phase_s)
+            if r.stopped:  # preempted: the run checkpoints this step and exits 4 (session.Run.train)
+                total.stopped = True
+                return
             # a diverged model must not become the state a reset rolls back to; the weights
             # are the same on every rank after the allreduce, so every rank decides alike
             why = S.diverged(state, run.loader, "not committed")

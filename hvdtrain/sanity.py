@@ -17,7 +17,9 @@ summary.json.
 
 Exit codes: 0 GO; 1 NO-GO (an SLO failed, or training failed: non-finite loss, a
 checkpoint write); 2 refused to start (usage, SLO file, data, run-folder lock, a bad
-sample); 3 another rank died or hung.
+sample); 3 another rank died or hung; 4 preempted (SIGUSR1, SIGTERM or the batch shell's
+request: `hvdtrain.preempt`): every rank stopped at the same step, and the sanity cannot be
+resumed (it writes no checkpoints): run it again. launch/slurm_run.sh does not requeue it.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 from data import synth
 from data.wds import INFO_NAME
 from hvdtrain import config as C
-from hvdtrain import dist, provenance, report, session
+from hvdtrain import dist, preempt, provenance, report, session
 from hvdtrain import slo as S
 from hvdtrain import timing
 from hvdtrain.loader import DataError
@@ -128,6 +130,7 @@ def write(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    preempt.install()
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, extra = C.parse_args(argv, default_preset="sanity", extra_flags=("slo",))

@@ -13,7 +13,10 @@ end of the warm-up (the first log interval, or a bench's warm-up steps) to the e
 Exit codes (`main`): 0 done; 1 the run failed while training (non-finite loss, val-loss
 guard, bad sample, checkpoint write); 2 refused to start (data, classes, lock, resume
 checks); 3 another rank stopped or hung (a failed collective, or the watchdog:
-`hvdtrain.watchdog`).
+`hvdtrain.watchdog`); 4 preempted, resume me: every rank agreed to stop at one step
+(SIGUSR1, SIGTERM or the batch shell's request file: `hvdtrain.preempt`), rank 0 wrote
+a checkpoint there and preempted.json (a run without checkpoints, the sanity, exits 4
+too but cannot be resumed).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 from data import verify
@@ -31,6 +35,7 @@ import kernels
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
 from hvdtrain import dist, evaluate as E, optim, provenance, report
+from hvdtrain import preempt as P
 from hvdtrain import loader as L
 from hvdtrain import model as M
 from hvdtrain import resume as R
@@ -144,6 +149,7 @@ class Run:
         self.best_val = info["resume"]["best_val_loss"] if info["resume"] else None
         self.last_val: dict = {}
         self.dog = Watchdog(cfg.run.watchdog_s, dist.rank())
+        self.preempt, self.saved_step = P.Preempt(self.dir, dist.is_primary()), None
         self.gpu = GpuMonitor(self.state.device)  # started at the end of the warm-up (see the docstring)
         self.gpu_started = False
         self.placement = dist.placement()  # every rank: one allgather
@@ -248,6 +254,7 @@ class Run:
         if self.checkpoints and ((ck and s % ck == 0) or last or is_best):
             self.dog.beat(f"step {s}, before its checkpoint")
             R.save_checkpoint(st, self.loader, self.dir, self.prov, self.best_val, is_best)
+            self.saved_step = s
             self.dog.beat(f"step {s}'s checkpoint")
         self.logs.tick()
 
@@ -280,11 +287,32 @@ class Run:
                 res = elastic_loop(self)
             else:
                 res = S.run_loop(self.state, self.loader, self.cfg.train.steps - self.state.step,
-                                 self.on_log, self.on_step)
+                                 self.on_log, self.on_step, self.stop_requested)
+            self.preempt.drain()
+            if res.stopped:
+                self.stop_preempted()  # raises P.Preempted: main exits 4
         finally:
             self.dog.stop()
             gpu = self._stop_gpu()
         return self.finish(res, gpu)
+
+    def stop_requested(self, st) -> bool:
+        """The loop's `stop` hook: one allreduce per step (`hvdtrain.preempt`)."""
+        return self.preempt.requested()
+
+    def stop_preempted(self) -> None:
+        """The loop stopped for a preemption: rank 0 checkpoints at this step (unless
+        on_step just did; every rank takes part in the save) and writes preempted.json.
+        Raises P.Preempted. Signals that come meanwhile are only recorded (`hvdtrain.preempt`)."""
+        st, t0, n = self.state, time.perf_counter(), len(P.received())
+        path = None
+        if self.checkpoints:
+            if self.saved_step != st.step:
+                self.dog.beat(f"step {st.step}, before its preemption checkpoint")
+                R.save_checkpoint(st, self.loader, self.dir, self.prov, self.best_val, False)
+            path = os.path.join(self.dir, f"ckpt-{st.step:08d}.pt")
+        raise P.stopped(self.preempt, self.dir, st.step, self.cfg.train.steps, path, time.perf_counter() - t0,
+                        len(P.received()) - n)
 
     def measure(self, loader, warmup: int, steps: int) -> tuple[S.LoopResult, dict]:
         """A bench's window: `warmup` steps, then `steps` timed ones with the GPU sampled
@@ -345,11 +373,16 @@ def fit(cfg: C.Config) -> int:
 
 def guarded(prog: str, fn, codes: dict | None = None) -> int:
     """Run `fn()` and map what can stop a run to an exit code with one clear message:
-    Refused -> 2, a data/training/checkpoint error -> 1, a failed collective -> 3.
+    Refused -> 2, a data/training/checkpoint error -> 1, a failed collective -> 3,
+    a preemption -> 4.
     `codes` overrides the code per exception class (the sanity maps data errors to 2)."""
     codes = codes or {}
     try:
         return fn()
+    except P.Preempted as e:
+        if dist.is_primary():
+            print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        return P.EXIT_PREEMPTED
     except Refused as e:
         if dist.is_primary():  # every rank refuses together; one message is enough
             print(f"{prog}: {e}", file=sys.stderr, flush=True)

@@ -51,6 +51,7 @@ class LoopResult:
     interval_img_s: float = 0.0    # all ranks, over the last log interval (from the log allreduce)
     phase_s: dict = field(default_factory=dict)     # seconds per timing phase, after the first interval
     interval_phase_s: dict = field(default_factory=dict)  # the same, over the last log interval
+    stopped: bool = False          # `stop` ended the loop before `steps` (preemption)
 
 
 class TrainingError(RuntimeError):
@@ -197,11 +198,14 @@ def _log_point(state, loader, pending, res, rate, clock, first_interval) -> list
     return values
 
 
-def run_loop(state: TrainState, loader, steps: int, on_log=None, on_step=None) -> LoopResult:
+def run_loop(state: TrainState, loader, steps: int, on_log=None, on_step=None, stop=None) -> LoopResult:
     """`steps` optimizer steps. Losses are collected as device tensors and synced only
     every `log_every` steps (`_log_point`), with the step-time breakdown. `on_log(step,
     values, res, elapsed, out)` runs at log points, `on_step(state)` after every step
-    (checkpoints, evaluation: their time is left out of the breakdown)."""
+    (checkpoints, evaluation: their time is left out of the breakdown). `stop(state)`,
+    asked after every step but the last, may end the loop after that step (preemption:
+    `hvdtrain.preempt`); it must give every rank the same answer (a collective). The
+    losses up to that step are logged and `on_step` runs, then `res.stopped` is set."""
     cfg, res = state.cfg, LoopResult()
     accum, log_every = cfg.train.grad_accum_steps, cfg.train.log_every
     batches, pending = loader.forever(), []
@@ -222,7 +226,8 @@ def run_loop(state: TrainState, loader, steps: int, on_log=None, on_step=None) -
             t_steady = time.perf_counter()
         else:
             res.steady_samples += n_img
-        if len(pending) == log_every or i == steps - 1:
+        stopping = stop is not None and i < steps - 1 and stop(state)
+        if len(pending) == log_every or i == steps - 1 or stopping:
             now = time.perf_counter()
             values = _log_point(state, loader, pending, res, (res.samples - n_log) / max(now - t_log, 1e-9),
                                 clock, first)
@@ -234,6 +239,9 @@ def run_loop(state: TrainState, loader, steps: int, on_log=None, on_step=None) -
             clock.mark("other")
             on_step(state)
             clock.skip()
+        if stopping:
+            res.stopped = True
+            break
     if not res.phase_s:  # a single interval: report it, warm-up and all
         res.phase_s = dict(res.interval_phase_s)
     res.wall_s = time.perf_counter() - t0

@@ -75,6 +75,9 @@ def write_config(d: str, nodes: int = 1, cpus_per_node: int | None = None) -> st
         with open(key, "wb") as f:
             f.write(os.urandom(1024))
     os.chmod(key, 0o400)
+    # cred_expire=10 (Slurm's minimum is 5; default 120) and sched_interval=1 (default 60):
+    # a requeued job is held cred_expire + 1 s and then waits for the next scheduling pass,
+    # 2 to 3 minutes with the defaults against about 12 s here (the preemption tests)
     conf = f"""# written by launch/testcluster.py (random FirstJobId: runs/slurm-<id> never collide across clusters)
 ClusterName=hvdtest
 FirstJobId={random.randint(1_000_000, 60_000_000)}
@@ -84,7 +87,7 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={d}/munge/munge.socket.2
+AuthInfo=socket={d}/munge/munge.socket.2,cred_expire=10
 CryptoType=crypto/munge
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool/%n
@@ -97,7 +100,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,bf_interval=1,sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2

@@ -1,12 +1,11 @@
 """The two-node test cluster (n1, n2 on loopback: launch/testcluster.py), with names that
 resolve and an sshd on "n2" (launch/testnet.py) so horovodrun can start ranks there."""
-import os
-import subprocess
 import tempfile
 
 import pytest
 
 from launch import testcluster, testnet
+from tests.slurm.jobs import assert_nothing_left, drain
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +21,6 @@ def two_nodes():
         testcluster.down(d)
         raise
     yield {"env": env, "dir": d, "ssh": net}
-    subprocess.run(["scancel", "--user", os.environ.get("USER", "root")], env=env, capture_output=True)
+    drain(env)
     ssh_killed = testnet.down(d)
-    killed = testcluster.down(d)
-    leftovers = subprocess.run(["pgrep", "-f", d], capture_output=True, text=True).stdout.split()
-    assert not leftovers, f"processes still running after teardown: {leftovers}"
-    assert not killed and not ssh_killed, f"needed SIGKILL to stop: {killed or ['sshd']}"
+    assert_nothing_left(d, testcluster.down(d) + (["sshd"] if ssh_killed else []))

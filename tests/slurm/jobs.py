@@ -1,18 +1,54 @@
-"""Submitting and watching real sbatch jobs on a test cluster (launch/testcluster.py):
-shared by the one-node and two-node rooms. There is no sacct without a database, so
-jobs are watched with `scontrol show job -o`."""
+"""What the Slurm tests share: a test cluster as a module fixture (started in a temporary
+folder, stopped by PID, no daemon left), and submitting, watching and reading jobs
+(there is no sacct without a database: scontrol is polled)."""
 from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 
 import pytest
 
+from launch import testcluster
 from tests.conftest import ROOT
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
+
+
+def drain(env, timeout_s=60) -> None:
+    """Cancel every job and let them end while the daemons live (SIGTERM, a checkpoint,
+    KillWait): a job whose slurmd is gone is never cleaned up, and its processes outlive
+    the test."""
+    subprocess.run(["scancel", "--user", os.environ.get("USER", "root")], env=env, capture_output=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and subprocess.run(["squeue", "-h"], env=env, capture_output=True,
+                                                         text=True).stdout.strip():
+        time.sleep(0.5)
+
+
+def assert_nothing_left(d: str, killed: list) -> None:
+    leftovers = subprocess.run(["pgrep", "-f", d], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"processes still running after teardown: {leftovers}"
+    assert not killed, f"needed SIGKILL to stop: {killed}"
+
+
+def cluster_fixture(nodes: int):
+    """A module-scoped fixture: the cluster's client environment; torn down by PID at the
+    end, also when a test fails, asserting that no daemon is left."""
+    @pytest.fixture(scope="module")
+    def cluster():
+        d = tempfile.mkdtemp(prefix=f"hvdslurm{nodes}-")
+        try:
+            env = testcluster.up(d, nodes=nodes)
+        except Exception:
+            testcluster.down(d)
+            raise
+        yield env
+        drain(env)
+        assert_nothing_left(d, testcluster.down(d))
+    return cluster
 
 
 def sbatch(env, script, *args, extra_env=None, opts=()):
@@ -49,6 +85,21 @@ def wait_job(env, job, timeout_s=420):
         time.sleep(0.5)
     subprocess.run(["scancel", job], env=env)
     pytest.fail(f"job {job} still {state} after {timeout_s}s:\n{output(job)[-3000:]}")
+
+
+def wait_until(env, job, what, ok, timeout_s, poll_s=0.2):
+    """Poll `ok()` while the job lives; past `timeout_s`, or if the job ended first,
+    cancel it and fail with its output: a wait never falls through."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        state = job_field(env, job, "JobState")
+        if state in TERMINAL:
+            pytest.fail(f"job {job} ended ({state}) before {what}\n{output(job)[-3000:]}")
+        time.sleep(poll_s)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job}: {what}: not within {timeout_s:.0f} s\n{output(job)[-3000:]}")
 
 
 def wait_output(env, job, text, timeout_s=180) -> str:

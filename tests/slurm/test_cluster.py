@@ -4,30 +4,14 @@ torn down by PID at the end, also when a test fails."""
 import json
 import os
 import subprocess
-import tempfile
 
-import pytest
 import webdataset as wds
 
-from launch import testcluster
 from tests.conftest import ROOT, jpeg
-from tests.slurm.jobs import job_field, sbatch, wait_gone, wait_job, wait_output
+from tests.slurm.jobs import cluster_fixture, job_field, sbatch, wait_gone, wait_job, wait_output
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    d = tempfile.mkdtemp(prefix="hvdslurm-")
-    try:
-        env = testcluster.up(d)
-    except Exception:
-        testcluster.down(d)
-        raise
-    yield env
-    subprocess.run(["scancel", "--user", os.environ.get("USER", "root")], env=env, capture_output=True)
-    killed = testcluster.down(d)
-    leftovers = subprocess.run(["pgrep", "-f", d], capture_output=True, text=True).stdout.split()
-    assert not leftovers, f"daemons still running after teardown: {leftovers}"
-    assert not killed, f"needed SIGKILL to stop: {killed}"
+cluster = cluster_fixture(nodes=1)
 
 
 def test_sanity_sbatch_two_tasks_completes_with_report(cluster, synth_data):
