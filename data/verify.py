@@ -19,7 +19,6 @@ import io
 import json
 import os
 import sys
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 

@@ -198,7 +198,7 @@ def check_index_fits(tar_path: str, idx_path: str) -> None:
     size = os.path.getsize(tar_path)
     with open(tar_path, "rb") as t:
         for row in (lines[1], lines[-1]):
-            ext, off, n, name = row[0], int(row[1]), int(row[2]), row[3]
+            off, n, name = int(row[1]), int(row[2]), row[3]
             if off + n > size:
                 raise ShardError(f"{tar_path}: truncated tar ({size} bytes) or stale index {idx_path} (member "
                                  f"{name} at {off}+{n} lies past the end); re-copy the shard, or check it with "

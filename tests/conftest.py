@@ -34,6 +34,23 @@ def unique_shards(out: str, n: int, shard_size: int, classes: int = 10, size: in
     return write_split(samples, out, [str(c) for c in range(classes)], "train", shard_size)
 
 
+@pytest.fixture
+def preempt_handlers():
+    """hvdtrain.preempt's handlers (SIGUSR1/SIGTERM only recorded) for one test; the
+    process's own handlers are put back after it."""
+    import signal
+
+    from hvdtrain import preempt as P
+
+    old = {s: signal.getsignal(s) for s in P.SIGNALS}
+    P._received.clear()
+    P.install()
+    yield
+    for s, h in old.items():
+        signal.signal(s, h)
+    P._received.clear()
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("synth"))

@@ -74,6 +74,17 @@ def run(cmd, timeout=300, env=None):
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def finish(p: subprocess.Popen, limit_s: float, what: str = "the job did not end") -> tuple[str, str]:
+    """(stdout, stderr) of `p` once it ends; past `limit_s` the whole tree is killed and
+    the test fails."""
+    try:
+        return p.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        kill_job(p.pid)
+        p.communicate()
+        pytest.fail(f"{what} within {limit_s} s")
+
+
 def kill_job(pid: int) -> None:
     """SIGKILL a launcher and every process below it, at once. killpg is not enough:
     horovodrun starts each rank in a session of its own (its middleman calls setsid), and

@@ -16,7 +16,7 @@ from PIL import Image
 
 from data.wds import file_sha256, write_index, write_info
 from tests.conftest import ROOT, jpeg
-from tests.e2e.harness import CI, HOROVODRUN, TRAIN, exit_code, kill_job, run, wait_for
+from tests.e2e.harness import CI, HOROVODRUN, TRAIN, exit_code, finish, run, wait_for
 
 PY = [sys.executable]
 
@@ -219,12 +219,7 @@ def start_and_wait(tmp_path, synth_data, *extra):
 
 def wait_end(p, limit_s):
     t0 = time.time()
-    try:
-        out, err = p.communicate(timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        kill_job(p.pid)
-        p.communicate()
-        pytest.fail(f"the job did not end within {limit_s} s")
+    out, err = finish(p, limit_s)
     return time.time() - t0, out, err
 
 

@@ -14,24 +14,13 @@ from hvdtrain import step as S
 from tests.parallel.harness import make_data
 
 
-@pytest.fixture
-def handlers():
-    old = {s: signal.getsignal(s) for s in P.SIGNALS}
-    P._received.clear()
-    P.install()
-    yield
-    for s, h in old.items():
-        signal.signal(s, h)
-    P._received.clear()
-
-
 @pytest.fixture(scope="module")
 def shards(shared_dir):
     return make_data(shared_dir, "preempt", n=160, shard_size=40)
 
 
 @pytest.mark.parametrize("how", ["signal to the last rank", "request file on rank 0"])
-def test_one_ranks_request_stops_every_rank_at_the_same_step(shared_dir, shards, handlers, how):
+def test_one_ranks_request_stops_every_rank_at_the_same_step(shared_dir, shards, preempt_handlers, how):
     run_dir = os.path.join(shared_dir, f"run-{how.split()[0]}")
     os.makedirs(run_dir, exist_ok=True)
     cfg = C.ci()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.mixup import (MixParams, mix_ref, mix_triton, sample_params, soft_cross_entropy_ref,
+from kernels.mixup import (mix_ref, mix_triton, sample_params, soft_cross_entropy_ref,
                            soft_cross_entropy_triton)
 from kernels.normalize import normalize, normalize_ref, normalize_triton
 from hvdtrain.pipeline import MEAN, STD

@@ -20,21 +20,9 @@ from hvdtrain import loader as L
 from hvdtrain import preempt as P
 from hvdtrain import step as S
 from tests.conftest import ROOT
-from tests.e2e.harness import CI, TRAIN, kill_job, wait_for
+from tests.e2e.harness import CI, TRAIN, finish, wait_for
 
 SANITY = [sys.executable, "-m", "hvdtrain.sanity"]
-
-
-@pytest.fixture
-def handlers():
-    """preempt.install() for one test; the process's own handlers are put back after it."""
-    old = {s: signal.getsignal(s) for s in P.SIGNALS}
-    P._received.clear()
-    P.install()
-    yield
-    for s, h in old.items():
-        signal.signal(s, h)
-    P._received.clear()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +33,7 @@ def hvd():
     return dist
 
 
-def test_signals_are_recorded_and_do_not_end_the_process(handlers):
+def test_signals_are_recorded_and_do_not_end_the_process(preempt_handlers):
     os.kill(os.getpid(), signal.SIGUSR1)
     os.kill(os.getpid(), signal.SIGTERM)
     deadline = time.monotonic() + 5
@@ -54,7 +42,7 @@ def test_signals_are_recorded_and_do_not_end_the_process(handlers):
     assert P.received() == ["SIGUSR1", "SIGTERM"]
 
 
-def test_a_signal_storm_during_checkpoint_writes_leaves_checkpoints_that_load(handlers, tmp_path):
+def test_a_signal_storm_during_checkpoint_writes_leaves_checkpoints_that_load(preempt_handlers, tmp_path):
     """A thread sends SIGUSR1 and SIGTERM every millisecond while 24 MB checkpoints are
     written: the writes complete, the signals were taken meanwhile, every file loads."""
     done = threading.Event()
@@ -93,7 +81,7 @@ def test_the_request_file_is_read_by_rank_0_only_and_consumed(hvd, tmp_path):
     assert not (tmp_path / P.REQUEST_NAME).exists()
 
 
-def test_a_signal_on_this_rank_is_a_request(hvd, handlers, tmp_path):
+def test_a_signal_on_this_rank_is_a_request(hvd, preempt_handlers, tmp_path):
     p = P.Preempt(str(tmp_path), primary=True, poll_s=0)
     os.kill(os.getpid(), signal.SIGUSR1)
     assert not p.requested() and p.requested() and p.reason == "SIGUSR1 on 1 of 1 rank(s)"
@@ -133,14 +121,8 @@ def start(cmd, run_dir):
     return p
 
 
-def finish(p, limit_s=120):
-    try:
-        out, err = p.communicate(timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        kill_job(p.pid)
-        p.communicate()
-        pytest.fail(f"did not end within {limit_s} s of the request")
-    return out, err
+def finish_run(p, limit_s=120):
+    return finish(p, limit_s, "did not end after the request")
 
 
 def test_train_exits_4_with_a_checkpoint_and_resume_auto_continues_from_it(synth_data, tmp_path):
@@ -150,7 +132,7 @@ def test_train_exits_4_with_a_checkpoint_and_resume_auto_continues_from_it(synth
                         f"--run.dir={run_dir}"]
     p = start(cmd, run_dir)
     p.send_signal(signal.SIGUSR1)
-    out, err = finish(p)
+    out, err = finish_run(p)
     assert p.returncode == P.EXIT_PREEMPTED, err[-3000:]
     rec = json.load(open(os.path.join(run_dir, P.RECORD_NAME)))
     k = rec["step"]
@@ -163,7 +145,7 @@ def test_train_exits_4_with_a_checkpoint_and_resume_auto_continues_from_it(synth
     p = start(cmd + ["--resume", "auto"], run_dir)
     with open(os.path.join(run_dir, P.REQUEST_NAME), "w") as f:
         f.write("SIGUSR1 from a test\n")
-    out, err = finish(p)
+    out, err = finish_run(p)
     assert p.returncode == P.EXIT_PREEMPTED, err[-3000:]
     assert f"resume: {run_dir}/ckpt-{k:08d}.pt (step {k}" in out
     again = json.load(open(os.path.join(run_dir, P.RECORD_NAME)))
@@ -176,7 +158,7 @@ def test_sanity_exits_4_saying_it_cannot_be_resumed(synth_data, tmp_path):
     p = start(SANITY + ["--preset", "ci", f"--data.train={synth_data}/train", "--train.steps=100000",
                         "--run.progress=False", f"--run.dir={run_dir}"], run_dir)
     p.send_signal(signal.SIGTERM)
-    out, err = finish(p)
+    out, err = finish_run(p)
     assert p.returncode == P.EXIT_PREEMPTED, err[-3000:]
     assert "hvdtrain.sanity: preempted (SIGTERM on 1 of 1 rank(s))" in err and "cannot be resumed" in err
     rec = json.load(open(os.path.join(run_dir, P.RECORD_NAME)))
