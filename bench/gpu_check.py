@@ -32,14 +32,14 @@ LOADER_SWEEP = ("--loader", "all", "--threads", "4,8,16", "--hw-decoder-load", "
 COMMANDS: dict[str, tuple[str, ...]] = {
     "gpu-tests": ("{py}", "-m", "pytest", "-q", "-rs", "--strict-markers", "-m", "gpu", "-p", "no:cacheprovider",
                   "--junitxml={dir}/gpu-tests.xml", "tests/gpu"),
-    "sanity": ("{horovodrun}", "-np", "{gpus}", "-H", "localhost:{gpus}", "{py}", "-m", "hvdtrain.sanity",
+    "sanity": ("{horovodrun}", "--gloo", "-np", "{gpus}", "-H", "localhost:{gpus}", "{py}", "-m", "hvdtrain.sanity",
                "--run.dir={dir}/sanity"),
     "loader-224": ("{py}", "-m", "bench.loader", *LOADER_SWEEP, "--size", "224", "--run-dir", "{dir}/loader-224"),
     "loader-64": ("{py}", "-m", "bench.loader", *LOADER_SWEEP, "--size", "64", "--run-dir", "{dir}/loader-64"),
     # ImageNet-like 256 px JPEGs for bench.train: 8192 take ~15 s on one core
     "train-data": ("{py}", "-m", "data.synth", "{dir}/train-data", "--classes", "100", "--train", "8192",
                    "--val", "256", "--size", "256", "--seed", "1"),
-    "train": ("{horovodrun}", "-np", "1", "-H", "localhost:1", "{py}", "-m", "bench.train", "--preset", "resnet50",
+    "train": ("{horovodrun}", "--gloo", "-np", "1", "-H", "localhost:1", "{py}", "-m", "bench.train", "--preset", "resnet50",
               "--train.amp=bf16", "--data.channels_last=True", "--data.train={dir}/train-data/train",
               "--train.steps=20", "--warmup=3", "--run-dir={dir}/train"),
     "kernels": ("{py}", "-m", "bench.kernels"),

@@ -8,7 +8,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NP=${1:?usage: launch/local.sh NP MODULE [ARGS...]}; shift
 MODULE=${1:?usage: launch/local.sh NP MODULE [ARGS...]}; shift
 PY=${HVDTRAIN_PYTHON:-$ROOT/.venv/bin/python}
-CMD=("$(dirname "$PY")/horovodrun" -np "$NP" -H "localhost:$NP" "$PY" -m "$MODULE" "$@")
+CMD=("$(dirname "$PY")/horovodrun" --gloo -np "$NP" -H "localhost:$NP" "$PY" -m "$MODULE" "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then echo "DRY_RUN: cd $ROOT && ${CMD[*]}"; exit 0; fi
 cd "$ROOT"
 exec "${CMD[@]}"

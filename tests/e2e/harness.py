@@ -13,13 +13,14 @@ from bench.steprun import kill_tree
 from tests.conftest import ROOT
 
 BIN = os.path.dirname(sys.executable)
-HOROVODRUN = [os.path.join(BIN, "horovodrun"), "-np", "2", "-H", "localhost:2"]
+# --gloo: no MPI probe (a child process importing torch: 3.4 s per launch here); see the Makefile
+HOROVODRUN = [os.path.join(BIN, "horovodrun"), "--gloo", "-np", "2", "-H", "localhost:2"]
 TRAIN = [sys.executable, "-m", "hvdtrain.train"]
 CI = ["--preset", "ci", "--task", "classify", "--run.progress=False", "--run.tensorboard=False"]
 
 
 def hvd(np_):
-    return [os.path.join(BIN, "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}"]
+    return [os.path.join(BIN, "horovodrun"), "--gloo", "-np", str(np_), "-H", f"localhost:{np_}"]
 
 
 def losses(run_dir) -> dict[int, float]:

@@ -268,7 +268,7 @@ def test_elastic_training_continues_on_the_survivor_when_a_worker_dies(tmp_path,
     disc.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n")
     disc.chmod(0o755)
     run_dir = tmp_path / "run"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
+    cmd = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "--gloo", "-np", "2", "--min-np", "1", "--max-np", "2",
            "--host-discovery-script", str(disc)] + TRAIN + CI + [
         "--elastic", f"--data.train={synth_data}/train", f"--data.val={synth_data}/val", "--train.eval_every=100",
         "--train.steps=200", "--train.log_every=5", f"--run.dir={run_dir}"]

@@ -41,10 +41,10 @@ def test_allocation_multi_node_and_commands():
     assert alloc == [("node01", 2), ("node02", 2), ("node03", 2), ("node07", 1)]
     assert horovod_hosts(alloc) == "node01:2,node02:2,node03:2,node07:1"
     assert horovodrun_command(alloc, "py", "hvdtrain.train", ["--seed=1"]) == [
-        "horovodrun", "-np", "7", "-H", "node01:2,node02:2,node03:2,node07:1", "py", "-m", "hvdtrain.train",
+        "horovodrun", "--gloo", "-np", "7", "-H", "node01:2,node02:2,node03:2,node07:1", "py", "-m", "hvdtrain.train",
         "--seed=1"]
-    assert horovodrun_command(alloc, "py", "m", [], extra="--ssh-port 2222 --ssh-identity-file '/k ey'")[:5] == [
-        "horovodrun", "--ssh-port", "2222", "--ssh-identity-file", "/k ey"]
+    assert horovodrun_command(alloc, "py", "m", [], extra="--ssh-port 2222 --ssh-identity-file '/k ey'")[:6] == [
+        "horovodrun", "--gloo", "--ssh-port", "2222", "--ssh-identity-file", "/k ey"]
     assert srun_command(alloc, "py", "m", [])[:2] == ["srun", "--ntasks=7"]
     assert allocation({"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS_PER_NODE": "4"}) == [("n1", 4), ("n2", 4)]
 
@@ -79,12 +79,12 @@ def test_dry_run_prints_command_and_env_without_running():
     assert r.returncode == 0, r.stderr
     cmd = [line for line in r.stdout.splitlines() if line.startswith("DRY_RUN: ") and "-m hvdtrain.train" in line]
     assert len(cmd) == 1
-    assert "horovodrun -np 4 -H node01:2,node02:2" in cmd[0]
+    assert "horovodrun --gloo -np 4 -H node01:2,node02:2" in cmd[0]
     assert cmd[0].endswith("-m hvdtrain.train --preset ci --optim.lr=0.2 --run.dir=runs/slurm-42")
     assert "DRY_RUN: env SLURM_JOB_ID=42" in r.stdout
     r = subprocess.run([os.path.join(ROOT, "launch", "local.sh"), "2", "hvdtrain.sanity", "--preset", "ci"],
                        env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "horovodrun -np 2 -H localhost:2" in r.stdout
+    assert r.returncode == 0 and "horovodrun --gloo -np 2 -H localhost:2" in r.stdout
 
 
 def test_sbatch_scripts_hold_no_hyperparameters():
