@@ -32,9 +32,9 @@ class ClusterError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
+def free_port(addr: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((addr, 0))
         return s.getsockname()[1]
 
 
@@ -59,7 +59,7 @@ def _node_lines(nodes: int, cpus_per_node: int | None) -> tuple[list[str], str]:
                 "State=UNKNOWN"], f"{host}(127.0.0.1)"
     if nodes != len(TWO_NODES):
         raise ClusterError(f"nodes={nodes}: the test cluster has 1 or {len(TWO_NODES)} nodes")
-    lines = [f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} "
+    lines = [f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={free_port()} "
              f"CPUs={cpus_per_node or 2} RealMemory={mem} State=UNKNOWN" for n in TWO_NODES]
     return lines, f"{host}(127.0.0.1)"
 
@@ -82,8 +82,8 @@ def write_config(d: str, nodes: int = 1, cpus_per_node: int | None = None) -> st
 ClusterName=hvdtest
 FirstJobId={random.randint(1_000_000, 60_000_000)}
 SlurmctldHost={ctld}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -117,7 +117,10 @@ PartitionName=debug Nodes={",".join(names)} Default=YES MaxTime=INFINITE State=U
     return path
 
 
-def _start(d: str, name: str, argv: list[str], env: dict) -> int:
+def start_daemon(d: str, name: str, argv: list[str], env: dict | None = None) -> int:
+    """Start `argv` in a session of its own (stdin /dev/null, output to DIR/log/NAME.stdout)
+    and record its PID in DIR/NAME.daemon.pid, for `stop_daemons`."""
+    os.makedirs(os.path.join(d, "log"), exist_ok=True)
     log = open(os.path.join(d, "log", f"{name}.stdout"), "ab")
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                          start_new_session=True)
@@ -153,16 +156,16 @@ def up(d: str, nodes: int = 1, cpus_per_node: int | None = None) -> dict:
     conf = write_config(d, nodes, cpus_per_node)
     env = env_for(d)
     sock = os.path.join(d, "munge", "munge.socket.2")
-    _start(d, "munged", ["munged", "--foreground", "--force", f"--socket={sock}",
+    start_daemon(d, "munged", ["munged", "--foreground", "--force", f"--socket={sock}",
                          f"--key-file={d}/munge.key", f"--pid-file={d}/munged.pid",
                          f"--log-file={d}/log/munged.log", f"--seed-file={d}/munge.seed"], env)
     _wait("munged", lambda: os.path.exists(sock), 20, d)
-    _start(d, "slurmctld", ["slurmctld", "-D", "-i", "-f", conf], env)
+    start_daemon(d, "slurmctld", ["slurmctld", "-D", "-i", "-f", conf], env)
     _wait("slurmctld", lambda: subprocess.run(["scontrol", "ping"], env=env, capture_output=True,
                                               text=True).stdout.count("UP") > 0, 30, d)
     names = node_names(d)
     for n in names:
-        _start(d, _slurmd(n, names), ["slurmd", "-D", "-f", conf, "-N", n], env)
+        start_daemon(d, _slurmd(n, names), ["slurmd", "-D", "-f", conf, "-N", n], env)
 
     def idle() -> bool:
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=env, capture_output=True, text=True).stdout
@@ -185,15 +188,23 @@ def _daemons(d: str) -> list[str]:
 
 
 def down(d: str, timeout_s: float = 20) -> list[str]:
-    """Stop the daemons by PID (TERM, then KILL); returns the names that needed KILL."""
+    """Stop the cluster's daemons by PID (TERM, then KILL); returns the names that needed KILL."""
+    return stop_daemons(d, _daemons(d) if os.path.isdir(d) else [], timeout_s)
+
+
+def stop_daemons(d: str, names: list[str], timeout_s: float = 20, group: bool = False) -> list[str]:
+    """Stop the daemons `start_daemon` recorded in `d` under `names`: SIGTERM, then SIGKILL
+    after `timeout_s`; `group`: their whole session (sshd and its sessions). Returns the
+    names that needed SIGKILL."""
     pids = {}
-    for name in _daemons(d) if os.path.isdir(d) else []:
+    for name in names:
         path = os.path.join(d, f"{name}.daemon.pid")
         if os.path.exists(path):
             pids[name] = int(open(path).read())
+    send = os.killpg if group else os.kill
     for pid in pids.values():
         try:
-            os.kill(pid, signal.SIGTERM)
+            send(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     killed = []
@@ -202,7 +213,7 @@ def down(d: str, timeout_s: float = 20) -> list[str]:
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.2)
         if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+            send(pid, signal.SIGKILL)
             killed.append(name)
         os.remove(os.path.join(d, f"{name}.daemon.pid"))
     return killed

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
+
+from launch import testcluster
 
 HOSTS = "/etc/hosts"
 ADDRS = {"n1": "127.0.0.1", "n2": "127.0.0.2"}
@@ -38,12 +38,6 @@ class NetError(RuntimeError):
 
 def _tag(d: str) -> str:
     return f"# hvdtrain-testnet {os.path.abspath(d)}"
-
-
-def _free_port(addr: str) -> int:
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
 
 
 def add_names(d: str) -> None:
@@ -87,7 +81,7 @@ def up(d: str) -> dict:
     ssh = os.path.join(d, "ssh")
     _keys(ssh)
     _write_wrapper(d)
-    port = _free_port(ADDRS["n2"])
+    port = testcluster.free_port(ADDRS["n2"])
     conf = os.path.join(ssh, "sshd_config")
     with open(conf, "w") as f:
         f.write(f"ListenAddress {ADDRS['n2']}\nPort {port}\nHostKey {ssh}/host_key\nPidFile {ssh}/sshd.pid\n"
@@ -95,11 +89,7 @@ def up(d: str) -> dict:
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
                 "PrintMotd no\nAcceptEnv none\n")
     os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation folder
-    log = open(os.path.join(ssh, "sshd.stdout"), "ab")
-    p = subprocess.Popen([SSHD, "-D", "-f", conf, "-E", os.path.join(ssh, "sshd.log")], stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    with open(os.path.join(d, "sshd.daemon.pid"), "w") as f:
-        f.write(str(p.pid))
+    testcluster.start_daemon(d, "sshd", [SSHD, "-D", "-f", conf, "-E", os.path.join(ssh, "sshd.log")])
     add_names(d)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -122,26 +112,7 @@ def down(d: str, timeout_s: float = 10) -> bool:
     """Remove the names, stop sshd by PID; True if it needed SIGKILL."""
     d = os.path.abspath(d)
     remove_names(d)
-    path = os.path.join(d, "sshd.daemon.pid")
-    if not os.path.exists(path):
-        return False
-    pid = int(open(path).read())
-    os.remove(path)
-    try:
-        os.killpg(pid, signal.SIGTERM)  # sshd and its sessions
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
-            return False
-        time.sleep(0.1)
-    os.killpg(pid, signal.SIGKILL)
-    return True
+    return bool(testcluster.stop_daemons(d, ["sshd"], timeout_s, group=True))  # sshd and its sessions
 
 
 def main(argv: list[str]) -> int:

@@ -103,17 +103,9 @@ def wait_until(env, job, what, ok, timeout_s, poll_s=0.2):
 
 
 def wait_output(env, job, text, timeout_s=180) -> str:
-    """Wait until the job's output contains `text` (training has started, ...)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        out = output(job)
-        if text in out:
-            return out
-        if job_field(env, job, "JobState") in TERMINAL:
-            pytest.fail(f"job {job} ended before printing {text!r}:\n{out[-3000:]}")
-        time.sleep(0.3)
-    subprocess.run(["scancel", job], env=env)
-    pytest.fail(f"job {job}: no {text!r} after {timeout_s}s:\n{output(job)[-3000:]}")
+    """Wait until the job's output contains `text` (training has started, ...); its output."""
+    wait_until(env, job, f"printing {text!r}", lambda: text in output(job), timeout_s, poll_s=0.3)
+    return output(job)
 
 
 def pids_matching(marker: str) -> list[str]:
