@@ -17,12 +17,14 @@ so and exits 2 at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
 
-from bench.steprun import Figure, Step, dry_check, run_step
+from bench.steprun import Figure, Step, dry_check, expand, run_step
 
 # ---------------------------------------------------------------- the commands, in one place
 # A flag that changes in a module is a one-line fix here; tests/e2e/test_gpu_check.py's
@@ -210,6 +212,9 @@ def markdown(report: dict) -> str:
              f"torch {v.get('torch')} (CUDA {v.get('cuda_torch')}); NCCL {v.get('nccl')}; DALI {v.get('dali')}; "
              f"horovod {v.get('horovod')}; git {report['git_sha'][:12]}", ""]
     for s in report["steps"]:
+        if s.get("not_run"):
+            lines += [f"## {s['name']}: NOT RUN ({s['not_run']})", "", f"`{' '.join(s['argv'])}`", ""]
+            continue
         lines += [f"## {s['name']}: {'PASS' if s['passed'] else 'FAIL'} ({s['wall_s']} s of {s['timeout_s']} s)", "",
                   f"`{' '.join(s['argv'])}`  (log: `{os.path.basename(s['log'])}`)", "",
                   "| figure | measured | target | result |", "|---|---|---|---|"]
@@ -248,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan and check its commands parse (no GPU)")
     p.add_argument("--only", default="", help="comma-separated step names (default: all, in order)")
     p.add_argument("--run-dir", default="", help="report folder (default runs/gpu-check-<id>)")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="end the whole plan within this many seconds: cut the last step's timeout, "
+                        "skip steps with no time left (default: each step's own timeout)")
+    p.add_argument("--copy-to", default="",
+                   help="also write gpu-check.json, gpu-check.md and gpu-check-logs.txt (every log's tail) "
+                        "to this flat folder after every step (a device call's $OUT)")
     a = p.parse_args(argv)
     names = [s.name for s in STEPS]
     only = [n for n in a.only.split(",") if n]
@@ -271,27 +282,75 @@ def main(argv: list[str] | None = None) -> int:
     ctx = {"py": sys.executable, "horovodrun": hvdrun, "gpus": torch.cuda.device_count(), "dir": run_dir,
            "gpu_name": (v.get("gpus") or [""])[0]}
     print(f"gpu_check: {ctx['gpus']} x {ctx['gpu_name']}, driver {v.get('driver')}; report in {run_dir}", flush=True)
-    return 0 if run_plan(steps, ctx, run_dir, v)["passed"] else 1
+    report = run_plan(steps, ctx, run_dir, v, budget_s=a.budget_s or None, copy_to=a.copy_to or None)
+    return 0 if report["passed"] else 1
 
 
-def run_plan(steps: tuple[Step, ...], ctx: dict, run_dir: str, versions_: dict) -> dict:
+MIN_STEP_S = 20  # a step with less of the budget left than this is not started
+
+
+def not_run(step: Step, ctx: dict, why: str) -> dict:
+    """The result of a step the budget left no time for."""
+    return {"name": step.name, "argv": expand(step.argv, ctx), "timeout_s": 0, "wall_s": 0.0, "exit": None,
+            "timed_out": False, "log": "", "passed": False, "not_run": why,
+            "figures": [{"key": f"{step.name}.exit", "label": "exit status", "op": "==", "target": 0, "value": None,
+                         "reference": None, "status": "NOT EVALUATED", "why": why}]}
+
+
+def log_tails(results: list[dict], lines: int = 40) -> str:
+    """The last lines of every step's log, one file for a person to read first."""
+    out = []
+    for r in results:
+        out.append(f"===== {r['name']}: {r.get('not_run') or r['log']}")
+        if r["log"] and os.path.exists(r["log"]):
+            with open(r["log"], errors="replace") as f:
+                out += [line.rstrip("\n") for line in f.readlines()[-lines:]]
+    return "\n".join(out) + "\n"
+
+
+def write_report(report: dict, run_dir: str, copy_to: str | None) -> None:
+    """gpu-check.json and .md in the run folder; with copy_to, those two and
+    gpu-check-logs.txt (every log's tail) also in that flat folder (a device call's $OUT)."""
+    for d in (run_dir, copy_to) if copy_to else (run_dir,):
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "gpu-check.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        with open(os.path.join(d, "gpu-check.md"), "w") as f:
+            f.write(markdown(report))
+    if copy_to:
+        with open(os.path.join(copy_to, "gpu-check-logs.txt"), "w") as f:
+            f.write(log_tails(report["steps"]))
+
+
+def run_plan(steps: tuple[Step, ...], ctx: dict, run_dir: str, versions_: dict, budget_s: float | None = None,
+             copy_to: str | None = None) -> dict:
     """Every step in order (a failed step does not stop the others). gpu-check.json and
     gpu-check.md are rewritten after each step (`complete: false` until the last), so a
-    run cut short still leaves what it measured."""
+    run cut short still leaves what it measured. With budget_s, the whole plan ends within
+    that many seconds: a step's timeout is cut to what is left, and a step with under
+    MIN_STEP_S left is not run (named in the report)."""
     from hvdtrain import provenance
 
+    deadline = time.monotonic() + budget_s if budget_s else None
     results: list[dict] = []
     report: dict = {}
     for i, s in enumerate(steps):
-        results.append(run_step(s, ctx, run_dir))
+        left = deadline - time.monotonic() if deadline else None
+        if left is not None and left < MIN_STEP_S:
+            why = f"not run: {budget_s:.0f} s budget (--budget-s) spent"
+            print(f"gpu_check: [{s.name}] {why}", flush=True)
+            results.append(not_run(s, ctx, why))
+        else:
+            if left is not None and left < s.timeout_s:
+                s = dataclasses.replace(s, timeout_s=int(left))
+            results.append(run_step(s, ctx, run_dir))
         failed = [r["name"] for r in results if not r["passed"]]
-        report = {"passed": not failed and i == len(steps) - 1, "complete": i == len(steps) - 1,
+        last = i == len(steps) - 1
+        complete = last and not any(r.get("not_run") for r in results)
+        report = {"passed": not failed and last, "complete": complete,
                   "failed_steps": failed, "run_dir": run_dir, "versions": versions_,
                   "git_sha": provenance.code_state()["git_sha"], "gpus": ctx["gpus"], "steps": results}
-        with open(os.path.join(run_dir, "gpu-check.json"), "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        with open(os.path.join(run_dir, "gpu-check.md"), "w") as f:
-            f.write(markdown(report))
+        write_report(report, run_dir, copy_to)
     failed = report["failed_steps"]
     print(f"\ngpu_check: {'PASS' if not failed else 'FAIL: ' + ', '.join(failed)}; report: {run_dir}/gpu-check.md",
           flush=True)

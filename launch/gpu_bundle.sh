@@ -3,7 +3,8 @@
 #
 #   launch/gpu_bundle.sh        # here, where PyPI answers: .gpu-bundle/p00 .. pNN (git-ignored)
 #   ...carry one part folder per device call (a call carries 64 MiB at most, tree included)...
-#   launch/gpu_install.sh       # there: join, check, install into .venv, build horovod (NCCL)
+#   launch/gpu_install.sh --horovod   # there, with p00: the horovod build (NCCL) starts in the background
+#   launch/gpu_install.sh       # there, with the last part: join, check, install into .venv
 #
 # The GPU image (docs/gpu-runs.md) has Python 3.12, torch 2.11 + CUDA 13 with its
 # nvidia-nccl-cu13, nvcc, CMake, numpy, pytest, matplotlib, nvidia-ml-py; it lacks DALI's
@@ -15,7 +16,8 @@
 #   HVDTRAIN_BUNDLE_DIR   output folder (default .gpu-bundle)
 #   HVDTRAIN_BUNDLE_PY    target Python version (default 3.12)
 #   HVDTRAIN_BUNDLE_FROM  pack this folder's files instead of downloading (tests; extra wheels)
-#   HVDTRAIN_BUNDLE_PART  part size for `split -b` (default 55m)
+#   HVDTRAIN_BUNDLE_PART  part size for `split -b` (default 58m)
+#   HVDTRAIN_BUNDLE_XZ    xz level (default 9)
 #   PYTHON                the Python whose pip downloads (default .venv/bin/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.."
 OUT=${HVDTRAIN_BUNDLE_DIR:-.gpu-bundle}
 PYV=${HVDTRAIN_BUNDLE_PY:-3.12}
 PY=${PYTHON:-.venv/bin/python}
-PART=${HVDTRAIN_BUNDLE_PART:-55m}   # + the working tree stays under one call's 64 MiB
+PART=${HVDTRAIN_BUNDLE_PART:-58m}   # + the sdist (3.4 MiB, p00) + the working tree < one call's 64 MiB
 die() { echo "gpu_bundle: ERROR: $*" >&2; exit 1; }
 pin() { grep -E "^$1==" constraints.txt || die "constraints.txt has no pin for $1"; }
 
@@ -42,6 +44,10 @@ HOROVOD=$(pin horovod)
 DL=$OUT/dl
 rm -rf "$OUT" && mkdir -p "$DL"
 pipq() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+compress() {  # xz -$1 of stdin, on every core where xz is installed, else Python's lzma
+    if command -v xz >/dev/null; then xz -T0 "-$1" -c
+    else "$PY" -c $'import lzma, shutil, sys\nwith lzma.open(sys.stdout.buffer, "wb", preset=int(sys.argv[1])) as f:\n    shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)' "$1"; fi
+}
 download() {
     echo "gpu_bundle: downloading ${#WHEELS[@]} wheels for CPython $PYV manylinux_2_28_x86_64, and the $HOROVOD sdist"
     # every manylinux tag a glibc 2.28 machine runs (pip does not widen a --platform by itself)
@@ -75,18 +81,33 @@ for w in wheels:
 print("gpu_bundle: the image must already have:", ", ".join(sorted(need - have)) or "nothing")
 PY
 
-TAR=$OUT/bundle.tar
-(cd "$DL" && sha256sum -- * >SHA256SUMS && tar -cf "../bundle.tar" -- *)
-split -b "$PART" -d -a 2 "$TAR" "$OUT/bundle.tar.part-"
-N=$(ls "$OUT"/bundle.tar.part-* | wc -l)
-SUM=$(sha256sum "$TAR" | cut -d' ' -f1)
-for part in "$OUT"/bundle.tar.part-*; do
+# the wheels, slimmed to one CPython and stored (launch/gpu_pack.py), in one tar.xz; the
+# horovod sdist travels beside part 00, so its build can start in the first device call
+PACK=$OUT/pack
+"$PY" launch/gpu_pack.py "$DL" "$PACK" --python "$PYV" || die "slimming the wheels failed"
+SDIST_NAME=$(basename "$(ls "$PACK"/horovod-*.tar.gz)") || die "no horovod sdist among the downloads"
+mkdir -p "$OUT/p00"
+mv "$PACK/$SDIST_NAME" "$OUT/p00/"
+SDIST_SUM=$(sha256sum "$OUT/p00/$SDIST_NAME" | cut -d' ' -f1)
+XZ_LEVEL=${HVDTRAIN_BUNDLE_XZ:-9}
+echo "gpu_bundle: xz -$XZ_LEVEL of $(du -sh "$PACK" | cut -f1) of wheels (about 4 minutes on 2 cores)"
+(cd "$PACK" && sha256sum -- *.whl >SHA256SUMS && tar -cf - -- *) | compress "$XZ_LEVEL" >"$OUT/bundle.tar.xz" \
+    || die "packing the wheels failed"
+split -b "$PART" -d -a 2 "$OUT/bundle.tar.xz" "$OUT/bundle.tar.xz.part-"
+N=$(ls "$OUT"/bundle.tar.xz.part-* | wc -l)
+SUM=$(sha256sum "$OUT/bundle.tar.xz" | cut -d' ' -f1)
+for part in "$OUT"/bundle.tar.xz.part-*; do
     k=${part##*-}
     mkdir -p "$OUT/p$k"
     mv "$part" "$OUT/p$k/"
-    printf 'parts %s\nsha256 %s\n' "$N" "$SUM" >"$OUT/p$k/bundle.manifest"
+    printf 'parts %s\nsha256 %s\nsdist %s %s\n' "$N" "$SUM" "$SDIST_NAME" "$SDIST_SUM" >"$OUT/p$k/bundle.manifest"
 done
-rm -rf "$DL" "$TAR"
-echo "gpu_bundle: $(du -sh "$OUT" | cut -f1) in $N part folder(s) of at most $PART:"
-for d in "$OUT"/p*; do echo "  $d  $(du -sh "$d" | cut -f1)"; done
-echo "gpu_bundle: carry each folder in its own device call, then run launch/gpu_install.sh there (docs/gpu-runs.md)"
+rm -rf "$DL" "$PACK" "$OUT/bundle.tar.xz"
+echo "gpu_bundle: $(du -sh "$OUT" | cut -f1) in $N part folder(s) (p00 also holds $SDIST_NAME):"
+for d in "$OUT"/p*; do
+    echo "  $d  $(du -sh "$d" | cut -f1)"
+    (($(du -sb "$d" | cut -f1) <= 63 * 1024 * 1024)) \
+        || die "$d is over 63 MiB: with the working tree it would not fit one device call; lower HVDTRAIN_BUNDLE_PART"
+done
+echo "gpu_bundle: carry each folder in its own device call (docs/gpu-runs.md): with p00, start the"
+echo "gpu_bundle: horovod build (launch/gpu_install.sh --horovod); with the last, launch/gpu_install.sh"

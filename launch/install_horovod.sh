@@ -23,6 +23,8 @@
 #   HVDTRAIN_SETUP_DRY_RUN  1 = print the build flags and what is missing; build nothing
 #   HVDTRAIN_CACHE          cache root (default: ~/.cache/hvdtrain)
 #   HVDTRAIN_HOROVOD_FORCE  1 = rebuild even if a cached wheel exists
+#   HVDTRAIN_HOROVOD_BUILD_ONLY  1 = build and cache the wheel, install nothing (a build
+#                           started early in the background: launch/gpu_install.sh --horovod)
 #   HOROVOD_BUILD_CUDA_CC_LIST  GPU architectures to compile for (default: the visible GPUs')
 #   HVDTRAIN_CUDA_DEFAULT   the CUDA toolkit looked at last (default /usr/local/cuda)
 set -euo pipefail
@@ -43,10 +45,12 @@ say() { if [[ "$DRY" == 1 ]]; then echo "install_horovod (dry run): $*"; else ec
 # Python version, torch version, torch's CUDA (or cpu), NCCL folder of torch's pip deps,
 # and the visible GPUs' compute capabilities (e.g. 90) for HOROVOD_BUILD_CUDA_CC_LIST
 TORCH_INFO=$("$PYTHON" - <<'PY' 2>/dev/null
-import importlib.util, sys
+import os, sys
 import torch
-nccl = importlib.util.find_spec("nvidia.nccl")
-nccl_dir = list(nccl.submodule_search_locations)[0] if nccl and nccl.submodule_search_locations else "-"
+# NCCL of torch's pip dependencies, looked up by path on sys.path: an import (nvidia.nccl)
+# can miss it where a venv's own nvidia/__init__.py shadows the image's nvidia/ folder
+nccl_dir = next((d for d in (os.path.join(p or ".", "nvidia", "nccl") for p in sys.path)
+                 if os.path.isfile(os.path.join(d, "include", "nccl.h"))), "-")
 ccs = sorted({"%d%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}) \
     if torch.cuda.is_available() else []
 print(f"{sys.version_info.major}.{sys.version_info.minor}", torch.__version__, torch.version.cuda or "cpu",
@@ -118,6 +122,13 @@ KEY="horovod-${HOROVOD_VERSION}-py${PYVER}-torch${TORCHVER}-${CUDAVER}-${FLAGS_H
 WHEEL_DIR="$CACHE_ROOT/wheels/$KEY"
 mkdir -p "$CACHE_ROOT/wheels" "$CACHE_ROOT/logs"
 
+# one build at a time per cache: a second caller (set-up while a background build runs)
+# waits for the first, then finds its wheel
+exec 9>"$CACHE_ROOT/wheels/.build.lock"
+if ! flock -n 9; then
+    echo "install_horovod: another horovod build holds $CACHE_ROOT/wheels/.build.lock; waiting for it (at most 30 min)"
+    flock -w 1800 9 || die "the other horovod build did not finish in 30 minutes (lock $CACHE_ROOT/wheels/.build.lock)"
+fi
 if [[ "${HVDTRAIN_HOROVOD_FORCE:-0}" != 1 ]] && compgen -G "$WHEEL_DIR/horovod-*.whl" >/dev/null; then
     echo "install_horovod: reusing cached wheel $WHEEL_DIR"
 else
@@ -152,6 +163,11 @@ $(tail -n 25 "$LOG")"
     echo "install_horovod: cached $(ls "$WHEEL_DIR")"
 fi
 
+flock -u 9
+if [[ "${HVDTRAIN_HOROVOD_BUILD_ONLY:-0}" == 1 ]]; then
+    echo "install_horovod: built only (HVDTRAIN_HOROVOD_BUILD_ONLY=1): $(ls "$WHEEL_DIR")"
+    exit 0
+fi
 "$PYTHON" -m pip install -q --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl \
     || die "installing the cached wheel from $WHEEL_DIR failed (delete it to rebuild)"
 echo "install_horovod: installed $(ls "$WHEEL_DIR")"

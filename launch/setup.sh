@@ -170,7 +170,16 @@ install_offline_system() {
     [[ "$DRY" == 1 ]] || "$PY" -m pip check || say "pip check: see above (the image's versions are kept)"
 }
 
-STAMP_INPUTS=(constraints.txt setup.py pyproject.toml launch/setup.sh launch/install_horovod.sh)
+# system mode: .venv's nvidia/ and the image's (NCCL, cuDNN, ...) must stay one package
+merge_nvidia_namespace() {
+    local d
+    d=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia
+    [[ -d "$d" ]] || return 0
+    if [[ "$DRY" == 1 ]]; then say "would write $d/__init__.py from launch/nvidia_namespace.py"; return 0; fi
+    cp launch/nvidia_namespace.py "$d/__init__.py"
+}
+
+STAMP_INPUTS=(constraints.txt setup.py pyproject.toml launch/setup.sh launch/install_horovod.sh launch/nvidia_namespace.py)
 STAMP_KEY=$( { cat "${STAMP_INPUTS[@]}"; echo "$TORCH_MODE $CUDA_MAJOR $HVD_GPU"; "$BOOT" --version; } | sha256sum | cut -c1-16)
 STAMP=$VENV/.hvdtrain-setup-$STAMP_KEY
 
@@ -211,6 +220,7 @@ else
             pip_install -c "$CONSTRAINTS" "${DEPS[@]}" || die "pip could not install the dependencies"
         fi
     fi
+    [[ "$TORCH_MODE" != system || ! -x "$PY" ]] || merge_nvidia_namespace
     # Triton kernels (kernels/): the GPU path, and the CPU tests through TRITON_INTERPRET=1
     if [[ "$TORCH_MODE" != system ]] || ! "${PYX:-$PY}" -c "import triton" 2>/dev/null; then
         pip_install -c constraints.txt triton || die "pip could not install triton"

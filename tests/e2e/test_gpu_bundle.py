@@ -3,7 +3,9 @@ wheels to set-up, on the CPU, with a small bundle of real (tiny) wheels and a fa
 `nvidia-smi` for a CUDA 13 driver. No network: the bundle is packed from a folder
 (HVDTRAIN_BUNDLE_FROM) and set-up runs dry."""
 import os
+import shutil
 import sys
+import time
 import zipfile
 
 import pytest
@@ -24,6 +26,20 @@ def make_wheel(folder, name: str, version: str, requires=(), filler_bytes: int =
     return path
 
 
+def make_ext_wheel(folder) -> str:
+    """A wheel with one extension module per CPython version, as DALI's and nvImageCodec's."""
+    dist = "nvidia_nvimgcodec_cu13-0.9.0.20"
+    path = os.path.join(folder, f"{dist}-py3-none-manylinux_2_28_x86_64.whl")
+    names = [f"nvidia/nvimgcodec/impl.cpython-{v}-x86_64-linux-gnu.so" for v in ("311", "312", "313", "314t")]
+    names += ["nvidia/__init__.py", "nvidia/libnvcomp/bin/nvlzcat"]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(f"{dist}.dist-info/METADATA", "Metadata-Version: 2.1\nName: nvidia-nvimgcodec-cu13\nVersion: 0.9.0.20\n")
+        for n in names:
+            z.writestr(n, b"\0" * 1000)
+        z.writestr(f"{dist}.dist-info/RECORD", "".join(f"{n},sha256=x,1000\n" for n in names))
+    return path
+
+
 @pytest.fixture
 def bundle(tmp_path):
     src = tmp_path / "src"
@@ -31,10 +47,11 @@ def bundle(tmp_path):
     dali = make_wheel(src, "nvidia-dali-cuda130", "2.4.0",
                       ["numpy", "gast<=0.7.0,>=0.3.3", "pyyaml-ft; python_version >= '3.13'"])
     make_wheel(src, "numpy", "2.4.6")  # the image has numpy: it must not be installed
+    make_ext_wheel(src)
     (src / "horovod-0.28.1.tar.gz").write_bytes(os.urandom(3000))
     out = tmp_path / "bundle"
     env = dict(os.environ, HVDTRAIN_BUNDLE_FROM=str(src), HVDTRAIN_BUNDLE_DIR=str(out),
-               HVDTRAIN_BUNDLE_PART="4k", PYTHON=sys.executable)
+               HVDTRAIN_BUNDLE_PART="4k", HVDTRAIN_BUNDLE_XZ="1", PYTHON=sys.executable)
     r = run(["bash", os.path.join(ROOT, "launch", "gpu_bundle.sh")], timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     assert "the image must already have: gast, numpy" not in r.stdout  # numpy is in the bundle
@@ -42,24 +59,66 @@ def bundle(tmp_path):
     return out, os.path.basename(dali), tmp_path
 
 
-def install(tmp_path, out):
+def install(tmp_path, out, *args, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_"))}
     env.update(PATH=fake_smi(tmp_path / "bin", "13.0") + os.pathsep + env["PATH"], HVDTRAIN_BUNDLE_DIR=str(out),
-               HVDTRAIN_SETUP_DRY_RUN="1", PYTHON_BOOTSTRAP=sys.executable, HVDTRAIN_CACHE=str(tmp_path / "cache"))
-    return run(["bash", os.path.join(ROOT, "launch", "gpu_install.sh")], timeout=120, env=env)
+               HVDTRAIN_SETUP_DRY_RUN="1", PYTHON_BOOTSTRAP=sys.executable, HVDTRAIN_CACHE=str(tmp_path / "cache"),
+               **extra)
+    return run(["bash", os.path.join(ROOT, "launch", "gpu_install.sh"), *args], timeout=120, env=env)
 
 
 def test_parts_join_check_and_install_only_what_the_image_lacks(bundle):
     out, dali, tmp_path = bundle
     parts = sorted(p for p in os.listdir(out) if p.startswith("p"))
-    assert len(parts) >= 3 and all(os.path.getsize(out / p / f"bundle.tar.part-{p[1:]}") <= 4096 for p in parts)
+    assert len(parts) >= 3 and all(os.path.getsize(out / p / f"bundle.tar.xz.part-{p[1:]}") <= 4096 for p in parts)
+    assert os.listdir(out / "p00").count("horovod-0.28.1.tar.gz") == 1  # the sdist travels first, whole
     r = install(tmp_path, out)
     assert r.returncode == 0, r.stdout + r.stderr
     wheels = out / "wheels"
-    assert f"pip install --no-index --find-links {wheels} --no-deps {wheels / dali}\n" in r.stdout
+    codec = wheels / "nvidia_nvimgcodec_cu13-0.9.0.20-py3-none-manylinux_2_28_x86_64.whl"
+    assert f"pip install --no-index --find-links {wheels} --no-deps {wheels / dali} {codec}\n" in r.stdout
     assert "numpy-2.4.6" not in r.stdout
     assert f"sdist: {wheels}/horovod-0.28.1.tar.gz" in r.stdout  # horovod builds from the bundle
     assert "HOROVOD_GPU_OPERATIONS=NCCL" in r.stdout
+
+
+def test_wheels_travel_slimmed_to_one_python(bundle):
+    """Extension modules of other CPython versions and nvCOMP's tools stay behind, and RECORD
+    forgets them; the rest of the wheel is intact (stored, for xz)."""
+    out, _, tmp_path = bundle
+    assert install(tmp_path, out).returncode == 0
+    with zipfile.ZipFile(out / "wheels" / "nvidia_nvimgcodec_cu13-0.9.0.20-py3-none-manylinux_2_28_x86_64.whl") as z:
+        names = set(z.namelist())
+        record = z.read("nvidia_nvimgcodec_cu13-0.9.0.20.dist-info/RECORD").decode()
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}
+    assert "nvidia/nvimgcodec/impl.cpython-312-x86_64-linux-gnu.so" in names and "nvidia/__init__.py" in names
+    for gone in ("impl.cpython-311-", "impl.cpython-313-", "impl.cpython-314t-", "nvlzcat"):
+        assert not any(gone in n for n in names) and gone not in record
+
+
+def test_the_horovod_build_starts_with_p00_alone(bundle):
+    """--horovod needs only p00: the build starts in a new session and returns at once
+    (here a dry run, which prints the flags and the sdist it would build)."""
+    out, _, tmp_path = bundle
+    for p in os.listdir(out):
+        if p.startswith("p") and p != "p00":
+            shutil.rmtree(out / p)
+    r = install(tmp_path, out, "--horovod")
+    assert r.returncode == 0 and "horovod build started in the background" in r.stdout, r.stdout + r.stderr
+    log = tmp_path / "cache" / "logs" / "horovod-background.log"
+    deadline = time.monotonic() + 60
+    while "sdist:" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert f"sdist: {out}/p00/horovod-0.28.1.tar.gz" in log.read_text()
+    r = install(tmp_path, out)
+    assert r.returncode == 1 and "lacks part folder(s) p01" in r.stderr
+
+
+def test_a_damaged_sdist_is_named(bundle):
+    out, _, tmp_path = bundle
+    (out / "p00" / "horovod-0.28.1.tar.gz").write_bytes(b"truncated")
+    r = install(tmp_path, out, "--horovod")
+    assert r.returncode == 1 and "horovod-0.28.1.tar.gz is missing or fails its sha256: carry p00 again" in r.stderr
 
 
 def test_a_missing_part_is_named(bundle):
@@ -73,7 +132,7 @@ def test_a_missing_part_is_named(bundle):
 
 def test_a_damaged_part_fails_the_checksum(bundle):
     out, _, tmp_path = bundle
-    part = out / "p00" / "bundle.tar.part-00"
+    part = out / "p00" / "bundle.tar.xz.part-00"
     data = bytearray(part.read_bytes())
     data[700] ^= 0xFF
     part.write_bytes(bytes(data))

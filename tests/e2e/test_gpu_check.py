@@ -2,6 +2,7 @@
 own argument parser accepts the plan's flags: this is what catches a flag that drifted),
 and a step that fails or hangs fails the check with that step named. The runner is the
 real one, on real subprocesses; only the plan is small."""
+import dataclasses
 import json
 import os
 import sys
@@ -98,3 +99,28 @@ def test_a_failing_or_hanging_step_fails_the_check_and_is_named(tmp_path):
     assert md.startswith("# gpu-check: FAIL: slow-figure, crashes, hangs")
     assert "| img/s | 100 | >= 200 | FAIL |" in md
     assert "boom" in (tmp_path / "crashes.log").read_text()
+
+
+def test_a_budget_cuts_the_last_timeout_and_names_the_steps_it_left_out(tmp_path, monkeypatch):
+    """--budget-s: the plan ends within the budget (a device call's limit); a step with no
+    time left is reported as not run; --copy-to gets the report and the logs' tails after
+    every step, in one flat folder."""
+    monkeypatch.setattr(G, "MIN_STEP_S", 2)
+    good, _, _, hangs = fake_plan(tmp_path)
+    hangs = dataclasses.replace(hangs, timeout_s=60)
+    ctx = {"py": PY, "horovodrun": "horovodrun", "gpus": 1, "dir": str(tmp_path / "run")}
+    os.makedirs(ctx["dir"])
+    t0 = time.monotonic()
+    report = G.run_plan((good, hangs, good), ctx, ctx["dir"], {"gpus": ["fake"]}, budget_s=6,
+                        copy_to=str(tmp_path / "out"))
+    assert time.monotonic() - t0 < 15
+    steps = report["steps"]
+    assert [s["name"] for s in steps] == ["good", "hangs", "good"]
+    assert steps[0]["passed"] and steps[1]["timed_out"] and steps[1]["timeout_s"] < 60
+    assert steps[2]["not_run"] == "not run: 6 s budget (--budget-s) spent" and not steps[2]["passed"]
+    assert report["complete"] is False and report["passed"] is False
+    assert sorted(os.listdir(tmp_path / "out")) == ["gpu-check-logs.txt", "gpu-check.json", "gpu-check.md"]
+    md = (tmp_path / "out" / "gpu-check.md").read_text()
+    assert "## good: NOT RUN (not run: 6 s budget (--budget-s) spent)" in md
+    logs = (tmp_path / "out" / "gpu-check-logs.txt").read_text()
+    assert "===== good:" in logs and "noise" in logs and "===== hangs:" in logs

@@ -132,3 +132,41 @@ def test_the_two_dali_builds_are_pinned_to_one_version():
     pins = dict(line.strip().split("==") for line in open(os.path.join(ROOT, "constraints.txt"))
                 if "==" in line and not line.startswith("#"))
     assert pins["nvidia-dali-cuda120"] == pins["nvidia-dali-cuda130"]
+
+
+def fake_sites(tmp_path, venv_init: str) -> tuple:
+    """A .venv site with DALI's nvidia/ (and `venv_init` as its nvidia/__init__.py) before an
+    image's site with NCCL's nvidia/ (a regular package there too)."""
+    venv, image = tmp_path / "venv-site", tmp_path / "image-site"
+    (venv / "nvidia" / "dali").mkdir(parents=True)
+    (venv / "nvidia" / "dali" / "__init__.py").write_text("")
+    (venv / "nvidia" / "__init__.py").write_text(venv_init)
+    for sub in ("include", "lib"):
+        (image / "nvidia" / "nccl" / sub).mkdir(parents=True)
+    (image / "nvidia" / "__init__.py").write_text("")
+    (image / "nvidia" / "nccl" / "include" / "nccl.h").write_text("")
+    (image / "nvidia" / "nccl" / "lib" / "libnccl.so.2").write_text("")
+    return venv, image
+
+
+def test_the_venvs_nvidia_folder_does_not_hide_the_images(tmp_path):
+    """nvjpeg2k's wheel ships an empty nvidia/__init__.py: in .venv it hides the image's
+    nvidia/ (nvidia.nccl). setup.sh copies launch/nvidia_namespace.py over it in system mode."""
+    probe = "import importlib.util, nvidia.dali; print(importlib.util.find_spec('nvidia.nccl') is not None)"
+    for init, seen in (("", "False"), (open(os.path.join(ROOT, "launch", "nvidia_namespace.py")).read(), "True")):
+        venv, image = fake_sites(tmp_path / seen, init)
+        r = run([sys.executable, "-c", probe], timeout=60,
+                env=dict(os.environ, PYTHONPATH=f"{venv}{os.pathsep}{image}"))
+        assert r.returncode == 0 and r.stdout.strip() == seen, r.stderr
+
+
+def test_nccl_is_found_by_path_even_when_hidden_from_import(tmp_path):
+    """install_horovod.sh looks for nvidia/nccl/include/nccl.h on sys.path, not by import."""
+    venv, image = fake_sites(tmp_path, "")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_"))}
+    env.update(PYTHON=sys.executable, HVDTRAIN_HOROVOD_GPU="nccl", HVDTRAIN_SETUP_DRY_RUN="1",
+               PYTHONPATH=f"{venv}{os.pathsep}{image}", HVDTRAIN_CACHE=str(tmp_path / "cache"))
+    r = run(["bash", os.path.join(ROOT, "launch", "install_horovod.sh")], timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"HOROVOD_NCCL_INCLUDE={image}/nvidia/nccl/include" in r.stdout
+    assert "NCCL (nccl.h" not in r.stdout

@@ -1,0 +1,8 @@
+# nvidia/__init__.py for a .venv that sees an image's packages (launch/setup.sh, system mode).
+#
+# NVIDIA's wheels share the top-level folder nvidia/: DALI (nvidia/dali), nvImageCodec and
+# nvJPEG in .venv, NCCL, cuDNN and cuBLAS in the image. Some of those wheels ship an
+# nvidia/__init__.py (nvjpeg2k's is empty), and a regular package hides every other nvidia/
+# folder on sys.path: `nvidia.nccl` would not import. This file, copied over .venv's, makes
+# nvidia/ span every nvidia/ folder on sys.path, .venv's first.
+__path__ = __import__("pkgutil").extend_path(__path__, __name__)
