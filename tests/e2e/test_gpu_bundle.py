@@ -9,6 +9,7 @@ import time
 import zipfile
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 from tests.e2e.harness import run
@@ -59,12 +60,12 @@ def bundle(tmp_path):
     return out, os.path.basename(dali), tmp_path
 
 
-def install(tmp_path, out, *args, **extra):
+def install(tmp_path, out, *args, script="gpu_install.sh", **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_"))}
     env.update(PATH=fake_smi(tmp_path / "bin", "13.0") + os.pathsep + env["PATH"], HVDTRAIN_BUNDLE_DIR=str(out),
                HVDTRAIN_SETUP_DRY_RUN="1", PYTHON_BOOTSTRAP=sys.executable, HVDTRAIN_CACHE=str(tmp_path / "cache"),
                **extra)
-    return run(["bash", os.path.join(ROOT, "launch", "gpu_install.sh"), *args], timeout=120, env=env)
+    return run(["bash", os.path.join(ROOT, "launch", script), *args], timeout=120, env=env)
 
 
 def test_parts_join_check_and_install_only_what_the_image_lacks(bundle):
@@ -138,3 +139,17 @@ def test_a_damaged_part_fails_the_checksum(bundle):
     part.write_bytes(bytes(data))
     r = install(tmp_path, out)
     assert r.returncode == 1 and "do not match the bundle's sha256" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_the_last_call_sets_up_then_checks_in_one_flat_folder(bundle):
+    """launch/gpu_setup_check.sh: set-up's log and gpu-check's report land in $OUT; a set-up
+    that fails stops there, with its log's tail; with no GPU gpu-check exits 2."""
+    out, _, tmp_path = bundle
+    dest = tmp_path / "out"
+    r = install(tmp_path, out, "300", script="gpu_setup_check.sh", OUT=str(dest))
+    assert r.returncode == 2 and "no GPU: nothing to check" in r.stdout, r.stdout + r.stderr
+    assert "gpu-check gets the" in r.stdout and "gpu_install: 4 files" in (dest / "setup.log").read_text()
+    shutil.rmtree(out / "p01")
+    r = install(tmp_path, out, script="gpu_setup_check.sh", OUT=str(dest))
+    assert r.returncode == 1 and "set-up failed" in r.stdout and "lacks part folder(s) p01" in r.stdout
