@@ -150,8 +150,9 @@ def fake_sites(tmp_path, venv_init: str) -> tuple:
 
 
 def test_the_venvs_nvidia_folder_does_not_hide_the_images(tmp_path):
-    """nvjpeg2k's wheel ships an empty nvidia/__init__.py: in .venv it hides the image's
-    nvidia/ (nvidia.nccl). setup.sh copies launch/nvidia_namespace.py over it in system mode."""
+    """nvjpeg2k's and nvtiff's wheels ship an empty nvidia/__init__.py: where pip leaves one
+    in .venv, it hides the image's nvidia/ (nvidia.nccl). setup.sh copies
+    launch/nvidia_namespace.py over it in system mode, whatever pip's order."""
     probe = "import importlib.util, nvidia.dali; print(importlib.util.find_spec('nvidia.nccl') is not None)"
     for init, seen in (("", "False"), (open(os.path.join(ROOT, "launch", "nvidia_namespace.py")).read(), "True")):
         venv, image = fake_sites(tmp_path / seen, init)
