@@ -81,14 +81,9 @@ def test_parts_join_check_and_install_only_what_the_image_lacks(bundle):
     assert "numpy-2.4.6" not in r.stdout
     assert f"sdist: {wheels}/horovod-0.28.1.tar.gz" in r.stdout  # horovod builds from the bundle
     assert "HOROVOD_GPU_OPERATIONS=NCCL" in r.stdout
-
-
-def test_wheels_travel_slimmed_to_one_python(bundle):
-    """Extension modules of other CPython versions and nvCOMP's tools stay behind, and RECORD
-    forgets them; the rest of the wheel is intact (stored, for xz)."""
-    out, _, tmp_path = bundle
-    assert install(tmp_path, out).returncode == 0
-    with zipfile.ZipFile(out / "wheels" / "nvidia_nvimgcodec_cu13-0.9.0.20-py3-none-manylinux_2_28_x86_64.whl") as z:
+    # the wheels travel slimmed to one CPython: extension modules of other versions and
+    # nvCOMP's tools stay behind, RECORD forgets them, the rest is intact (stored, for xz)
+    with zipfile.ZipFile(codec) as z:
         names = set(z.namelist())
         record = z.read("nvidia_nvimgcodec_cu13-0.9.0.20.dist-info/RECORD").decode()
         assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}
