@@ -85,7 +85,9 @@ PY
 # horovod sdist travels beside part 00, so its build can start in the first device call
 PACK=$OUT/pack
 "$PY" launch/gpu_pack.py "$DL" "$PACK" --python "$PYV" || die "slimming the wheels failed"
-SDIST_NAME=$(basename "$(ls "$PACK"/horovod-*.tar.gz)") || die "no horovod sdist among the downloads"
+SDIST_PATH=$(ls "$PACK"/horovod-*.tar.gz 2>/dev/null | head -n 1 || true)
+[[ -n "$SDIST_PATH" ]] || die "no horovod sdist among the downloads"
+SDIST_NAME=$(basename "$SDIST_PATH")
 mkdir -p "$OUT/p00"
 mv "$PACK/$SDIST_NAME" "$OUT/p00/"
 SDIST_SUM=$(sha256sum "$OUT/p00/$SDIST_NAME" | cut -d' ' -f1)

@@ -33,7 +33,7 @@ die() { echo "gpu_install: ERROR: $*" >&2; exit 1; }
 M=$B/p00/bundle.manifest
 N=$(awk '$1 == "parts" {print $2}' "$M")
 SUM=$(awk '$1 == "sha256" {print $2}' "$M")
-read -r SDIST_NAME SDIST_SUM < <(awk '$1 == "sdist" {print $2, $3}' "$M")
+read -r SDIST_NAME SDIST_SUM < <(awk '$1 == "sdist" {print $2, $3}' "$M") || true
 [[ -n "$N" && -n "$SUM" && -n "${SDIST_NAME:-}" ]] || die "$M is not a bundle manifest of launch/gpu_bundle.sh"
 SDIST=$(cd "$B/p00" && pwd)/$SDIST_NAME
 [[ -f "$SDIST" && "$(sha256sum "$SDIST" | cut -d' ' -f1)" == "$SDIST_SUM" ]] \

@@ -148,3 +148,11 @@ def test_the_last_call_sets_up_then_checks_in_one_flat_folder(bundle):
     shutil.rmtree(out / "p01")
     r = install(tmp_path, out, script="gpu_setup_check.sh", OUT=str(dest))
     assert r.returncode == 1 and "set-up failed" in r.stdout and "lacks part folder(s) p01" in r.stdout
+
+
+def test_a_manifest_of_the_old_format_is_named(tmp_path):
+    """Parts from a gpu_bundle.sh before the sdist moved to p00 stop with a message."""
+    (tmp_path / "b" / "p00").mkdir(parents=True)
+    (tmp_path / "b" / "p00" / "bundle.manifest").write_text("parts 1\nsha256 abc\n")
+    r = install(tmp_path, tmp_path / "b", "--horovod")
+    assert r.returncode == 1 and "is not a bundle manifest of launch/gpu_bundle.sh" in r.stderr
