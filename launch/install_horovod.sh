@@ -124,8 +124,10 @@ mkdir -p "$CACHE_ROOT/wheels" "$CACHE_ROOT/logs"
 
 # one build at a time per cache: a second caller (set-up while a background build runs)
 # waits for the first, then finds its wheel
+# (util-linux's flock; without it, no lock)
 exec 9>"$CACHE_ROOT/wheels/.build.lock"
-if ! flock -n 9; then
+LOCKING=0; command -v flock >/dev/null && LOCKING=1
+if ((LOCKING)) && ! flock -n 9; then
     echo "install_horovod: another horovod build holds $CACHE_ROOT/wheels/.build.lock; waiting for it (at most 30 min)"
     flock -w 1800 9 || die "the other horovod build did not finish in 30 minutes (lock $CACHE_ROOT/wheels/.build.lock)"
 fi
@@ -137,14 +139,14 @@ else
     trap 'rm -rf "$WORK"' EXIT
     echo "install_horovod: building horovod $HOROVOD_VERSION ($KEY), about 5 minutes on 2 cores"
     echo "install_horovod: build log: $LOG"
-    {
+    (  # a subshell: an `exit` below ends the build, and die says so with the log
         echo "flags: $FLAGS"
         if [[ -n "$SDIST" ]]; then
             cp "$SDIST" "$WORK/"
         else
             "$PYTHON" -m pip download --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$WORK"
         fi
-        tar -xzf "$WORK"/horovod-"$HOROVOD_VERSION".tar.gz -C "$WORK"
+        tar -xzf "$WORK"/horovod-"$HOROVOD_VERSION".tar.gz -C "$WORK" || { echo "cannot unpack the sdist ${SDIST:-downloaded}"; exit 3; }
         SRC="$WORK/horovod-$HOROVOD_VERSION"
         for f in "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"; do
             grep -q 'set(CMAKE_CXX_STANDARD 14)' "$f" || { echo "expected C++14 line not found in $f"; exit 3; }
@@ -156,14 +158,14 @@ else
             sed -i 's/set(CMAKE_CUDA_STANDARD 11)/set(CMAKE_CUDA_STANDARD 17)/' "$f"
         fi
         MAKEFLAGS="-j$(nproc)" "$PYTHON" -m pip wheel --no-deps --no-build-isolation -w "$WORK/dist" "$SRC"
-    } >"$LOG" 2>&1 || die "horovod build failed; see the build log: $LOG (last lines below)
+    ) >"$LOG" 2>&1 || die "horovod build failed; see the build log: $LOG (last lines below)
 $(tail -n 25 "$LOG")"
     mkdir -p "$WHEEL_DIR"
     cp "$WORK"/dist/horovod-*.whl "$WHEEL_DIR/"
     echo "install_horovod: cached $(ls "$WHEEL_DIR")"
 fi
 
-flock -u 9
+exec 9>&-  # the lock goes with the descriptor
 if [[ "${HVDTRAIN_HOROVOD_BUILD_ONLY:-0}" == 1 ]]; then
     echo "install_horovod: built only (HVDTRAIN_HOROVOD_BUILD_ONLY=1): $(ls "$WHEEL_DIR")"
     exit 0

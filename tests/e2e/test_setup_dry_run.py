@@ -7,7 +7,9 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -171,3 +173,39 @@ def test_nccl_is_found_by_path_even_when_hidden_from_import(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"HOROVOD_NCCL_INCLUDE={image}/nvidia/nccl/include" in r.stdout
     assert "NCCL (nccl.h" not in r.stdout
+
+
+def test_a_second_horovod_build_waits_for_the_first_and_reuses_its_wheel(tmp_path):
+    """The build lock: set-up started while the background build (gpu_install.sh --horovod)
+    holds it waits, then takes the wheel that build cached, instead of building again."""
+    sdist = tmp_path / "horovod-0.28.1.tar.gz"
+    sdist.write_bytes(b"not a tar")  # a first build that fails at once names its cache key
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_"))}
+    env.update(PYTHON=sys.executable, HVDTRAIN_HOROVOD_GPU="none", HVDTRAIN_HOROVOD_SDIST=str(sdist),
+               HVDTRAIN_CACHE=str(tmp_path / "cache"), HVDTRAIN_HOROVOD_BUILD_ONLY="1")
+    script = os.path.join(ROOT, "launch", "install_horovod.sh")
+    r = run(["bash", script], timeout=120, env=env)
+    assert r.returncode == 1 and "horovod build failed" in r.stderr
+    key = re.search(r"logs/(horovod-[^ ]+)\.log", r.stdout).group(1)
+    wheel_dir = tmp_path / "cache" / "wheels" / key
+    wheel_dir.mkdir()
+    (wheel_dir / "horovod-0.28.1-cp311-cp311-linux_x86_64.whl").write_bytes(b"")  # what the first build left
+    # the first build, still running: holds the lock until its stdin closes
+    holder = subprocess.Popen(["flock", str(tmp_path / "cache" / "wheels" / ".build.lock"), "cat"],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    second = subprocess.Popen(["bash", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first_line = ""
+        deadline = time.monotonic() + 60
+        while "another horovod build holds" not in first_line and time.monotonic() < deadline:
+            first_line = second.stdout.readline() or first_line
+        assert "another horovod build holds" in first_line, "the second build did not wait on the lock"
+        assert second.poll() is None  # it waits
+        holder.stdin.close()  # the first build ends
+        out, err = second.communicate(timeout=60)
+    finally:
+        for p in (holder, second):
+            if p.poll() is None:
+                p.kill()
+    assert second.returncode == 0, err
+    assert f"reusing cached wheel {wheel_dir}" in out and "built only (HVDTRAIN_HOROVOD_BUILD_ONLY=1)" in out
