@@ -135,6 +135,7 @@ except m.PackageNotFoundError:
 sys.exit(0 if where.startswith(os.path.realpath(sys.prefix) + os.sep) else 1)
 PY
 }
+venv_site() { "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }  # .venv's site-packages
 make_venv() {
     if [[ "$TORCH_MODE" != system ]]; then "$BOOT" -m venv "$VENV"; return; fi
     # an image's Python may lack ensurepip: then the venv borrows the bootstrap's pip
@@ -144,7 +145,7 @@ make_venv() {
     # a venv made from a venv sees only the base interpreter's packages: add the bootstrap's
     # site folders after .venv's own, as site folders (their .pth files count too)
     "$BOOT" -c "import site, sysconfig; p = sysconfig.get_paths(); dirs = list(dict.fromkeys([p['purelib'], p['platlib'], *site.getsitepackages()])); print(f'import site, sys; list(map(site.addsitedir, sorted(set({dirs!r}) - set(sys.path))))')" \
-        >"$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hvdtrain_system.pth"
+        >"$(venv_site)/_hvdtrain_system.pth"
 }
 # offline + system: the folder's wheels whose package `python` lacks, installed with
 # --no-deps (no index to resolve from; the bundle is complete, launch/gpu_bundle.sh)
@@ -173,7 +174,7 @@ install_offline_system() {
 # system mode: .venv's nvidia/ and the image's (NCCL, cuDNN, ...) must stay one package
 merge_nvidia_namespace() {
     local d
-    d=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia
+    d=$(venv_site)/nvidia
     [[ -d "$d" ]] || return 0
     if [[ "$DRY" == 1 ]]; then say "would write $d/__init__.py from launch/nvidia_namespace.py"; return 0; fi
     cp launch/nvidia_namespace.py "$d/__init__.py"
