@@ -1,30 +1,44 @@
 """Images on disk -> shuffled WebDataset shards with DALI indexes and `_info.json`.
 
-    python -m data.make_shards SRC OUT [--layout auto|imagefolder|tinyimagenet] [--shard-size K]
-    python -m data.make_shards --index-only DIR     # add .idx to shards from other tools
+    python -m data.make_shards SRC OUT [--layout auto|imagefolder|tinyimagenet] [--shard-size K] [--workers N]
+    python -m data.make_shards --index-only DIR [--index-dir D]   # indexes for shards from other tools
 
 Layouts (auto-detected):
-  imagefolder   SRC/<class>/*.{jpg,jpeg,png} in any letter case; if SRC/train (and
+  imagefolder   SRC/<class>/*.<any of data.wds.IMAGE_EXTS> in any letter case; if SRC/train (and
                 SRC/val) exist, each is an ImageFolder split.
   tinyimagenet  SRC/wnids.txt, SRC/train/<wnid>/images/*.JPEG,
                 SRC/val/images/*.JPEG with SRC/val/val_annotations.txt.
 Class index = sorted class names (the wnids.txt order for Tiny-ImageNet); the mapping is
 written to OUT/classes.txt and into each `_info.json`. Samples are shuffled before they
-are written, because DALI reads the tars in order. PNGs are stored as PNG (`.png` member,
-read by the same `jpg;jpeg;png` extension set); images that PIL cannot decode are
-rejected, listed and counted, never written.
+are written, because DALI reads the tars in order. Each image is stored as the format it
+is (`.jpg`, `.png`, `.webp`, ...: data.wds.PIL_FORMATS, the one extension list the reader
+and data.verify use); images that PIL cannot decode are rejected, listed and counted,
+never written.
+
+Shards are written whole, in parallel (`--workers`, default every core this process may
+use), each in one pass (index and sha256 taken while the tar is written) under a
+temporary name renamed when complete, with a record in `<split>/.parts/`. A killed build
+run again keeps the finished shards and writes the rest; `_info.json` comes last.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
+import json
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 
 from PIL import Image
+from tqdm import tqdm
 
-from data.wds import IMAGE_EXTS, Sample, ShardError, resolve_shards, write_index, write_info, write_split
+from data import pool
+from data.shards import ensure_indexes, resolve_shards
+from data.tarindex import ShardError, read_index_count, write_atomic
+from data.wds import IMAGE_EXTS, PIL_FORMATS, Sample, index_path_for, shard_name, write_info, write_shard
 
 
 @dataclass
@@ -93,24 +107,121 @@ def load_checked(item: Item) -> tuple[bytes, str] | str:
             im.load()  # full decode: catches truncated and corrupted files
     except Exception as e:  # noqa: BLE001 - PIL raises many types; we report them all
         return f"{e.__class__.__name__}: {e}"
-    if fmt == "JPEG":
-        return data, "jpg"
-    if fmt == "PNG":
-        return data, "png"
-    return f"unsupported image format {fmt}"
+    ext = PIL_FORMATS.get(fmt)
+    return (data, ext) if ext else f"unsupported image format {fmt} (the reader decodes {', '.join(IMAGE_EXTS)})"
 
 
-def to_samples(items: list[Item], split: str, rejected: list[tuple[str, str]]):
-    for i, item in enumerate(items):
+# ---------------------------------------------------------------- one shard, in a worker
+PARTS = ".parts"  # <split>/.parts/<shard>.json: a finished shard's record (what a resumed build keeps)
+
+
+def _job_hash(items: list[Item], first: int) -> str:
+    h = hashlib.sha256(f"{first}\n".encode())
+    for it in items:
+        h.update(f"{it.path}\t{it.label}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _part_path(split_dir: str, name: str) -> str:
+    return os.path.join(split_dir, PARTS, name + ".json")
+
+
+def _done(split_dir: str, name: str, job_hash: str) -> dict | None:
+    """A finished shard's record if this build already wrote it (same items, tar and
+    index in place and of the size recorded), else None."""
+    try:
+        with open(_part_path(split_dir, name)) as f:
+            part = json.load(f)
+    except (OSError, ValueError):
+        return None
+    rec = part.get("record", {})
+    tar = os.path.join(split_dir, name)
+    if part.get("job") != job_hash:
+        return None
+    if rec.get("samples") and not (os.path.exists(tar) and os.path.getsize(tar) == rec.get("bytes")
+                                   and os.path.exists(index_path_for(tar))):
+        return None
+    return part
+
+
+def write_job(job: tuple[str, str, str, int, list[Item]]) -> dict:
+    """Pool work: decode-check and write one shard (tar + index in one pass), then its
+    record under .parts/. Returns {record, rejected, images, job}."""
+    split_dir, name, split, first, items = job
+    h = _job_hash(items, first)
+    part = _done(split_dir, name, h)
+    if part is not None:
+        part["reused"] = True
+        return part
+    rejected: list[list[str]] = []
+    samples = []
+    for i, item in enumerate(items, first):
         r = load_checked(item)
         if isinstance(r, str):
-            rejected.append((item.path, r))
+            rejected.append([item.path, r])
             continue
-        data, ext = r
-        yield Sample(key=f"{split}{i:07d}", image=data, label=item.label, ext=ext)
+        samples.append(Sample(key=f"{split}{i:07d}", image=r[0], label=item.label, ext=r[1]))
+    rec = write_shard(split_dir, name, samples) if samples else {"name": name, "samples": 0}
+    part = {"job": h, "record": rec, "rejected": rejected, "images": len(items)}
+    write_atomic(_part_path(split_dir, name), json.dumps(part, sort_keys=True).encode())
+    return part
 
 
-def make(src: str, out: str, layout: str = "auto", shard_size: int = 1000, seed: int = 0) -> dict:
+class Progress:
+    """Images written: a bar with img/s and an ETA on a terminal (tqdm), else a line a
+    minute (a log)."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.what, self.done, self.t0 = total, what, 0, time.monotonic()
+        self.bar = tqdm(total=total, unit="img", desc=what, smoothing=0.1) if sys.stderr.isatty() else None
+
+    def add(self, n: int, reused: bool = False) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif pool.tick(self.t0) or self.done == self.total:
+            dt = max(time.monotonic() - self.t0, 1e-9)
+            rate = self.done / dt
+            eta = (self.total - self.done) / rate if rate else 0.0
+            print(f"{self.what}: {self.done}/{self.total} images, {rate:.0f} img/s, ETA {eta:.0f} s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_split_parallel(items: list[Item], split_dir: str, classes: list[str], split: str, shard_size: int,
+                         extra: dict, workers: int | None) -> tuple[dict, list[tuple[str, str]], int]:
+    """Every shard of a split, `workers` at a time; shards a killed build finished are kept.
+    (info, rejected, shards reused)."""
+    os.makedirs(os.path.join(split_dir, PARTS), exist_ok=True)
+    for stray in glob.glob(os.path.join(split_dir, "*.tmp-*")) + glob.glob(os.path.join(split_dir, "*.tmp")):
+        os.remove(stray)  # a killed build's half-written tar or index
+    jobs = [(split_dir, shard_name(split, j), split, i, items[i:i + shard_size])
+            for j, i in enumerate(range(0, len(items), shard_size))]
+    records, rejected, reused = [], [], 0
+    bar = Progress(len(items), split)
+    try:
+        for part in pool.imap(write_job, jobs, workers):
+            records.append(dict(sorted(part["record"].items())))  # as a kept record reads back
+            rejected += [tuple(r) for r in part["rejected"]]
+            reused += bool(part.get("reused"))
+            bar.add(part["images"], bool(part.get("reused")))
+    finally:
+        bar.close()
+    shards = [r for r in records if r["samples"]]
+    if not shards:
+        raise ShardError(f"{split_dir}: no samples to write for split {split!r}")
+    info = write_info(split_dir, shards, classes, split,
+                      {**extra, "rejected": len(rejected), "rejected_files": [f"{p}: {why}" for p, why in rejected[:1000]]})
+    return info, rejected, reused
+
+
+def make(src: str, out: str, layout: str = "auto", shard_size: int = 1000, seed: int = 0,
+         workers: int | None = None) -> dict:
+    """Shards for every split of `src` in `out`, `workers` processes (default: every core)
+    writing whole shards. Run again after a kill, it keeps the shards already finished and
+    writes the rest: the result is byte-identical to an uninterrupted build."""
     layout = detect_layout(src) if layout == "auto" else layout
     if layout == "tinyimagenet":
         classes, splits = tinyimagenet_splits(src)
@@ -126,21 +237,29 @@ def make(src: str, out: str, layout: str = "auto", shard_size: int = 1000, seed:
     else:
         raise ShardError(f"unknown layout {layout!r}")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "classes.txt"), "w") as f:
-        f.writelines(f"{i}\t{c}\n" for i, c in enumerate(classes))
+    write_atomic(os.path.join(out, "classes.txt"), "".join(f"{i}\t{c}\n" for i, c in enumerate(classes)).encode())
     report = {}
     for split, items in splits.items():
         random.Random(seed).shuffle(items)  # DALI reads tars in order: shuffle before writing
-        rejected: list[tuple[str, str]] = []
-        split_dir = os.path.join(out, split)
-        info = write_split(to_samples(items, split, rejected), split_dir, classes, split, shard_size,
-                           {"source": os.path.abspath(src), "layout": layout, "shuffled": True})
-        # counted only now: the generator above rejects while it is written
-        info = write_info(split_dir, info["shards"], classes, split,
-                          {"source": info["source"], "layout": layout, "shuffled": True, "rejected": len(rejected),
-                           "rejected_files": [f"{p}: {why}" for p, why in rejected[:1000]]})
+        extra = {"source": os.path.abspath(src), "layout": layout, "shuffled": True}
+        info, rejected, reused = write_split_parallel(items, os.path.join(out, split), classes, split, shard_size,
+                                                      extra, workers)
         report[split] = (info, rejected)
+        info["reused_shards"] = reused
     return report
+
+
+def index_only(spec: str, index_dir: str = "", workers: int | None = None) -> str:
+    """`--index-only`: the missing (or stale) indexes of a shard set, found and built the
+    way training does (data.shards: beside the tars, --index-dir, or the cache)."""
+    paths = resolve_shards(spec)
+    t0 = time.monotonic()
+    idx, _, where = ensure_indexes(paths, index_dir, workers=workers, log=lambda s: print(s, flush=True))
+    samples = sum(read_index_count(i) for i in idx)
+    built = where.pop("built", 0)
+    places = ", ".join(f"{n} {k}" for k, n in sorted(where.items()))
+    return (f"{spec}: {len(paths)} shard(s), {samples} samples indexed; {built} index(es) built in "
+            f"{time.monotonic() - t0:.1f} s (indexes: {places})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,19 +269,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", default="auto", choices=["auto", "imagefolder", "tinyimagenet"])
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    p.add_argument("--index-only", action="store_true", help="write missing .idx files beside tars")
+    p.add_argument("--workers", type=int, default=0, help="processes writing shards (default: every core "
+                                                          "this process may use)")
+    p.add_argument("--index-only", action="store_true", help="build missing .idx files (beside the tars, "
+                                                             "else --index-dir, else the cache)")
+    p.add_argument("--index-dir", default="", help="with --index-only: keep the indexes here "
+                                                   "(training's --data.index_dir)")
     a = p.parse_args(argv)
     try:
         if a.index_only:
-            for tar in resolve_shards(a.src):
-                print(f"{tar}: {write_index(tar)} samples indexed")
+            print(index_only(a.src, a.index_dir, a.workers or None))
             return 0
         if not a.out:
             p.error("OUT is required")
-        for split, (info, rejected) in make(a.src, a.out, a.layout, a.shard_size, a.seed).items():
+        for split, (info, rejected) in make(a.src, a.out, a.layout, a.shard_size, a.seed, a.workers or None).items():
+            kept = f", {info['reused_shards']} finished shard(s) kept" if info.get("reused_shards") else ""
             print(f"{split}: {info['total']} samples, {len(info['shards'])} shard(s), "
                   f"{info['num_classes']} classes, fingerprint {info['fingerprint']}, "
-                  f"rejected {len(rejected)}")
+                  f"rejected {len(rejected)}{kept}")
             for path, why in rejected:
                 print(f"  rejected {path}: {why}", file=sys.stderr)
     except ShardError as e:

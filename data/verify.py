@@ -4,13 +4,16 @@
 
 Per shard: the tar reads to its end (truncated tars), the `.idx` exists and matches the
 tar (stale indexes), the counts and sha256 match `_info.json` (the data fingerprint).
-Per sample: it has an image (`.jpg/.jpeg/.png`, any case) and a `.cls`, the label is a
-decimal class index in range, and the image decodes (PIL; the same files DALI rejects).
-Train and val must name the same classes. Exit 0 clean, 1 problems found, 2 bad usage.
+Per sample: it has an image (any extension of `data.wds.IMAGE_EXTS`, any case) and a
+`.cls`, the label is a decimal class index in range, and the image decodes (PIL; the
+same files DALI rejects). Train and val must name the same classes. Exit 0 clean, 1
+problems found, 2 bad usage.
 
-The same checks serve training: `locate()` names the bad samples in a rank's part of
-the data when DALI stops, and `skip_index()` writes indexes without them for
-`--data.on_error=skip`.
+Shards are checked in parallel (`--workers`, default every core), and each shard's
+result is kept in the cache (`data.cache`) by the shard's content: checking unchanged
+shards again reads only their headers. The same checks serve training: `locate_indexed()`
+names the bad samples in a rank's view when DALI stops, and `--data.on_error=skip`
+(`data.dataset.skip_bad`) leaves out the samples these records list.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from data.wds import (IMAGE_EXTS, INFO_NAME, LABEL_WIDTH, ShardError, ShardSet, file_sha256, index_path_for,
-                      iter_samples, rank_range, read_index, resolve_shards, scan_tar, split_name, write_index_rows)
+from data import cache, pool
+from data.shards import ShardSet, locate_index, resolve_shards
+from data.tarindex import ShardError, index_problem, read_index, split_name, walk
+from data.wds import IMAGE_EXTS, INFO_NAME, LABEL_EXT, LABEL_WIDTH, file_sha256, index_path_for, is_image_ext
 
 
 @dataclass
@@ -70,49 +75,104 @@ def check_label(raw: bytes, num_classes: int | None) -> str | None:
     return None
 
 
-def check_sample(comps: dict[str, bytes], num_classes: int | None, decode: bool = True) -> str | None:
-    images = [e for e in comps if e.lower() in IMAGE_EXTS]
+def check_sample(comps: dict[str, bytes], num_classes: int | None, decode: bool = True,
+                 labels_optional: bool = False) -> str | None:
+    images = [e for e in comps if is_image_ext(e)]
     if not images:
-        return f"no image member (has {sorted(comps) or 'nothing'}); the reader needs .jpg/.jpeg/.png"
-    if "cls" not in comps:
-        return "no .cls label member"
-    return check_label(comps["cls"], num_classes) or (check_image(comps[images[0]]) if decode else None)
+        return f"no image member (has {sorted(comps) or 'nothing'}); the reader reads {', '.join(IMAGE_EXTS)}"
+    label = next((e for e in comps if e.lower() == LABEL_EXT), None)
+    if label is None:
+        return None if labels_optional else "no .cls label member"
+    return check_label(comps[label], num_classes) or (check_image(comps[images[0]]) if decode else None)
 
 
 # ---------------------------------------------------------------- shards
-def check_shard(tar: str, num_classes: int | None, decode: bool = True) -> tuple[int, list[Problem]]:
-    """(samples in the tar, problems) for one shard: tar, index, every sample."""
-    problems: list[Problem] = []
+RECORD_VERSION = 1
+
+
+def _record_path(tar: str, num_classes: int | None, decode: bool, labels_optional: bool = False) -> str:
+    u = "-u" if labels_optional else ""
+    return cache.path("verify", f"{cache.signature(tar)}-{num_classes or 0}-{int(decode)}{u}.json")
+
+
+def cached_record(tar: str, num_classes: int | None, decode: bool = True, labels_optional: bool = False) -> dict | None:
+    """A kept `shard_record` of this tar's content, or None (a decoded record serves an
+    undecoded question too)."""
+    for d in ((True, False) if not decode else (True,)):
+        rec = cache.read_json(_record_path(tar, num_classes, d, labels_optional))
+        if rec and rec.get("v") == RECORD_VERSION:
+            return rec
+    return None
+
+
+def shard_record(tar: str, num_classes: int | None, decode: bool = True, labels_optional: bool = False) -> dict:
+    """Every sample of one tar checked, from the tar alone (a header walk, then each
+    sample's bytes): {samples, bad: [sample positions], skipped: [what is wrong with each],
+    problems: [tar-level problems], complete: the tar reads to its end}. Kept in the cache
+    by the tar's content, so unchanged shards are not decoded again."""
     size = os.path.getsize(tar)
-    layout, broken = scan_tar(tar, tolerant=True)
-    end = max((o + -(-s // 512) * 512 for comps in layout for _, o, s, _ in comps), default=0)
-    if broken or size < end + 1024 or size % 512:  # a whole tar ends with two zero blocks after its last member
-        problems.append(Problem(tar, f"truncated tar: {size} bytes, it ends inside or right after member "
-                                     f"{len(layout)} ({broken or 'no end-of-archive marker'}); re-copy or rebuild it"))
-    idx = index_path_for(tar)
-    if not os.path.exists(idx):
-        problems.append(Problem(idx, "missing DALI index; training builds it, or run "
-                                     f"`python -m data.make_shards --index-only {os.path.dirname(tar) or '.'}`"))
-    else:
-        try:
-            if read_index(idx) != layout:
-                problems.append(Problem(idx, f"stale index: it does not describe {os.path.basename(tar)} "
-                                             "(rebuild with `python -m data.make_shards --index-only`)"))
-        except (ShardError, ValueError, IndexError) as e:
-            problems.append(Problem(idx, f"unreadable index ({e})"))
-    n = 0
-    try:
-        for key, comps in iter_samples(tar):
-            n += 1
-            why = check_sample(comps, num_classes, decode)
+    w = walk(tar, read_exts=(), tolerant=True)
+    problems, bad, skipped = [], [], []
+    complete = not w.error and size >= w.end + 1024 and size % 512 == 0
+    if not complete:  # a whole tar ends with two zero blocks after its last member
+        problems.append(str(Problem(tar, f"truncated tar: {size} bytes, it ends inside or right after sample "
+                                         f"{len(w.samples)} ({w.error or 'no end-of-archive marker'}); re-copy or "
+                                         f"rebuild it")))
+    with open(tar, "rb") as f:
+        for j, comps in enumerate(w.samples):
+            key = split_name(comps[0][3])[0]
+            members = {e: os.pread(f.fileno(), n, o) for e, o, n, _ in comps}
+            why = check_sample(members, num_classes, decode, labels_optional)
             if why:
-                problems.append(Problem(tar, why, key))
-    except Exception as e:  # noqa: BLE001 - a damaged tar: reported, and the pass goes on
-        problems.append(Problem(tar, f"tar stops being readable after {n} samples ({e.__class__.__name__}: {e})"))
-    return len(layout), problems
+                bad.append(j)
+                skipped.append(str(Problem(tar, why, key)))
+    rec = {"v": RECORD_VERSION, "samples": len(w.samples), "bad": bad, "skipped": skipped, "problems": problems,
+           "complete": complete, "decode": decode}
+    cache.write_json(_record_path(tar, num_classes, decode, labels_optional), rec)
+    return rec
 
 
-def verify_split(spec: str, decode: bool = True, num_classes: int | None = None) -> tuple[dict, list[Problem]]:
+def _record_job(job: tuple[str, int | None, bool]) -> tuple[dict, bool]:
+    tar, num_classes, decode = job
+    rec = cached_record(tar, num_classes, decode)
+    return (rec, True) if rec is not None else (shard_record(tar, num_classes, decode), False)
+
+
+def _parse(line: str) -> Problem:
+    where, _, rest = line.partition(": ")
+    return Problem(where, rest)
+
+
+def index_problems(tar: str, index_dir: str = "") -> list[Problem]:
+    """The index this tar would be read with (`data.shards.locate_index`): missing, stale."""
+    idx, place, exists = locate_index(tar, index_dir)
+    if not exists:
+        return [Problem(index_path_for(tar), "missing DALI index; training builds it, or run "
+                                             f"`python -m data.make_shards --index-only {os.path.dirname(tar) or '.'}`")]
+    try:
+        why = index_problem(tar, idx)
+        if why is None and read_index(idx) != walk(tar, read_exts=(), tolerant=True).samples:
+            why = f"it does not list the samples of {os.path.basename(tar)}"
+    except (ShardError, ValueError, IndexError) as e:
+        return [Problem(idx, f"unreadable index ({e})")]
+    if why:
+        return [Problem(idx, f"stale index ({place}): {why} (rebuild with `python -m data.make_shards --index-only`)")]
+    return []
+
+
+def check_shard(tar: str, num_classes: int | None, decode: bool = True, index_dir: str = "") -> tuple[int, list[Problem]]:
+    """(samples in the tar, problems) for one shard: tar, index, every sample."""
+    rec, _ = _record_job((tar, num_classes, decode))
+    problems = [_parse(x) for x in rec["problems"]] + index_problems(tar, index_dir)
+    for line in rec["skipped"]:
+        where, _, rest = line.partition(": ")
+        key, _, what = rest.partition(": ")
+        problems.append(Problem(where, what, key))
+    return rec["samples"], problems
+
+
+def verify_split(spec: str, decode: bool = True, num_classes: int | None = None, workers: int | None = None,
+                 index_dir: str = "") -> tuple[dict, list[Problem]]:
     try:
         paths = resolve_shards(spec)
     except ShardError as e:
@@ -122,28 +182,40 @@ def verify_split(spec: str, decode: bool = True, num_classes: int | None = None)
     num_classes = (info.get("num_classes") if info else None) or num_classes
     problems: list[Problem] = []
     by_name = {s["name"]: s for s in info.get("shards", [])} if info else {}
-    total = 0
-    for tar in paths:
-        n, found = check_shard(tar, num_classes, decode)
+    total = reused = 0
+    for tar, (rec, was_cached) in zip(paths, pool.imap(_record_job, [(t, num_classes, decode) for t in paths],
+                                                        workers)):
+        reused += was_cached
+        n, found = check_shard(tar, num_classes, decode, index_dir)  # the record is kept now: no decode
         total += n
         problems += found
-        rec = by_name.get(os.path.basename(tar))
-        if rec is not None and rec.get("samples") != n:
-            problems.append(Problem(tar, f"holds {n} samples but {info_path} says {rec['samples']}"))
-        if rec is not None and rec.get("sha256") and rec["sha256"] != file_sha256(tar):
+        entry = by_name.get(os.path.basename(tar))
+        if entry is not None and entry.get("samples") != n:
+            problems.append(Problem(tar, f"holds {n} samples but {info_path} says {entry['samples']}"))
+        if entry is not None and entry.get("sha256") and entry["sha256"] != (
+                rec.get("sha256") or _sha_kept(tar, rec, num_classes, decode)):
             problems.append(Problem(tar, f"content differs from the sha256 in {info_path}: the shard changed "
                                          "after it was written, so the data fingerprint no longer describes it"))
     bad = sum(1 for p in problems if p.key)
     summary = {"spec": spec, "shards": len(paths), "samples": total, "bad": bad, "num_classes": num_classes,
-               "classes": info.get("classes") if info else None, "info": info_path if info else None}
+               "classes": info.get("classes") if info else None, "info": info_path if info else None,
+               "records_reused": reused}
     return summary, problems
 
 
-def verify(train: str, val: str | None = None, decode: bool = True, num_classes: int | None = None) -> Report:
+def _sha_kept(tar: str, rec: dict, num_classes: int | None, decode: bool) -> str:
+    """The tar's sha256, computed once and kept in its record."""
+    rec["sha256"] = file_sha256(tar)
+    cache.write_json(_record_path(tar, num_classes, rec.get("decode", decode)), rec)
+    return rec["sha256"]
+
+
+def verify(train: str, val: str | None = None, decode: bool = True, num_classes: int | None = None,
+           workers: int | None = None, index_dir: str = "") -> Report:
     rep = Report()
     for split, spec in (("train", train), ("val", val)):
         if spec:
-            rep.splits[split], found = verify_split(spec, decode, num_classes)
+            rep.splits[split], found = verify_split(spec, decode, num_classes, workers, index_dir)
             rep.problems += found
     t, v = rep.splits.get("train", {}), rep.splits.get("val")
     if v and t.get("classes") and v.get("classes") and t["classes"] != v["classes"]:
@@ -154,80 +226,32 @@ def verify(train: str, val: str | None = None, decode: bool = True, num_classes:
 
 
 # ---------------------------------------------------------------- for training
-def locate(shards: ShardSet, shard_id: int, num_shards: int, num_classes: int | None,
-           budget_s: float = 60.0) -> tuple[list[Problem], bool]:
-    """Bad samples in one rank's part of the data, for the message when DALI stops:
-    (problems, complete). Gives up after `budget_s` (complete=False)."""
-    lo, hi = rank_range(shards.total, shard_id, num_shards)
-    t0, start, found = time.monotonic(), 0, []
-    for tar, n in zip(shards.paths, shards.counts):
-        if start + n > lo and start < hi:
-            for i, (key, comps) in enumerate(iter_samples(tar)):
-                if lo <= start + i < hi:
-                    why = check_sample(comps, num_classes)
-                    if why:
-                        found.append(Problem(tar, why, key))
-                if time.monotonic() - t0 > budget_s:
-                    return found, False
-            _, shard_problems = check_shard(tar, num_classes, decode=False)
-            found += [p for p in shard_problems if p.key is None and p not in found]
-        start += n
-    return found, True
-
-
 def locate_indexed(shards: ShardSet, num_classes: int | None, budget_s: float = 60.0) -> tuple[list[Problem], bool]:
-    """Like `locate`, for a shard set whose indexes list some samples of their tars (one
-    rank's interleaved slice: hvdtrain/shard_order.py): each listed sample is read at its
-    offsets and checked. (problems, complete)."""
-    t0, found = time.monotonic(), []
+    """Bad samples among those a shard set's indexes list (one rank's view of the data:
+    data.dataset.rank_view), for the message when DALI stops: each listed sample is read
+    at its offsets and checked, and each tar once for truncation. (problems, complete):
+    gives up after `budget_s`."""
+    t0, found, seen = time.monotonic(), [], set()
     for tar, idx in zip(shards.paths, shards.index_paths):
+        size = os.path.getsize(tar)
+        if tar not in seen:
+            seen.add(tar)
+            w = walk(tar, read_exts=(), tolerant=True)
+            if w.error:
+                found.append(Problem(tar, f"truncated or damaged tar after {len(w.samples)} samples ({w.error})"))
         with open(tar, "rb") as f:
             for comps in read_index(idx):
                 key = split_name(comps[0][3])[0] if comps else "?"
-                members = {split_name(name)[1]: os.pread(f.fileno(), n, off) for _, off, n, name in comps}
-                why = check_sample(members, num_classes)
+                if any(o + n > size for _, o, n, _ in comps):
+                    why = "cut off by the end of a truncated tar"
+                else:
+                    why = check_sample({split_name(name)[1]: os.pread(f.fileno(), n, off)
+                                        for _, off, n, name in comps}, num_classes)
                 if why and all(p.key != key or p.where != tar for p in found):
                     found.append(Problem(tar, why, key))
                 if time.monotonic() - t0 > budget_s:
                     return found, False
     return found, True
-
-
-def skip_index(tar: str, out_idx: str, num_classes: int | None) -> tuple[int, list[Problem]]:
-    """Write `out_idx` listing only the good samples of `tar` (built from the tar itself, so
-    a stale or missing index does not matter). Returns (samples kept, problems skipped)."""
-    size = os.path.getsize(tar)
-    layout, _ = scan_tar(tar, tolerant=True)
-    keep, skipped = [], []
-    reasons = {key: check_sample(comps, num_classes) for key, comps in iter_samples_safe(tar)}  # streamed
-    for comps in layout:
-        key = split_name(comps[0][3])[0]
-        if any(o + s > size for _, o, s, _ in comps):
-            why = "cut off by the end of a truncated tar"
-        else:
-            why = reasons.get(key, "unreadable: the tar is damaged before it")
-        if why:
-            skipped.append(Problem(tar, why, key))
-        else:
-            keep.append(comps)
-    idx = index_path_for(tar)
-    if os.path.exists(idx):  # samples the index lists but the (truncated) tar no longer holds
-        seen = {split_name(comps[0][3])[0] for comps in layout}
-        try:
-            listed = [split_name(row[0][3])[0] for row in read_index(idx) if row]
-        except (ShardError, ValueError, IndexError):
-            listed = []
-        skipped += [Problem(tar, "cut off by the end of a truncated tar", k) for k in listed if k not in seen]
-    write_index_rows(out_idx, keep)
-    return len(keep), skipped
-
-
-def iter_samples_safe(tar: str):
-    """iter_samples that stops quietly where a damaged tar stops being readable."""
-    try:
-        yield from iter_samples(tar)
-    except Exception:  # noqa: BLE001 - the caller reports the samples it did not get
-        return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,11 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-decode", action="store_true", help="skip decoding images (structure and labels only)")
     p.add_argument("--num-classes", type=int, help="label range for shards without _info.json")
     p.add_argument("--json", help="also write the report here")
+    p.add_argument("--workers", type=int, default=0, help="processes checking shards (default: every core)")
+    p.add_argument("--index-dir", default="", help="where indexes are kept if not beside the tars "
+                                                   "(training's --data.index_dir)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    rep = verify(a.train, a.val, decode=not a.no_decode, num_classes=a.num_classes)
+    rep = verify(a.train, a.val, decode=not a.no_decode, num_classes=a.num_classes, workers=a.workers or None,
+                 index_dir=a.index_dir)
     for split, s in rep.splits.items():
-        print(f"{split}: {s['spec']}: {s['shards']} shard(s), {s['samples']} samples, {s['bad']} bad sample(s)")
+        kept = f", {s['records_reused']} unchanged shard(s) not read again" if s.get("records_reused") else ""
+        print(f"{split}: {s['spec']}: {s['shards']} shard(s), {s['samples']} samples, {s['bad']} bad sample(s){kept}")
     for prob in rep.problems:
         print(f"  {prob}")
     print(f"{len(rep.problems)} problem(s) in {time.perf_counter() - t0:.1f} s" if rep.problems

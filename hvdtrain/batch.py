@@ -45,7 +45,7 @@ _DIGIT0, _DIGIT9 = ord("0"), ord("9")
 _SPACE = torch.tensor([0, 9, 10, 13, 32], dtype=torch.uint8)  # pad, tab, LF, CR, space
 
 
-def parse_labels(raw: torch.Tensor, sources: torch.Tensor | None = None) -> torch.Tensor:
+def parse_labels(raw: torch.Tensor, sources: torch.Tensor | None = None, optional: bool = False) -> torch.Tensor:
     """ASCII-decimal `.cls` bytes, padded to [B, W] with zeros -> int64 [B].
 
     Vectorised; raises DataError naming the sample when a label has a non-digit byte,
@@ -54,7 +54,8 @@ def parse_labels(raw: torch.Tensor, sources: torch.Tensor | None = None) -> torc
     raw = raw.to(torch.int64)
     digit = (raw >= _DIGIT0) & (raw <= _DIGIT9)
     space = torch.isin(raw, _SPACE.to(torch.int64))
-    bad = ~(digit | space).all(dim=1) | ~digit.any(dim=1) | (raw[:, -1] != 0)
+    missing = (raw == 0).all(dim=1) if optional else torch.zeros(raw.shape[0], dtype=torch.bool)
+    bad = (~(digit | space).all(dim=1) | ~digit.any(dim=1) | (raw[:, -1] != 0)) & ~missing
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         where = decode_source(sources[i]) if sources is not None else f"batch row {i}"
@@ -65,7 +66,7 @@ def parse_labels(raw: torch.Tensor, sources: torch.Tensor | None = None) -> torc
     for j in range(raw.shape[1]):  # W=16 columns: cheap next to decoding a batch
         d = digit[:, j]
         value = torch.where(d, value * 10 + (raw[:, j] - _DIGIT0), value)
-    return value
+    return torch.where(missing, -1, value)  # no .cls member (labels_optional): -1
 
 
 def check_label_range(labels: torch.Tensor, sources: torch.Tensor, num_classes: int | None, spec: str) -> None:

@@ -26,6 +26,11 @@ class ConfigError(ValueError):
 class DataConfig:
     train: str = ""          # directory of shards, a .tar, or a brace pattern (train-{000..009}.tar)
     val: str = ""            # same, for validation; "" = no validation data
+    num_classes: int = 0     # classify: classes of shards without _info.json (0 = max label + 1, from the
+                             # labels read when their indexes were built); with _info.json it must agree
+    index_dir: str = ""      # where DALI indexes are looked for first and built if missing ("" = beside
+                             # the tars, else the cache, $HVDTRAIN_CACHE or ~/.cache/hvdtrain, for
+                             # read-only data sets): data/shards.py
     size: int = 64           # output crop side, pixels
     min_scale: float = 0.25  # random-resized-crop area range, lower bound (fraction of image)
     threads: int = 24        # DALI CPU threads requested; capped to cores per local rank
@@ -50,7 +55,7 @@ class DataConfig:
     shard_shuffle: str = "auto"  # on | off | auto (on unless _info.json says the samples were written
                              # shuffled, as data.make_shards and data.synth write them): train, with shuffle,
                              # each epoch reads chunks of every tar in a new order, the same on every rank
-                             # (hvdtrain/shard_order.py; it rebuilds the pipeline each epoch); off = DALI's order
+                             # (data/dataset.py; it rebuilds the pipeline each epoch); off = DALI's order
     interleave_chunk: int = 0  # shard_shuffle: samples per chunk; 0 = total / 8192 within [4, 256]
     augment: bool = True     # train: random-resized crop + flip (off = the val resize + centre crop)
     val_batch_size: int = 0  # validation batch per rank, images; 0 = train.batch_size
@@ -330,6 +335,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr must be a positive number below 3.4e38 (float32's largest), not {cfg.optim.lr!r}")
     if not 0 < cfg.data.min_scale <= 1:
         raise ConfigError("data.min_scale must be in (0, 1]")
+    if cfg.data.num_classes < 0:
+        raise ConfigError("data.num_classes must be >= 0 (0 = from _info.json or the labels)")
     if cfg.data.interleave_chunk < 0:
         raise ConfigError("data.interleave_chunk must be >= 0 (0 = automatic)")
     if not 0 <= cfg.data.hw_decoder_load <= 1:
@@ -365,7 +372,7 @@ def to_dict(cfg: Config) -> dict:
 # keys that do not change the maths: how often a run logs, evaluates and saves, and how
 # a bad sample is handled; a resumed run may change them without --resume-anyway
 CADENCE = {"train": ("log_every", "eval_every", "ckpt_every", "keep_last", "val_loss_bound", "commit_every"),
-           "data": ("train", "val", "on_error", "val_batch_size")}
+           "data": ("train", "val", "on_error", "val_batch_size", "index_dir")}
 
 
 def config_hash(cfg: Config) -> str:

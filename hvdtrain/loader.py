@@ -16,17 +16,20 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import itertools
+import math
 import os
 import shutil
 import tempfile
 import threading
+import time
 from typing import Iterator, Protocol
 
 import numpy as np
 
 import torch
 
-from data.wds import ShardSet
+from data.shards import ShardSet
+from data.tarindex import ShardError
 from hvdtrain import pipeline
 from hvdtrain.batch import (Batch, DataError, check_label_range, dali_reason, decode_source,  # noqa: F401
                             parse_labels, to_model_input)
@@ -65,41 +68,54 @@ class DaliLoader:
         self.names = pipeline.output_names(spec)
         self.epoch, self.drop_last = epoch, drop_last
         self.last_source = "(no batch read yet)"
-        self._scratch = self._next_epoch = None
+        self._scratch = self._next_epoch = self._static = None
         self._taken = 0  # batches handed out in this epoch
+        self._build_s, self._batch_s, self._t_last = 0.0, 0.0, None  # measured: when to build the next epoch
         self.pipe, self._it, self._slice = self._make(epoch, checkpoint)
 
     def _make(self, epoch: int, checkpoint: bytes | None = None):
-        """(pipeline, iterator, slice) for `epoch`: over the shards as given, or (shard_shuffle)
-        over that epoch's interleaved slice for this rank, read as DALI's only shard, with a
-        seed of its own (else every epoch would replay the same crops)."""
+        """(pipeline, iterator, view) for `epoch`: this rank's view of the shards
+        (`data.dataset.rank_view`: only its samples' index entries), read as DALI's only
+        shard; with shard_shuffle, that epoch's interleaved view with a seed of its own
+        (else every epoch would replay the same crops)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        shards, spec, sliced = self.shards, self.spec, None
+        t0 = time.monotonic()
+        spec = dataclasses.replace(self.spec, shard_id=0, num_shards=1)
         if spec.shard_shuffle:
-            shards = sliced = self._epoch_slice(epoch)
-            spec = dataclasses.replace(spec, shard_id=0, num_shards=1, seed=epoch_seed(spec.seed, epoch))
+            spec.seed = epoch_seed(spec.seed, epoch)
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+        view = None
         try:  # DALI reads the index and prefetches the first batches here: errors start here too
-            pipe = pipeline.build(shards, spec, checkpoint)
+            view = self._view(epoch)
+            pipe = pipeline.build(view, spec, checkpoint)
             it = DALIGenericIterator([pipe], self.names, reader_name="Reader", last_batch_policy=policy,
                                      auto_reset=False)
-        except RuntimeError as e:
-            raise self._data_error(e, "could not start reading", sliced, epoch) from e
-        return pipe, it, sliced
+        except (RuntimeError, ShardError) as e:
+            raise self._data_error(e, "could not start reading", view, epoch) from e
+        self._build_s = time.monotonic() - t0
+        return pipe, it, view
 
-    def _epoch_slice(self, epoch: int) -> ShardSet:
-        from hvdtrain import shard_order
+    def _view(self, epoch: int) -> ShardSet:
+        """This rank's view: built once (its slice of the tars in order), or per epoch
+        (shard_shuffle: its slice of the epoch's chunks)."""
+        from data.dataset import rank_view
 
-        if self._scratch is None:
-            self._scratch = tempfile.mkdtemp(prefix=f"hvdtrain-order-r{self.spec.shard_id}-")
-            atexit.register(shutil.rmtree, self._scratch, True)
         s = self.spec
-        sliced = shard_order.epoch_slice(self.shards, s.order_seed, epoch, s.shard_id, s.num_shards,
-                                         s.interleave_chunk, os.path.join(self._scratch, f"epoch-{epoch}"))
+        if not s.shard_shuffle and self._static is not None:
+            return self._static
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix=f"hvdtrain-view-r{s.shard_id}-")
+            atexit.register(shutil.rmtree, self._scratch, True)
+        if not s.shard_shuffle:
+            self._static = rank_view(self.shards, s.shard_id, s.num_shards, os.path.join(self._scratch, "view"),
+                                     pad=self.drop_last)
+            return self._static
+        view = rank_view(self.shards, s.shard_id, s.num_shards, os.path.join(self._scratch, f"epoch-{epoch}"),
+                         pad=self.drop_last, epoch=epoch, seed=s.order_seed, chunk=s.interleave_chunk)
         # two epochs back: its pipeline read its indexes when it was built, and is gone
         shutil.rmtree(os.path.join(self._scratch, f"epoch-{epoch - 2}"), ignore_errors=True)
-        return sliced
+        return view
 
     def _prepare_next_epoch(self) -> None:
         """shard_shuffle: build the next epoch's pipeline in a thread while this epoch's last
@@ -147,7 +163,7 @@ class DaliLoader:
 
     def _convert(self, out: dict) -> Batch:
         sources = out["source"]
-        labels = parse_labels(out["labels"].cpu(), sources)
+        labels = parse_labels(out["labels"].cpu(), sources, optional=self.spec.labels_optional)
         check_label_range(labels, sources, self.num_classes, self.shards.spec)
         views = [out[n] for n in self.names if n.startswith("view")]
         if self.spec.normalize == "kernel":
@@ -171,12 +187,9 @@ class DaliLoader:
         (with shard_shuffle: the epoch's slice, `sliced`, default the current one)."""
         from data import verify
 
-        sliced = sliced or getattr(self, "_slice", None)
+        sliced = sliced or getattr(self, "_slice", None) or self.shards
         epoch = self.epoch if epoch is None else epoch
-        if self.spec.shard_shuffle and sliced is not None:  # this epoch's chunks, from every tar
-            found, complete = verify.locate_indexed(sliced, self.num_classes)
-        else:
-            found, complete = verify.locate(self.shards, self.spec.shard_id, self.spec.num_shards, self.num_classes)
+        found, complete = verify.locate_indexed(sliced, self.num_classes)
         whose = f"rank {self.spec.shard_id}'s samples" + (f" of epoch {epoch}" if self.spec.shard_shuffle else "")
         if found:
             more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
@@ -191,17 +204,29 @@ class DaliLoader:
     def epoch_batches(self):
         """The rest of this epoch on this rank."""
         while True:
-            if self.spec.shard_shuffle and self._next_epoch is None and self._taken >= len(self) - 2:
+            if self.spec.shard_shuffle and self._next_epoch is None and self._taken >= len(self) - self._lead():
                 self._prepare_next_epoch()
             try:
                 out = self._next()
             except StopIteration:
                 self._start_next_epoch()
                 self.epoch += 1
-                self._taken = 0
+                self._taken, self._t_last = 0, None
                 return
             self._taken += 1
+            now = time.monotonic()  # batch to batch, the training step included
+            if self._t_last is not None:
+                dt = now - self._t_last
+                self._batch_s = 0.9 * self._batch_s + 0.1 * dt if self._batch_s else dt
+            self._t_last = now
             yield self._convert(out)
+
+    def _lead(self) -> int:
+        """Batches before the boundary at which the next epoch's pipeline is built: twice its
+        measured build time in batches (at least 2), so it is ready when the epoch ends."""
+        if not self._batch_s:
+            return 2
+        return max(2, min(len(self) // 2, math.ceil(2 * self._build_s / self._batch_s) + 1))
 
     def forever(self):
         """Batches across epochs, for step-based training."""
@@ -246,7 +271,7 @@ def from_config(cfg, shards: ShardSet, split: str = "train", threads: int = 1, c
     gpu = torch.cuda.is_available()
     spec = pipeline.spec_from_config(cfg, split, rank=dist.rank(), size=dist.size(),
                                      device_id=dist.local_rank() if gpu else None, threads=threads,
-                                     written_shuffled=shards.shuffled)
+                                     written_shuffled=shards.shuffled, labels_optional=bool(shards.unlabeled))
     kw = dict(num_classes=shards.num_classes, device=dist.device(), channels_last=cfg.data.channels_last,
               drop_last=split == "train", checkpoint=checkpoint, epoch=epoch)
     if cfg.data.loader == "torch":

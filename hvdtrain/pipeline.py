@@ -7,6 +7,10 @@ or None with no GPU); nothing here looks them up. The processing functions
 (`train_view`, `val_view`, `normalize`) take decoded images and know nothing about
 readers.
 
+The reader reads one rank's view (`data.dataset.rank_view`: index files listing only that
+rank's samples) as its only shard. Images: every extension of `data.wds.IMAGE_EXTS`
+(what DALI 2.4's decoder reads), any letter case.
+
 Labels: `.cls` members hold ASCII decimal text (the WebDataset convention). DALI hands
 them out as variable-length uint8 arrays, which cannot be batched densely, so the
 pipeline pads them to `data.wds.LABEL_WIDTH` bytes and the loader turns digits into
@@ -50,12 +54,14 @@ class PipeSpec:
     fast_idct: bool = True      # libjpeg-turbo's fast IDCT (CPU decoding)
     ceiling: bool = False       # bench only: the decoder call alone, its output dropped inside the pipeline
     order_seed: int = 0         # identical on every rank: the per-epoch order of chunks / samples
-    shard_shuffle: bool = False  # the loader reads each epoch's interleaved chunks (hvdtrain/shard_order.py)
+    shard_shuffle: bool = False  # the loader reads each epoch's interleaved chunks (data/dataset.py)
     interleave_chunk: int = 0   # samples per chunk; 0 = automatic
+    labels_optional: bool = False  # unlabeled shards (contrastive): a missing .cls reads as empty (label -1)
 
 
 def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1, device_id: int | None = None,
-                     threads: int = 1, written_shuffled: bool | None = None) -> PipeSpec:
+                     threads: int = 1, written_shuffled: bool | None = None,
+                     labels_optional: bool = False) -> PipeSpec:
     """The pipeline a run's config asks for, for `split` ("train" or "val") on one rank.
 
     Train: the task's views, random-resized crop + flip unless `data.augment=False`,
@@ -81,7 +87,7 @@ def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1,
                     antialias=d.antialias, fast_idct=d.fast_idct, order_seed=derive_seed(cfg.seed, "order", 0),
                     shard_shuffle=train and d.shuffle and (d.shard_shuffle == "on" or (
                         d.shard_shuffle == "auto" and not written_shuffled)),
-                    interleave_chunk=d.interleave_chunk)
+                    interleave_chunk=d.interleave_chunk, labels_optional=labels_optional)
 
 
 def ceiling_of(spec: PipeSpec) -> PipeSpec:
@@ -133,7 +139,8 @@ def decode(images, spec: PipeSpec):
 def _wds_pipeline(shards: ShardSet, spec: PipeSpec):
     images, labels = fn.readers.webdataset(
         paths=shards.paths, index_paths=shards.index_paths, ext=[";".join(IMAGE_EXTS), "cls"],
-        case_sensitive_extensions=False, missing_component_behavior="error",
+        case_sensitive_extensions=False,
+        missing_component_behavior="empty" if spec.labels_optional else "error",
         random_shuffle=spec.shuffle, initial_fill=spec.shuffle_buffer,
         shard_id=spec.shard_id, num_shards=spec.num_shards,
         pad_last_batch=True,  # every rank gets the same number of iterations per epoch

@@ -20,17 +20,15 @@ too but cannot be resumed).
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
-from data import verify
-from data.wds import ShardError, ShardSet, open_shards
+from data import dataset
+from data.shards import ShardSet
+from data.tarindex import ShardError
 import kernels
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
@@ -49,57 +47,16 @@ from hvdtrain.watchdog import EXIT_STALLED, Watchdog
 
 
 def open_data(cfg: C.Config) -> tuple[ShardSet, ShardSet | None, dict]:
-    if not cfg.data.train:
-        raise Refused("no training data: pass --data.train=DIR (or a .tar, or a brace pattern)")
-    skip = cfg.data.on_error == "skip"
+    """This rank's data (data.dataset.open_data): refusals become `Refused`."""
     try:
-        train = open_shards(cfg.data.train, check_fit=not skip)
-        val = open_shards(cfg.data.val, check_fit=not skip) if cfg.data.val else None
+        return dataset.open_data(cfg, dist.rank(), dist.size(), dist.allgather_object, log=_log0,
+                                 needs_classes=TK.get(cfg.train.task).needs_classes)
     except ShardError as e:
         raise Refused(f"data error: {e}") from e
-    for split, shards in (("train", train), ("val", val)):
-        if shards is not None and shards.total < dist.size():
-            raise Refused(f"data error: {split} data {shards.spec} has {shards.total} sample(s) for {dist.size()} "
-                          f"ranks: every rank needs at least one")
-    data = {"train": train.describe()}
-    if val is not None:
-        data["val"] = val.describe()
-    if skip:
-        train, data["train"]["skipped"] = skip_bad(train, train.num_classes)
-        if val is not None:
-            val, data["val"]["skipped"] = skip_bad(val, train.num_classes)
-    return train, val, data
 
 
-def skip_bad(shards: ShardSet, num_classes: int | None) -> tuple[ShardSet, list[str]]:
-    """--data.on_error=skip: the ranks check the shards between them (shard i on rank
-    i % size: every image decoded once), share the indexes of the good samples (one
-    allgather), and each writes them into its own temporary folder for the loader."""
-    mine = {}
-    scratch = tempfile.mkdtemp(prefix=f"hvdtrain-skip-r{dist.rank()}-")
-    atexit.register(shutil.rmtree, scratch, True)
-    for i, tar in enumerate(shards.paths):
-        if i % dist.size() == dist.rank():
-            out = os.path.join(scratch, f"{i:06d}.idx")
-            _, skipped = verify.skip_index(tar, out, num_classes)
-            mine[i] = (open(out).read(), [str(p) for p in skipped])
-    merged = {i: v for part in dist.allgather_object(mine, name="skip_index") for i, v in part.items()}
-    paths, idx, counts, skipped = [], [], [], []
-    for i, tar in enumerate(shards.paths):
-        text, bad = merged[i]
-        skipped += bad
-        n = int(text.split(None, 2)[1])
-        if n == 0:
-            continue  # nothing left in this shard
-        out = os.path.join(scratch, f"{i:06d}.idx")
-        with open(out, "w") as f:
-            f.write(text)
-        paths.append(tar)
-        idx.append(out)
-        counts.append(n)
-    if not paths:
-        raise Refused(f"data error: {shards.spec}: every sample is bad ({len(skipped)} skipped): {skipped[:3]}")
-    return dataclasses.replace(shards, paths=paths, index_paths=idx, counts=counts), skipped
+def _log0(line: str) -> None:
+    print(line, flush=True)
 
 
 @dataclass

@@ -80,7 +80,8 @@ def make_state(cfg: C.Config, num_classes: int | None, ckpt: dict | None = None)
     torch.manual_seed(cfg.seed)
     task = TK.get(cfg.train.task)
     if task.needs_classes and not num_classes:
-        raise TrainingError(f"task={task.name} needs the number of classes: the shards have no _info.json")
+        raise TrainingError(f"task={task.name} needs the number of classes: the shards have no _info.json and "
+                            f"no labels to count them from; pass --data.num_classes=N")
     model = M.build(cfg.model, task.head(num_classes)).to(device)
     opt = optim.build(cfg, model, dist.size())
     amp = amp_dtype(cfg, device)

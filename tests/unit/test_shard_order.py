@@ -1,4 +1,4 @@
-"""Shuffling across shards (hvdtrain/shard_order.py) with shards written class by class,
+"""Shuffling across shards (data/dataset.py) with shards written class by class,
 as other tools often write them: a near-uniform class mix from the first batches, a new
 order each epoch, every sample once per epoch across ranks, and exact resume."""
 from collections import Counter

@@ -1,0 +1,139 @@
+"""The header walk (data/tarindex.py) on tars other tools wrote, against tarfile and
+DALI's wds2idx; compressed shards; indexes kept in the cache; verify's kept records."""
+import gzip
+import io
+import os
+import subprocess
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from data import cache, shards as S, verify
+from data.tarindex import ShardError, index_text, split_name, walk
+from tests.conftest import jpeg
+
+
+def tarfile_groups(path: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(key, sorted extensions) of every sample, grouped by key over the whole tar (tarfile's view)."""
+    groups: dict[str, list[str]] = {}
+    with tarfile.open(path) as t:
+        for m in t.getmembers():
+            if m.isfile():
+                key, ext = split_name(m.name)
+                groups.setdefault(key, []).append(ext)
+    return sorted((k, tuple(sorted(v))) for k, v in groups.items())
+
+
+def walk_groups(path: str) -> list[tuple[str, tuple[str, ...]]]:
+    return sorted((split_name(c[0][3])[0], tuple(sorted(e for e, _, _, _ in c))) for c in walk(path).samples)
+
+
+@pytest.fixture(scope="module")
+def tars(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tars")
+    out = {}
+    with wds.ShardWriter(str(root / "sw-%06d.tar"), maxcount=10) as sink:
+        for i in range(12):
+            sink.write({"__key__": f"k{i:05d}", "jpg": jpeg(i), "cls": str(i % 3), "json": {"i": i}})
+    out["shardwriter"] = str(root / "sw-000000.tar")
+    folder = root / "folder"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    for i in range(5):  # upper-case .JPEG, an extra .txt, keys with folders in them
+        d = folder if i < 3 else folder / "sub" / "deeper"
+        (d / f"s{i}.JPEG").write_bytes(jpeg(i))
+        (d / f"s{i}.cls").write_text(str(i % 2))
+        (d / f"s{i}.txt").write_text(f"caption {i}")
+    subprocess.run(["tar", "-cf", str(root / "gnu.tar"), "-C", str(folder), "."], check=True)
+    out["gnu_tar_folder"] = str(root / "gnu.tar")
+    long_key = "x" * 60 + "/" + "y" * 90 + "/sample"  # past ustar's 100-byte name field
+    for fmt, name in ((tarfile.GNU_FORMAT, "gnu_long"), (tarfile.PAX_FORMAT, "pax_long")):
+        p = str(root / f"{name}.tar")
+        with tarfile.open(p, "w", format=fmt) as t:
+            for j, ext in enumerate(("jpg", "cls")):
+                data = jpeg(j) if ext == "jpg" else b"1"
+                info = tarfile.TarInfo(f"{long_key}{j % 1}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        out[name] = p
+    return out
+
+
+@pytest.mark.parametrize("kind", ["shardwriter", "gnu_tar_folder", "gnu_long", "pax_long"])
+def test_walk_groups_members_as_tarfile_does(tars, kind):
+    assert walk_groups(tars[kind]) == tarfile_groups(tars[kind])
+    w = walk(tars[kind])
+    with open(tars[kind], "rb") as f:  # every offset points at the member's bytes
+        for comps in w.samples:
+            for ext, off, n, name in comps:
+                f.seek(off)
+                data = f.read(n)
+                assert len(data) == n
+                if ext.lower() in ("jpg", "jpeg"):
+                    assert data[:2] == b"\xff\xd8", name
+
+
+def test_gnu_tar_folder_keeps_dot_slash_keys_and_scattered_members(tars):
+    groups = dict(walk_groups(tars["gnu_tar_folder"]))
+    assert groups["./s0"] == ("JPEG", "cls", "txt") and groups["./sub/deeper/s4"] == ("JPEG", "cls", "txt")
+    assert len(groups) == 5  # directory entries are not samples
+
+
+def test_walk_index_equals_wds2idx_on_shardwriter_tars(tars, tmp_path):
+    from wds2idx import IndexCreator
+
+    ref = str(tmp_path / "ref.idx")
+    with IndexCreator(tars["shardwriter"], ref, verbose=False) as c:
+        c.create_index()
+    assert index_text(walk(tars["shardwriter"]).samples) == open(ref).read()
+
+
+def test_compressed_shards_are_refused_with_the_command(tars, tmp_path):
+    gz = tmp_path / "packed"
+    gz.mkdir()
+    data = open(tars["shardwriter"], "rb").read()
+    (gz / "sw-000000.tar.gz").write_bytes(gzip.compress(data))
+    with pytest.raises(ShardError, match=r"gzip-compressed tar .*no \.tar.*gunzip -k"):
+        S.resolve_shards(str(gz))
+    with pytest.raises(ShardError, match=r"sw-000000\.tar\.gz: a gzip-compressed tar.*gunzip -k"):
+        S.resolve_shards(str(gz / "sw-000000.tar.gz"))
+    (tmp_path / "disguised.tar").write_bytes(gzip.compress(data))  # a .tar that is gzip inside
+    with pytest.raises(ShardError, match=r"disguised\.tar: a gzip-compressed tar \(its first bytes"):
+        walk(str(tmp_path / "disguised.tar"))
+
+
+def test_read_only_shards_get_indexes_in_the_cache(tars, tmp_path, monkeypatch):
+    """A real read-only bind mount: indexes go to the cache, keyed by content, and are
+    found there again; a changed tar is noticed."""
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    for name in ("sw-000000.tar", "sw-000001.tar"):
+        (src / name).write_bytes(open(os.path.join(os.path.dirname(tars["shardwriter"]), name), "rb").read())
+    if subprocess.run(["mount", "--bind", str(src), str(ro)]).returncode != 0:
+        pytest.skip("bind mounts need root (CI runs as root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "cache"))
+        assert not os.access(str(ro), os.W_OK)
+        first = S.open_shards(str(ro))
+        assert first.where == {"cache": 2, "built": 2} and first.counts == [10, 2]
+        assert all(p.startswith(str(tmp_path / "cache")) for p in first.index_paths)
+        again = S.open_shards(str(ro))
+        assert again.where == {"cache": 2} and again.index_paths == first.index_paths
+        assert again.num_classes is None and again.meta[0]["max"] == 2
+        rep = verify.verify(str(ro), decode=False, workers=2)
+        assert rep.ok, [str(p) for p in rep.problems]
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_verify_keeps_a_record_per_shard_by_content(tars, tmp_path, monkeypatch):
+    monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "cache"))
+    spec = os.path.join(os.path.dirname(tars["shardwriter"]), "sw-{000000..000001}.tar")
+    first = verify.verify(spec, num_classes=3, workers=2)
+    second = verify.verify(spec, num_classes=3, workers=2)
+    assert first.splits["train"]["records_reused"] == 0 and second.splits["train"]["records_reused"] == 2
+    assert first.splits["train"]["samples"] == second.splits["train"]["samples"] == 12
+    assert [str(p) for p in first.problems] == [str(p) for p in second.problems]
+    assert os.listdir(cache.root() + "/verify")
