@@ -39,7 +39,6 @@ import time
 
 import numpy as np
 
-from bench import report as R
 from data import pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,14 +171,16 @@ def launch(data: str, ranks: int, work: str, env: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the epoch boundary
-def boundary_stall(data: str, interleave: bool, ranks: int = 256, epochs: int = 3) -> dict:
-    """One rank (of `ranks`) reading `epochs` epochs: gaps between batches; the stall is the
-    median boundary gap minus the median gap."""
+def boundary_stall(data: str, interleave: bool, per_rank: int = 3200, epochs: int = 3, step_ms: float = 20.0) -> dict:
+    """One rank of as many as give each `per_rank` samples (50 batches of 64), reading
+    `epochs` epochs behind a `step_ms` training step (a sleep): gaps between batches; the
+    stall is the median boundary gap minus the median gap."""
     from data.shards import open_shards
     from hvdtrain.loader import DaliLoader
     from hvdtrain.pipeline import PipeSpec
 
     shards = open_shards(data)
+    ranks = max(1, shards.total // per_rank)
     spec = PipeSpec(batch_size=64, num_threads=pool.cores(), shard_id=0, num_shards=ranks, device_id=None, seed=1,
                     size=8, views=1, random_crop_flip=True, shuffle=True, shard_shuffle=interleave,
                     order_seed=3, shuffle_buffer=256)
@@ -189,11 +190,12 @@ def boundary_stall(data: str, interleave: bool, ranks: int = 256, epochs: int = 
     for _ in range(epochs):
         first = True
         for _b in loader.epoch_batches():
+            time.sleep(step_ms / 1e3)  # the training step the next epoch's build hides behind
             now = time.monotonic()
             (boundary if first else gaps).append(now - t)
             t, first = now, False
     med = statistics.median(gaps)
-    return {"median_gap_ms": med * 1e3, "boundary_ms": [round(b * 1e3, 1) for b in boundary[1:]],
+    return {"ranks": ranks, "median_gap_ms": med * 1e3, "boundary_ms": [round(b * 1e3, 1) for b in boundary[1:]],
             "stall_ms": (statistics.median(boundary[1:]) - med) * 1e3, "batches_per_epoch": len(loader)}
 
 
@@ -221,7 +223,8 @@ def make_rate(src: str, work: str, workers: int) -> float:
     out = os.path.join(work, f"made-{workers}")
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.monotonic()
-    rep = make_shards.make(src, out, shard_size=100, workers=workers)
+    rep = make_shards.make(src, out, shard_size=max(1, sum(len(f) for _, _, f in os.walk(src)) // 20),
+                           workers=workers)
     n = rep["train"][0]["total"]
     return n / (time.monotonic() - t0)
 
@@ -260,20 +263,23 @@ def run(a) -> dict:
     from data import shards
 
     for k in ("small", "part", "full"):  # indexes present for what follows
-        shards.ensure_indexes(paths[k], workers=cores)
+        shards.ensure_indexes(paths[k], want_meta=True, workers=cores)
     skip = set(a.skip.split(",")) if a.skip else set()
-    if "launch" not in skip:
-        res["launch"] = {k: {str(n): launch(sets[k], n, work, env) for n in (1, 2)} for k in ("small", "part", "full")}
-        print(f"bench.data: launches {json.dumps(res['launch'])}", flush=True)
-    if "stall" not in skip:
-        res["stall"] = {k: {m: boundary_stall(sets[k], m == "on") for m in ("off", "on")} for k in ("part", "full")}
-        print(f"bench.data: boundary {json.dumps(res['stall'])}", flush=True)
-    if "make" not in skip:
-        src = make_photos(os.path.join(work, "photos"), a.photos)
-        res["make"] = {str(w): make_rate(src, work, w) for w in (1, 2)}
-    if "verify" not in skip:
-        res["verify"] = {k: verify_passes(sets[k], cores) for k in (("part", "full") if not a.verify_part_only
-                                                                      else ("part",))}
+    sections = {
+        "launch": lambda: {k: {str(n): launch(sets[k], n, work, env) for n in (1, 2)} for k in ("small", "part", "full")},
+        "make": lambda: {str(w): make_rate(make_photos(os.path.join(work, "photos"), a.photos), work, w) for w in (1, 2)},
+        "verify": lambda: {k: verify_passes(sets[k], cores) for k in (("part",) if a.verify_part_only else ("part", "full"))},
+        # last: it imports torch and DALI, after which pools are spawned, not forked
+        "stall": lambda: {k: {m: boundary_stall(sets[k], m == "on") for m in ("off", "on")} for k in ("part", "full")},
+    }
+    for name, fn in sections.items():
+        if name in skip:
+            continue
+        try:
+            res[name] = fn()
+        except Exception as e:  # noqa: BLE001 - one failed section is reported, the others still run
+            res.setdefault("errors", {})[name] = f"{e.__class__.__name__}: {e}"[:2000]
+        print(f"bench.data: {name}: {json.dumps(res.get(name) or res['errors'][name])}", flush=True)
     return res
 
 
@@ -371,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         err = None
     except Exception as e:  # noqa: BLE001 - the report says what failed
         res, err = {}, f"{e.__class__.__name__}: {e}"
+    if res.get("errors"):
+        err = "; ".join(f"{k}: {v}" for k, v in res["errors"].items())
+    from bench import report as R  # imports torch: after the pools above, which fork
+
     text = table(res) if res else f"bench.data failed: {err}"
     print(text, flush=True)
     result = R.envelope("data", cfg, err, results=res,

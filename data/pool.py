@@ -1,13 +1,16 @@
 """Work across the cores this process may use: `imap` keeps the order of its items.
 
-A pool is forked (the work functions live in importable modules and take plain
-tuples); one worker, or one item, runs in this process, so tracebacks stay simple.
+A pool is forked where that is safe, else spawned (the work functions live in importable
+modules and take plain tuples); one worker, or one item, runs in this process, so
+tracebacks stay simple.
 `tick` paces progress lines: a line every PROGRESS_S seconds (a minute) in a log.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
+import threading
 import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -32,8 +35,14 @@ def imap(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -
     if workers <= 1:
         yield from map(fn, items)
         return
-    with mp.get_context("fork").Pool(workers) as p:
+    with mp.get_context("fork" if fork_safe() else "spawn").Pool(workers) as p:
         yield from p.imap(fn, items, chunksize=1)
+
+
+def fork_safe() -> bool:
+    """Whether forking this process is safe: no other thread. torch's and DALI's native
+    threads do not show in `threading`, so a process that imported torch is not."""
+    return threading.active_count() == 1 and "torch" not in sys.modules
 
 
 def tick(t0: float, every_s: float = PROGRESS_S) -> bool:

@@ -249,12 +249,14 @@ def locate_index_for_rebuild(tar: str, index_dir: str, old: str, place: str) -> 
 
 
 def run_jobs(jobs: list, workers: int | None, log=None) -> None:
-    """Index builds across processes. A process with threads (a training rank: Horovod,
-    DALI) runs them in a fresh `python -m data.shards` process: forking it is not safe."""
+    """Index builds across processes. A process with threads (a training rank: torch,
+    Horovod, DALI) runs them in a fresh `python -m data.shards` process: forking it is not
+    safe (a forked pool hangs on a lock another thread held)."""
     from data import pool
 
     workers = workers or pool.cores()
-    if workers > 1 and len(jobs) > 1 and threading.active_count() > 1:
+    if workers > 1 and len(jobs) > 1 and (threading.active_count() > 1 or "torch" in sys.modules):
+        # torch's and DALI's own (native) threads do not show in threading: a fork would hang
         spec = cache.path("jobs", f"{os.getpid()}-{time.monotonic_ns()}.json")
         cache.write_json(spec, {"jobs": jobs})
         try:

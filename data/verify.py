@@ -143,12 +143,18 @@ def _parse(line: str) -> Problem:
     return Problem(where, rest)
 
 
-def index_problems(tar: str, index_dir: str = "") -> list[Problem]:
-    """The index this tar would be read with (`data.shards.locate_index`): missing, stale."""
+def index_problems(tar: str, index_dir: str = "", rec: dict | None = None) -> list[Problem]:
+    """The index this tar would be read with (`data.shards.locate_index`): missing, stale.
+    With the tar's kept record `rec`: an index already found to describe this content, and
+    unchanged since (path, size, mtime), is not read again."""
     idx, place, exists = locate_index(tar, index_dir)
     if not exists:
         return [Problem(index_path_for(tar), "missing DALI index; training builds it, or run "
                                              f"`python -m data.make_shards --index-only {os.path.dirname(tar) or '.'}`")]
+    st = os.stat(idx)
+    seen = f"{os.path.abspath(idx)}:{st.st_size}:{st.st_mtime_ns}"
+    if rec is not None and seen in rec.get("index_ok", []):
+        return []
     try:
         why = index_problem(tar, idx)
         if why is None and read_index(idx) != walk(tar, read_exts=(), tolerant=True).samples:
@@ -157,18 +163,33 @@ def index_problems(tar: str, index_dir: str = "") -> list[Problem]:
         return [Problem(idx, f"unreadable index ({e})")]
     if why:
         return [Problem(idx, f"stale index ({place}): {why} (rebuild with `python -m data.make_shards --index-only`)")]
+    if rec is not None:
+        rec["index_ok"] = (rec.get("index_ok", []) + [seen])[-4:]
+        rec["_dirty"] = True
     return []
 
 
-def check_shard(tar: str, num_classes: int | None, decode: bool = True, index_dir: str = "") -> tuple[int, list[Problem]]:
-    """(samples in the tar, problems) for one shard: tar, index, every sample."""
-    rec, _ = _record_job((tar, num_classes, decode))
-    problems = [_parse(x) for x in rec["problems"]] + index_problems(tar, index_dir)
+def _shard_job(job: tuple[str, int | None, bool, str, bool]) -> dict:
+    """Pool work for one shard: its record (kept, or made: every sample decoded), its index
+    checked, its sha256 (kept) when `_info.json` has one to compare."""
+    tar, num_classes, decode, index_dir, want_sha = job
+    rec, was_cached = _record_job((tar, num_classes, decode))
+    problems = [_parse(x) for x in rec["problems"]] + index_problems(tar, index_dir, rec)
     for line in rec["skipped"]:
         where, _, rest = line.partition(": ")
         key, _, what = rest.partition(": ")
         problems.append(Problem(where, what, key))
-    return rec["samples"], problems
+    if want_sha and not rec.get("sha256"):
+        rec["sha256"], rec["_dirty"] = file_sha256(tar), True
+    if rec.pop("_dirty", False):
+        cache.write_json(_record_path(tar, num_classes, rec.get("decode", decode)), rec)
+    return {"samples": rec["samples"], "problems": problems, "cached": was_cached, "sha256": rec.get("sha256")}
+
+
+def check_shard(tar: str, num_classes: int | None, decode: bool = True, index_dir: str = "") -> tuple[int, list[Problem]]:
+    """(samples in the tar, problems) for one shard: tar, index, every sample."""
+    out = _shard_job((tar, num_classes, decode, index_dir, False))
+    return out["samples"], out["problems"]
 
 
 def verify_split(spec: str, decode: bool = True, num_classes: int | None = None, workers: int | None = None,
@@ -182,18 +203,18 @@ def verify_split(spec: str, decode: bool = True, num_classes: int | None = None,
     num_classes = (info.get("num_classes") if info else None) or num_classes
     problems: list[Problem] = []
     by_name = {s["name"]: s for s in info.get("shards", [])} if info else {}
+    jobs = [(t, num_classes, decode, index_dir, bool(by_name.get(os.path.basename(t), {}).get("sha256")))
+            for t in paths]
     total = reused = 0
-    for tar, (rec, was_cached) in zip(paths, pool.imap(_record_job, [(t, num_classes, decode) for t in paths],
-                                                        workers)):
-        reused += was_cached
-        n, found = check_shard(tar, num_classes, decode, index_dir)  # the record is kept now: no decode
+    for tar, out in zip(paths, pool.imap(_shard_job, jobs, workers)):
+        n = out["samples"]
+        reused += out["cached"]
         total += n
-        problems += found
+        problems += out["problems"]
         entry = by_name.get(os.path.basename(tar))
         if entry is not None and entry.get("samples") != n:
             problems.append(Problem(tar, f"holds {n} samples but {info_path} says {entry['samples']}"))
-        if entry is not None and entry.get("sha256") and entry["sha256"] != (
-                rec.get("sha256") or _sha_kept(tar, rec, num_classes, decode)):
+        if entry is not None and entry.get("sha256") and entry["sha256"] != out["sha256"]:
             problems.append(Problem(tar, f"content differs from the sha256 in {info_path}: the shard changed "
                                          "after it was written, so the data fingerprint no longer describes it"))
     bad = sum(1 for p in problems if p.key)
@@ -201,13 +222,6 @@ def verify_split(spec: str, decode: bool = True, num_classes: int | None = None,
                "classes": info.get("classes") if info else None, "info": info_path if info else None,
                "records_reused": reused}
     return summary, problems
-
-
-def _sha_kept(tar: str, rec: dict, num_classes: int | None, decode: bool) -> str:
-    """The tar's sha256, computed once and kept in its record."""
-    rec["sha256"] = file_sha256(tar)
-    cache.write_json(_record_path(tar, num_classes, rec.get("decode", decode)), rec)
-    return rec["sha256"]
 
 
 def verify(train: str, val: str | None = None, decode: bool = True, num_classes: int | None = None,

@@ -226,7 +226,7 @@ class DaliLoader:
         measured build time in batches (at least 2), so it is ready when the epoch ends."""
         if not self._batch_s:
             return 2
-        return max(2, min(len(self) // 2, math.ceil(2 * self._build_s / self._batch_s) + 1))
+        return max(2, min(len(self) - 1, math.ceil(2 * self._build_s / self._batch_s) + 1))
 
     def forever(self):
         """Batches across epochs, for step-based training."""
