@@ -19,7 +19,7 @@ import sys
 
 from bench import report
 from hvdtrain import config as C
-from hvdtrain import dist, session, timing
+from hvdtrain import dist, exitmark, session, timing
 from hvdtrain import report as R
 from hvdtrain import slo as S
 from hvdtrain.loader import InMemoryLoader
@@ -101,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exitmark.mark(main()))

@@ -34,7 +34,7 @@ import torch
 from data import synth
 from data.wds import INFO_NAME
 from hvdtrain import config as C
-from hvdtrain import dist, preempt, provenance, report, session
+from hvdtrain import dist, exitmark, preempt, provenance, report, session
 from hvdtrain import slo as S
 from hvdtrain import timing
 from hvdtrain.loader import DataError
@@ -155,4 +155,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exitmark.mark(main()))
