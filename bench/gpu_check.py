@@ -200,7 +200,7 @@ STEPS: tuple[Step, ...] = (
     ), exit_marks="1", cost="reasoned, ~20 s: torch and CUDA start ~8 s, three Triton compiles ~2 s each, timing"),
     Step("gpu-tests", COMMANDS["gpu-tests"], 120, "junit:{dir}/gpu-tests.xml", TEST_FIGURES,
          env={"HVDTRAIN_REQUIRE_GPU": "1"}, dry="collect", grace_s=15,
-         cost="reasoned, ~90 s: 36 tests; 2 subprocesses with CUDA start and 3 s of matmuls, ~12 DALI pipelines, "
+         cost="reasoned, ~90 s: 37 tests; 2 subprocesses with CUDA start and 3 s of matmuls, ~12 DALI pipelines, "
               "Triton compiles for 6 normalize variants; on a timeout SIGINT keeps the tests that ran"),
     Step("loader-data", COMMANDS["loader-data"], 40, "none",
          cost="measured: 1,024 JPEGs of 500x375 in ~20 s on one core of the 2-core CPU machine"),
