@@ -3,16 +3,21 @@
     make gpu-check                              # = python -m bench.gpu_check
     python -m bench.gpu_check --dry-run         # the plan, and (no GPU needed) that every command parses
     python -m bench.gpu_check --only sanity,kernels
+    python -m bench.gpu_check --budget-s 450 --copy-to $OUT    # launch/gpu_setup_check.sh's call
 
-Runs, in order, each bounded by its timeout (whole plan under 10 minutes on one H100):
-the GPU-marked tests; `hvdtrain.sanity` with one rank per visible GPU; `bench.loader`
-at 224 px (a DALI threads x hw_decoder_load sweep) and at 64 px; `bench.train --preset
-resnet50` (AMP bf16, channels_last, real shards vs synthetic batches); `bench.kernels`.
-Every figure is read from the command's JSON output and set beside its target. Writes
-runs/gpu-check-<id>/gpu-check.{json,md} and one log per step, with the versions (driver,
-CUDA, torch, DALI, horovod, NCCL) and the GPU model. Exit 0 only if every figure with a
-target passed (one not evaluated counts as not passed), 1 otherwise; with no GPU it says
-so and exits 2 at once.
+Runs the steps in the order of what their figures are worth per second of the device
+call, since a budget cut (--budget-s) falls on the last ones: `bench.train --preset
+resnet50` (AMP bf16, channels_last, real shards vs synthetic batches: does the loader
+keep ResNet-50 fed?); `hvdtrain.sanity` with one rank per visible GPU (GO/NO-GO, the
+85 % utilisation SLO); `bench.kernels`; the GPU-marked tests; `bench.loader` at 224 px
+(a DALI threads x hw_decoder_load sweep) and at 64 px (a smaller one). Each step is
+bounded by a timeout sized from its measured or reasoned cost (`Step.cost`, printed by
+--dry-run); a step that runs into it gets SIGINT first and keeps what it wrote
+(bench/steprun.py). Every figure is read from the command's JSON output and set beside
+its target. Writes runs/gpu-check-<id>/gpu-check.{json,md} after every step and one log
+per step, with the versions (driver, CUDA, torch, DALI, horovod, NCCL) and the GPU
+model. Exit 0 only if every figure with a target passed (one not evaluated counts as not
+passed), 1 otherwise; with no GPU it says so and exits 2 at once.
 """
 from __future__ import annotations
 
@@ -24,145 +29,8 @@ import subprocess
 import sys
 import time
 
-from bench.steprun import Figure, Step, dry_check, expand, run_step
-
-# ---------------------------------------------------------------- the commands, in one place
-# A flag that changes in a module is a one-line fix here; tests/e2e/test_gpu_check.py's
-# dry run fails first (it runs each module's own parser on these flags).
-# 3 x 4 dali-gpu settings, each beside its ceiling, + dali-cpu, torch, pil: 3 timed windows each
-LOADER_SWEEP = ("--loader", "all", "--threads", "4,8,16", "--hw-decoder-load", "0,0.65,0.9,0.99", "--windows", "3")
-COMMANDS: dict[str, tuple[str, ...]] = {
-    "gpu-tests": ("{py}", "-m", "pytest", "-q", "-rs", "--strict-markers", "-m", "gpu", "-p", "no:cacheprovider",
-                  "--junitxml={dir}/gpu-tests.xml", "tests/gpu"),
-    "sanity": ("{horovodrun}", "--gloo", "-np", "{gpus}", "-H", "localhost:{gpus}", "{py}", "-m", "hvdtrain.sanity",
-               "--run.dir={dir}/sanity"),
-    "loader-224": ("{py}", "-m", "bench.loader", *LOADER_SWEEP, "--size", "224", "--run-dir", "{dir}/loader-224"),
-    "loader-64": ("{py}", "-m", "bench.loader", *LOADER_SWEEP, "--size", "64", "--run-dir", "{dir}/loader-64"),
-    # ImageNet-like 256 px JPEGs for bench.train: 8192 take ~15 s on one core
-    "train-data": ("{py}", "-m", "data.synth", "{dir}/train-data", "--classes", "100", "--train", "8192",
-                   "--val", "256", "--size", "256", "--seed", "1"),
-    "train": ("{horovodrun}", "--gloo", "-np", "1", "-H", "localhost:1", "{py}", "-m", "bench.train", "--preset", "resnet50",
-              "--train.amp=bf16", "--data.channels_last=True", "--data.train={dir}/train-data/train",
-              "--train.steps=20", "--warmup=3", "--run-dir={dir}/train"),
-    "kernels": ("{py}", "-m", "bench.kernels"),
-}
-
-# ---------------------------------------------------------------- targets
-MLPERF_RESNET50_IMG_S = {"H200": 7940.0, "H100": 7150.0}  # per GPU, MLPerf Training v4.0 (DESIGN.md)
-DLE_RESNET50_A100_IMG_S = 2470  # NVIDIA DeepLearningExamples, AMP + DALI, per A100: a reference
-
-
-def loader_target(ctx: dict) -> float | None:
-    """The rate MLPerf's ResNet-50 consumes images at on this GPU; other GPUs: no target."""
-    return next((v for k, v in MLPERF_RESNET50_IMG_S.items() if k in ctx.get("gpu_name", "")), None)
-
-
-# ---------------------------------------------------------------- reading the outputs
-def best(doc: dict, loader: str) -> dict | None:
-    """The loader's fastest setting in a bench.loader BENCH_JSON (results: key -> {loader,
-    img_s, threads, hw_decoder_load, vs_ceiling, gpu, ...})."""
-    rows = [r for r in doc["results"].values() if r.get("loader") == loader and r.get("img_s")]
-    return max(rows, key=lambda r: r["img_s"]) if rows else None
-
-
-def field_of(row: dict | None, name: str):
-    return None if row is None else row.get(name)
-
-
-def gpu_of(row: dict | None, name: str):
-    return None if row is None else (row.get("gpu") or {}).get(name)
-
-
-def sanity_slo(doc: dict, name: str, key: str = "value"):
-    return next(s.get(key) for s in doc["slos"] if s["name"] == name)
-
-
-def dominant(breakdown: dict | None) -> str | None:
-    """The step-time breakdown's verdict, e.g. 'data_wait 62% (data-bound)'."""
-    if not breakdown or not breakdown.get("dominant"):
-        return None
-    return f"{breakdown['dominant']} {100 * breakdown['share']:.0f}% ({breakdown.get('bound')})"
-
-
-def dmon_gap(doc: dict) -> float | None:
-    g = doc["gpu"]
-    nvml, dmon = g.get("util_mean_pct"), (g.get("dmon") or {}).get("sm_mean_pct")
-    return None if nvml is None or dmon is None else abs(nvml - dmon)
-
-
-def of_best(loader: str, name: str):
-    """A reader: `name` of the loader's fastest setting."""
-    return lambda d: field_of(best(d, loader), name)
-
-
-def loader_figures(size: int, targets: bool) -> tuple[Figure, ...]:
-    p, op = f"loader_{size}", ">=" if targets else None
-    return (
-        Figure(f"{p}_dali_gpu_img_s", f"{size} px: best dali-gpu img/s", of_best("dali-gpu", "img_s"), op,
-               loader_target if targets else None, "MLPerf ResNet-50's rate per GPU" if targets else ""),
-        Figure(f"{p}_dali_gpu_vs_ceiling", f"{size} px: best dali-gpu / ceiling at its setting",
-               of_best("dali-gpu", "vs_ceiling"), op, 0.85),
-        Figure(f"{p}_dali_gpu_threads", f"{size} px: best dali-gpu setting: DALI threads",
-               of_best("dali-gpu", "threads")),
-        Figure(f"{p}_dali_gpu_hw_decoder_load", f"{size} px: best dali-gpu setting: hw_decoder_load",
-               of_best("dali-gpu", "hw_decoder_load")),
-        Figure(f"{p}_jpeg_engines_util_pct", f"{size} px: JPEG engines' load at that setting (NVML)",
-               lambda d: gpu_of(best(d, "dali-gpu"), "jpg_util_mean_pct"),
-               why=lambda d: gpu_of(best(d, "dali-gpu"), "jpg_util_why") or "no dali-gpu measurement"),
-        Figure(f"{p}_ceiling_img_s", f"{size} px: best decode-only ceiling img/s", of_best("ceiling-gpu", "img_s")),
-        Figure(f"{p}_dali_cpu_img_s", f"{size} px: best dali-cpu img/s", of_best("dali-cpu", "img_s")),
-        Figure(f"{p}_torch_img_s", f"{size} px: best torch DataLoader img/s", of_best("torch", "img_s")),
-        Figure(f"{p}_errors", f"{size} px: loader errors", lambda d: d["error"] or "none", "==", "none"),
-    )
-
-
-STEPS: tuple[Step, ...] = (
-    Step("gpu-tests", COMMANDS["gpu-tests"], 140, "junit:{dir}/gpu-tests.xml", (
-        Figure("gpu_tests_failed", "GPU tests failed or errored", lambda d: d["failures"] + d["errors"], "==", 0),
-        Figure("gpu_tests_skipped", "GPU tests skipped (HVDTRAIN_REQUIRE_GPU=1)", lambda d: d["skipped"], "==", 0),
-        Figure("gpu_tests_passed", "GPU tests passed", lambda d: d["passed"], ">=", 1),
-    ), env={"HVDTRAIN_REQUIRE_GPU": "1"}, dry="collect"),
-    Step("sanity", COMMANDS["sanity"], 80, "json:{dir}/sanity/sanity.json", (
-        Figure("sanity_verdict", "sanity verdict", lambda d: d["verdict"], "==", "GO"),
-        Figure("sanity_gpu_util_pct", "GPU utilisation, NVML mean (rank 0's GPU)",
-               lambda d: sanity_slo(d, "gpu_util_pct"), ">=", 85.0,
-               why=lambda d: sanity_slo(d, "gpu_util_pct", "not_evaluated")),
-        Figure("sanity_dmon_gap_pct", "NVML vs nvidia-smi dmon utilisation, points apart", dmon_gap, "<=", 10.0,
-               why=lambda d: d["gpu"].get("why") or (d["gpu"].get("dmon") or {}).get("why")),
-        Figure("sanity_sm_util_pct", "SM utilisation, NVML GPM mean", lambda d: d["gpu"].get("sm_util_mean_pct"),
-               why=lambda d: d["gpu"].get("sm_util_why")),
-        Figure("sanity_max_vram_gib", "max VRAM, GiB (torch max allocated, rank 0)", lambda d: d["max_memory_gib"]),
-        Figure("sanity_img_s", "sanity training img/s, all ranks", lambda d: d["images_per_s"]),
-        Figure("sanity_dominant_phase", "where the step time went (largest share)", lambda d: dominant(d["breakdown"])),
-    )),
-    Step("loader-224", COMMANDS["loader-224"], 140, "bench_json", loader_figures(224, True)),
-    Step("loader-64", COMMANDS["loader-64"], 60, "bench_json", loader_figures(64, False)),
-    Step("train-data", COMMANDS["train-data"], 25, "none"),
-    Step("train", COMMANDS["train"], 75, "bench_json", (
-        Figure("train_amp_channels_last", "AMP bf16 and channels_last in effect",
-               lambda d: [d["config"]["train"]["amp"], d["config"]["data"]["channels_last"]], "==", ["bf16", True]),
-        Figure("train_real_over_synthetic", "real shards / synthetic batches img/s", lambda d: d["real_over_synthetic"],
-               ">=", 0.95),
-        Figure("train_real_img_s", "ResNet-50 img/s on real shards (DALI mixed)",
-               lambda d: d["real"]["steady_images_per_s"], reference=f"DeepLearningExamples: {DLE_RESNET50_A100_IMG_S} "
-               "img/s per A100 (AMP, DALI); a reference, not a target"),
-        Figure("train_synthetic_img_s", "ResNet-50 img/s on synthetic batches",
-               lambda d: d["synthetic"]["steady_images_per_s"]),
-        Figure("train_gpu_util_pct", "GPU utilisation on real shards, NVML mean", lambda d: d["gpu"]["util_mean_pct"],
-               why=lambda d: d["gpu"].get("why")),
-        Figure("train_dominant_phase", "real shards: where the step time went (largest share)",
-               lambda d: dominant(d["breakdown"])),
-    )),
-    Step("kernels", COMMANDS["kernels"], 40, "bench_json", (
-        Figure("kernels_compiled", "Triton kernels compiled, not interpreted", lambda d: d["interpreter"], "==", False),
-        Figure("kernels_copy_bw_gb_s", "device copy bandwidth, GB/s (read + write)", lambda d: d["copy_bw_gb_s"]),
-        *(Figure(f"kernels_{key}_of_copy_bw", f"{op}: Triton, fraction of copy bandwidth",
-                 lambda d, op=op: next(r["fraction_of_copy_bw"] for r in d["results"]
-                                       if r["op"] == op and r["impl"].startswith("triton")))
-          for key, op in (("normalize", "normalize"), ("mix", "mix"), ("soft_ce", "soft CE fwd+bwd"))),
-    )),
-)
-
+from bench.gpu_plan import COMMANDS, STEPS  # noqa: F401 (the plan; COMMANDS for readers of this module)
+from bench.steprun import Step, dry_check, expand, run_step
 
 # ---------------------------------------------------------------- versions, report, main
 VERSIONS = r"""
@@ -211,11 +79,16 @@ def markdown(report: dict) -> str:
              f"GPU: {', '.join(v.get('gpus') or ['?'])}; driver {v.get('driver')} (CUDA {v.get('cuda_driver')}); "
              f"torch {v.get('torch')} (CUDA {v.get('cuda_torch')}); NCCL {v.get('nccl')}; DALI {v.get('dali')}; "
              f"horovod {v.get('horovod')}; git {report['git_sha'][:12]}", ""]
+    if report.get("pending"):
+        lines += [f"Not yet run: {', '.join(report['pending'])}", ""]
     for s in report["steps"]:
         if s.get("not_run"):
             lines += [f"## {s['name']}: NOT RUN ({s['not_run']})", "", f"`{' '.join(s['argv'])}`", ""]
             continue
-        lines += [f"## {s['name']}: {'PASS' if s['passed'] else 'FAIL'} ({s['wall_s']} s of {s['timeout_s']} s)", "",
+        ended = (f", timed out: ended by {s['ended_by']}" if s.get("timed_out") else "") + \
+            (f", {s['crash_at_exit']}" if s.get("crash_at_exit") else "")
+        lines += [f"## {s['name']}: {'PASS' if s['passed'] else 'FAIL'} ({s['wall_s']} s of {s['timeout_s']} s{ended})",
+                  "",
                   f"`{' '.join(s['argv'])}`  (log: `{os.path.basename(s['log'])}`)", "",
                   "| figure | measured | target | result |", "|---|---|---|---|"]
         for f in s["figures"]:
@@ -234,6 +107,8 @@ def dry_run(steps: tuple[Step, ...], ctx: dict) -> int:
     print(f"gpu_check --dry-run: {len(steps)} steps, timeouts adding up to {total} s")
     for s in steps:
         print(f"\n[{s.name}] timeout {s.timeout_s} s: {' '.join(s.argv)}")
+        if s.cost:
+            print(f"    cost: {s.cost}")
         for f in s.figures:
             target = f"{f.op} {getattr(f.target, '__name__', f.target)}" if f.op else "reported"
             print(f"    {f.key:<44} {target}")
@@ -260,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write gpu-check.json, gpu-check.md and gpu-check-logs.txt (every log's tail) "
                         "to this flat folder after every step (a device call's $OUT)")
     a = p.parse_args(argv)
+    t0 = time.monotonic()  # the budget counts from here: reading the versions takes some of it
     names = [s.name for s in STEPS]
     only = [n for n in a.only.split(",") if n]
     if set(only) - set(names):
@@ -282,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = {"py": sys.executable, "horovodrun": hvdrun, "gpus": torch.cuda.device_count(), "dir": run_dir,
            "gpu_name": (v.get("gpus") or [""])[0]}
     print(f"gpu_check: {ctx['gpus']} x {ctx['gpu_name']}, driver {v.get('driver')}; report in {run_dir}", flush=True)
-    report = run_plan(steps, ctx, run_dir, v, budget_s=a.budget_s or None, copy_to=a.copy_to or None)
+    budget_s = a.budget_s - (time.monotonic() - t0) if a.budget_s else None
+    report = run_plan(steps, ctx, run_dir, v, budget_s=budget_s, copy_to=a.copy_to or None)
     return 0 if report["passed"] else 1
 
 
@@ -311,15 +188,16 @@ def log_tails(results: list[dict], lines: int = 40) -> str:
 def write_report(report: dict, run_dir: str, copy_to: str | None) -> None:
     """gpu-check.json and .md in the run folder; with copy_to, those two and
     gpu-check-logs.txt (every log's tail) also in that flat folder (a device call's $OUT)."""
+    def put(path: str, text: str) -> None:  # whole or not at all: a call may end mid-write
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
     for d in (run_dir, copy_to) if copy_to else (run_dir,):
         os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "gpu-check.json"), "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        with open(os.path.join(d, "gpu-check.md"), "w") as f:
-            f.write(markdown(report))
+        put(os.path.join(d, "gpu-check.json"), json.dumps(report, indent=1, default=str))
+        put(os.path.join(d, "gpu-check.md"), markdown(report))
     if copy_to:
-        with open(os.path.join(copy_to, "gpu-check-logs.txt"), "w") as f:
-            f.write(log_tails(report["steps"]))
+        put(os.path.join(copy_to, "gpu-check-logs.txt"), log_tails(report["steps"]))
 
 
 def run_plan(steps: tuple[Step, ...], ctx: dict, run_dir: str, versions_: dict, budget_s: float | None = None,
@@ -333,7 +211,10 @@ def run_plan(steps: tuple[Step, ...], ctx: dict, run_dir: str, versions_: dict, 
 
     deadline = time.monotonic() + budget_s if budget_s else None
     results: list[dict] = []
-    report: dict = {}
+    report: dict = {"passed": False, "complete": False, "failed_steps": [], "run_dir": run_dir,
+                    "versions": versions_, "git_sha": provenance.code_state()["git_sha"], "gpus": ctx["gpus"],
+                    "steps": [], "pending": [s.name for s in steps]}
+    write_report(report, run_dir, copy_to)  # a first step that outlives the call still leaves the plan
     for i, s in enumerate(steps):
         left = deadline - time.monotonic() if deadline else None
         if left is not None and left < MIN_STEP_S:
@@ -349,7 +230,8 @@ def run_plan(steps: tuple[Step, ...], ctx: dict, run_dir: str, versions_: dict, 
         complete = last and not any(r.get("not_run") for r in results)
         report = {"passed": not failed and last, "complete": complete,
                   "failed_steps": failed, "run_dir": run_dir, "versions": versions_,
-                  "git_sha": provenance.code_state()["git_sha"], "gpus": ctx["gpus"], "steps": results}
+                  "git_sha": report["git_sha"], "gpus": ctx["gpus"], "steps": results,
+                  "pending": [t.name for t in steps[i + 1:]]}
         write_report(report, run_dir, copy_to)
     failed = report["failed_steps"]
     print(f"\ngpu_check: {'PASS' if not failed else 'FAIL: ' + ', '.join(failed)}; report: {run_dir}/gpu-check.md",

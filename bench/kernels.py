@@ -25,7 +25,7 @@ GPU = torch.cuda.is_available()
 if not GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from hvdtrain import provenance  # noqa: E402
+from hvdtrain import exitmark, provenance  # noqa: E402
 from hvdtrain.pipeline import MEAN, STD  # noqa: E402
 from kernels.mixup import (mix_ref, mix_triton, sample_params, soft_cross_entropy_ref,  # noqa: E402
                            soft_cross_entropy_triton)
@@ -124,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exitmark.mark(main()))

@@ -5,6 +5,7 @@
     python -m bench.loader --threads 1,2                    # a sweep: every loader at each count
     python -m bench.loader --hw-decoder-load 0,0.65,0.9,0.99 --threads 4,8,16    # a GPU sweep
     python -m bench.loader --tune [--tune-seconds 60]       # pick threads / prefetch (/ hw load)
+    python -m bench.loader --make-data DIR [--images 1024]  # only write the synthetic set, for --data DIR
 
 Loaders, each built from the same config the training uses (`pipeline.spec_from_config`:
 single-view random-resized crop + flip, normalize as training does it):
@@ -18,8 +19,11 @@ beside every loader at its setting, asked for or not), `pil-decode` (PIL's bare 
 memory: the cross-machine anchor). Each loader is reported as a fraction of its
 device's ceiling at the same setting: at most 1 by construction, so a value above 1.05
 is flagged as a bench bug. Images/s is the median of --windows timed windows after
---warmup batches; `cores` is the CPU time the loader's process (and workers) used per
-second of wall time. Prints a table and the SLO check (loader >= 300 img/s,
+--warmup batches (each window's rate is printed; `*` marks a window a pipeline rebuild
+fell in: the DALI loader rebuilds at every epoch end when it interleaves shards, which it
+does, as training does, only for shards not written shuffled); `cores` is the CPU time
+the loader's process (and workers) used per second of wall time. SIGINT ends the sweep:
+the settings measured so far are reported, with the interruption as the error. Prints a table and the SLO check (loader >= 300 img/s,
 hvdtrain/slo.py), writes runs/<id>/bench-loader.{json,md,png}, then one last line
 `BENCH_JSON {...}`.
 """
@@ -33,6 +37,7 @@ import tempfile
 from bench import report
 from bench.loader_runs import make_imagenet_like, run_one
 from data.wds import ShardError, open_shards
+from hvdtrain import exitmark
 from hvdtrain import slo as S
 
 LOADERS = ("dali-cpu", "dali-gpu", "torch", "ceiling", "pil-decode")
@@ -84,13 +89,20 @@ def compare(results: dict) -> str | None:
 
 
 def measure_all(shards, a) -> tuple[dict, str | None]:
+    """Every setting of the sweep; on KeyboardInterrupt (SIGINT: bench.gpu_check's step
+    timeout) the ones measured so far, with the interruption as the error."""
     plan = settings(a)
     multi = len({t for _, t, _ in plan}) > 1 or len({h for _, _, h in plan if h is not None}) > 1
     results: dict[str, dict] = {}
     error = None
-    for name, threads, hw in plan:
+    for i, (name, threads, hw) in enumerate(plan):
         key = key_of(name, threads, hw, multi)
-        r = run_one(name, shards, a, threads, hw)
+        try:
+            r = run_one(name, shards, a, threads, hw)
+        except KeyboardInterrupt:
+            error = f"interrupted (SIGINT) at {key}, after {i} of {len(plan)} settings: the rest were not measured"
+            print(f"\nbench.loader: {error}", flush=True)
+            break
         r.update(loader=name, threads=threads, hw_decoder_load=hw)
         if name in ("dali-cpu", "torch"):
             r["ceiling_key"] = key_of("ceiling-cpu", threads, None, multi)
@@ -98,7 +110,13 @@ def measure_all(shards, a) -> tuple[dict, str | None]:
             r["ceiling_key"] = key_of("ceiling-gpu", threads, hw, multi)
         results[key] = r
         error = error or (f"{key}: {r['error']}" if "error" in r else None)
-    return results, compare(results) or error
+    return results, "; ".join(e for e in (error, compare(results)) if e) or None
+
+
+def window_cells(r: dict) -> str:
+    """Each window's images/s, `*` after one a pipeline rebuild fell in."""
+    marks = r.get("window_rebuilds") or [0] * len(r["windows"])
+    return " ".join(f"{w:.0f}" + ("*" if n else "") for w, n in zip(r["windows"], marks))
 
 
 def print_table(results: dict, shards, a) -> None:
@@ -106,7 +124,8 @@ def print_table(results: dict, shards, a) -> None:
     print(f"\nloader throughput: {shards.total} images in {len(shards.paths)} shard(s) from {a.data}")
     print(f"batch {a.batch_size}, crop {a.size}, min scale {a.min_scale}, threads {a.threads} (torch workers "
           f"{a.workers or 'same'}), prefetch {a.prefetch}, machine cores {cores}")
-    print(f"{'loader':<24} {'img/s (median)':>15} {'per core':>9} {'cores used':>11} {'vs ceiling':>11}  windows")
+    print(f"{'loader':<24} {'img/s (median)':>15} {'per core':>9} {'cores used':>11} {'vs ceiling':>11}  "
+          f"windows img/s (* a pipeline rebuild fell in it)")
     for key, r in results.items():
         if r["img_s"] is None:
             print(f"{key:<24} {'-':>15}  ({r.get('skipped') or 'error: ' + r.get('error', '')})")
@@ -115,7 +134,7 @@ def print_table(results: dict, shards, a) -> None:
         r["per_core_img_s"] = r["img_s"] / given
         ratio = f"{r['vs_ceiling']:.2f}" if r.get("vs_ceiling") else "-"
         print(f"{key:<24} {r['img_s']:>15.1f} {r['per_core_img_s']:>9.1f} {r['cpu_cores_used']:>11.2f} "
-              f"{ratio:>11}  {len(r['windows'])}")
+              f"{ratio:>11}  {window_cells(r)}")
         if r.get("gpu", {}).get("evaluated"):
             g = r["gpu"]
             print(f"{'':<24} GPU util mean {g['util_mean_pct']:.1f}% p10 {g['util_p10_pct']:.1f}% "
@@ -139,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window-batches", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4, help="batches drawn before timing")
     p.add_argument("--images", type=int, default=1024, help="synthetic images when --data is not given")
+    p.add_argument("--make-data", metavar="DIR", default="",
+                   help="only write --images synthetic 500x375 JPEGs into DIR (for --data DIR) and exit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo", help="JSON/TOML file overriding SLO thresholds")
     p.add_argument("--tune", action="store_true", help="try threads, prefetch (and hw load on a GPU); print the "
@@ -149,6 +170,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if a.make_data:
+        print(f"making {a.images} synthetic 500x375 JPEGs (quality 90) in {a.make_data} ...", flush=True)
+        make_imagenet_like(a.make_data, a.images, a.seed)
+        return 0
     slos = S.load(a.slo)
     tmp = None
     try:
@@ -181,7 +206,8 @@ def report_all(shards, a, slos) -> int:
     print("\n" + S.table([check], slos))
     result = report.envelope("loader", dict(vars(a)), error, results=results, slos=[check])
     rows = "\n".join(f"| {k} | {r['threads']} | {r.get('hw_decoder_load') or '-'} | {r['img_s'] or '-'} | "
-                     f"{r.get('cpu_cores_used') or '-'} | {r.get('vs_ceiling') or '-'} |" for k, r in results.items())
+                     f"{r.get('cpu_cores_used') or '-'} | {r.get('vs_ceiling') or '-'} | "
+                     f"{window_cells(r) if r.get('windows') else '-'} |" for k, r in results.items())
 
     def chart(path):
         import matplotlib.pyplot as plt
@@ -196,10 +222,10 @@ def report_all(shards, a, slos) -> int:
         fig.savefig(path)
         plt.close(fig)
     report.publish(a.run_dir, "loader", result, "", chart,
-                   markdown="| loader | threads | hw load | img/s | cores used | vs ceiling |\n"
-                            "|---|---|---|---|---|---|\n" + rows)
+                   markdown="| loader | threads | hw load | img/s | cores used | vs ceiling | windows (* rebuilt) |\n"
+                            "|---|---|---|---|---|---|---|\n" + rows)
     return 1 if error else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exitmark.mark(main()))

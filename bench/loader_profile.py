@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe.run()
         rows.append((name, *_time(pipe.run, a.batches, a.batch_size)))
         del pipe
-    spec = pipeline.spec_from_config(bench_config(a, a.threads, False), "train", threads=a.threads)
+    spec = pipeline.spec_from_config(bench_config(a, a.threads, False), "train", threads=a.threads,
+                                     written_shuffled=shards.shuffled)  # as training reads them
     for norm in ("dali", "kernel"):
         it = DaliLoader(shards, dataclasses.replace(spec, normalize=norm)).forever()
         for _ in range(3):

@@ -51,12 +51,15 @@ def bench_config(a, threads: int, gpu: bool, hw_load: float | None = None, prefe
     return cfg
 
 
-def spec_for(a, threads: int, gpu: bool, hw_load=None, prefetch=None) -> pipeline.PipeSpec:
-    """The spec training would use: `gpu` = mixed decode. On a GPU node CPU decode feeds the
-    GPU too (device_id 0), so normalize=auto picks the kernel path there, as training does."""
+def spec_for(a, shards, threads: int, gpu: bool, hw_load=None, prefetch=None) -> pipeline.PipeSpec:
+    """The spec training would use on these shards: `gpu` = mixed decode. On a GPU node CPU
+    decode feeds the GPU too (device_id 0), so normalize=auto picks the kernel path there,
+    as training does. The shards' own `shuffled` flag goes in as training passes it
+    (loader.from_config): without it `shard_shuffle=auto` would interleave shards written
+    shuffled, and rebuild the pipeline at every epoch end, inside the timed windows."""
     device_id = 0 if (gpu or torch.cuda.is_available()) else None
     return pipeline.spec_from_config(bench_config(a, threads, gpu, hw_load, prefetch), "train",
-                                     device_id=device_id, threads=threads)
+                                     device_id=device_id, threads=threads, written_shuffled=shards.shuffled)
 
 
 def pil_decode_batches(shards, batch_size: int):
@@ -84,41 +87,51 @@ def ceiling_batches(shards, spec: pipeline.PipeSpec):
         yield None
 
 
+def no_rebuilds() -> int:
+    return 0
+
+
 def make_iter(name: str, shards, a, threads: int, hw_load=None, prefetch=None):
-    """A batch iterator for loader `name` at one setting, or a reason it is skipped (str)."""
+    """(batch iterator, rebuilds) for loader `name` at one setting, or a reason it is
+    skipped (str). `rebuilds()`: pipeline rebuilds so far (the DALI loader with
+    shard_shuffle builds a new pipeline for every epoch; no other loader rebuilds: the
+    torch DataLoader's workers persist)."""
     gpu = name.endswith("gpu")
     if gpu and not torch.cuda.is_available():
         return "no GPU"
     if name == "pil-decode":
-        return pil_decode_batches(shards, a.batch_size)
-    spec = spec_for(a, threads, gpu, hw_load, prefetch)
+        return pil_decode_batches(shards, a.batch_size), no_rebuilds
+    spec = spec_for(a, shards, threads, gpu, hw_load, prefetch)
     if name.startswith("ceiling"):
-        return ceiling_batches(shards, spec)
+        return ceiling_batches(shards, spec), no_rebuilds
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # where training runs
     if name == "torch":
         from hvdtrain.torch_loader import TorchLoader
 
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        return (b.views[0] for b in TorchLoader(shards, spec, device=device, workers=threads).forever())
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # where training runs
-    return (b.views[0] for b in DaliLoader(shards, spec, device=device).forever())
+        return (b.views[0] for b in TorchLoader(shards, spec, device=device, workers=threads).forever()), no_rebuilds
+    loader = DaliLoader(shards, spec, device=device)
+    return (b.views[0] for b in loader.forever()), ((lambda: loader.epoch) if spec.shard_shuffle else no_rebuilds)
 
 
-def time_batches(it, batch_size: int, warmup: int, windows: int, window_batches: int) -> tuple[list[float], float]:
-    """(images/s of each timed window, CPU cores used on average) after `warmup` batches."""
+def time_batches(it, batch_size: int, warmup: int, windows: int, window_batches: int,
+                 rebuilds=no_rebuilds) -> tuple[list[float], float, list[int]]:
+    """(images/s of each timed window, CPU cores used on average, pipeline rebuilds inside
+    each window) after `warmup` batches."""
     for _ in range(warmup):
         next(it)
     me = psutil.Process()
-    rates, cpu0, wall0 = [], _cpu_s(me), time.perf_counter()
+    rates, rebuilt, cpu0, wall0 = [], [], _cpu_s(me), time.perf_counter()
     for _ in range(windows):
-        t0 = time.perf_counter()
+        n0, t0 = rebuilds(), time.perf_counter()
         for _ in range(window_batches):
             b = next(it)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         rates.append(window_batches * batch_size / (time.perf_counter() - t0))
+        rebuilt.append(rebuilds() - n0)
     cores = (_cpu_s(me) - cpu0) / max(time.perf_counter() - wall0, 1e-9)
     del b
-    return rates, cores
+    return rates, cores, rebuilt
 
 
 def _cpu_s(p: psutil.Process) -> float:
@@ -135,26 +148,32 @@ def _cpu_s(p: psutil.Process) -> float:
 
 
 def run_one(name: str, shards, a, threads: int, hw_load=None, prefetch=None, windows=None) -> dict:
-    """One loader at one setting: median images/s of the timed windows, CPU cores used."""
+    """One loader at one setting: median images/s of the timed windows, CPU cores used,
+    and the pipeline rebuilds that fell inside them (`rebuilds_in_windows`, and per window
+    in `window_rebuilds`). KeyboardInterrupt is not caught: it ends the sweep."""
     from hvdtrain.gpumon import GpuMonitor
 
     try:
-        it = make_iter(name, shards, a, threads, hw_load, prefetch)
-        if isinstance(it, str):
-            return {"img_s": None, "skipped": it}
+        made = make_iter(name, shards, a, threads, hw_load, prefetch)
+        if isinstance(made, str):
+            return {"img_s": None, "skipped": made}
+        it, rebuilds = made
         mon = GpuMonitor(torch.device("cuda", 0) if name.endswith("gpu") else None)
         windows = windows or a.windows
         if a.seconds:  # calibrate the window count from one window's rate
-            first = time_batches(it, a.batch_size, a.warmup, 1, a.window_batches)[0][0]
+            first = time_batches(it, a.batch_size, a.warmup, 1, a.window_batches, rebuilds)[0][0]
             windows = max(3, int(a.seconds * first / (a.batch_size * a.window_batches)))
         else:
             for _ in range(a.warmup):
                 next(it)
         mon.start()
-        rates, cores = time_batches(it, a.batch_size, 0, windows, a.window_batches)
-        gpu = mon.stop()
+        try:
+            rates, cores, rebuilt = time_batches(it, a.batch_size, 0, windows, a.window_batches, rebuilds)
+        finally:  # also on SIGINT: no sampler thread or nvidia-smi dmon left behind
+            gpu = mon.stop()
         gpu.pop("timeline", None)
-        del it
-        return {"img_s": statistics.median(rates), "windows": rates, "cpu_cores_used": cores, "gpu": gpu}
+        del it, rebuilds
+        return {"img_s": statistics.median(rates), "windows": rates, "cpu_cores_used": cores, "gpu": gpu,
+                "rebuilds_in_windows": sum(rebuilt), "window_rebuilds": rebuilt}
     except Exception as e:  # noqa: BLE001 - one loader failing must not hide the others
         return {"img_s": None, "error": f"{e.__class__.__name__}: {e}"}

@@ -4,8 +4,19 @@ writes in its JSON output against targets. The plan itself lives in bench/gpu_ch
 A step's figures are read from what the command writes for programs: the last
 `BENCH_JSON {...}` line of its output, a JSON report file, or pytest's JUnit XML; never
 from prose. Each figure is PASS, FAIL, REPORTED (no target) or NOT EVALUATED (why).
-A step that times out has its whole process tree killed (horovodrun starts each rank
-in a session of its own, so a process-group kill is not enough: see kill_tree).
+
+A step that runs into its timeout first gets SIGINT, `grace_s` before the timeout, so it
+can end on what it has (pytest then writes its JUnit XML with the tests that ran,
+bench.loader prints its table and BENCH_JSON for the settings it measured); whatever is
+still running at the timeout has its whole process tree killed (horovodrun starts each
+rank in a session of its own, so a process-group kill is not enough: see kill_tree).
+Figures read from what a timed-out step wrote are kept; the step still fails.
+
+A crash at exit (DALI's abort at interpreter shutdown with CUDA, NVIDIA/DALI#6166) does
+not undo a run that finished: a command that prints `EXIT_STATUS 0` as its last act
+(`hvdtrain.exitmark.mark`, on when HVDTRAIN_EXIT_MARK=1, which run_step sets) on
+every process it is expected to (`exit_marks`), and then exits with another status,
+passes its exit figure with the crash named.
 """
 from __future__ import annotations
 
@@ -16,14 +27,18 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from hvdtrain.exitmark import EXIT_MARK
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
+# A skip whose reason starts with this is expected on some machines (one GPU: no other
+# device order to test) and does not fail the step; any other skip does.
+EXPECTED_SKIP = "expected on this machine:"
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,9 @@ class Step:
     figures: tuple[Figure, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     dry: str = "parse"             # how --dry-run checks the command: parse | collect (pytest)
+    cost: str = ""                 # what the timeout is sized from (measured or reasoned), shown in the plan
+    grace_s: int = 10              # SIGINT this long before the timeout (at most a quarter of it), then the kill
+    exit_marks: str = ""           # EXIT_STATUS lines a clean finish prints ("1", "{gpus}"); "" = none
 
 
 PLACEHOLDER = re.compile(r"\{(py|horovodrun|gpus|dir)\}")
@@ -60,43 +78,75 @@ def expand(argv: tuple[str, ...], ctx: dict) -> list[str]:
     return [fill(a, ctx) for a in argv]
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and every process below it at once (frozen first, so no rank
-    reacts to another's death), then its process group."""
+def process_tree(pid: int) -> list:
+    """The process and every process below it (psutil.Process objects), [] if it is gone."""
     import psutil
 
     try:
         procs = [psutil.Process(pid)]
-        procs += procs[0].children(recursive=True)
+        return procs + procs[0].children(recursive=True)
     except psutil.NoSuchProcess:
-        return
+        return []
+
+
+def kill_tree(pid: int, procs: list | None = None) -> None:
+    """SIGKILL a launcher and every process below it at once (frozen first, so no rank
+    reacts to another's death), then its process group. `procs`: a tree taken earlier
+    (processes a launcher left behind when it exited are no longer its children)."""
+    import psutil
+
+    procs = {p.pid: p for p in (procs or []) + process_tree(pid)}.values()
     for sig in (signal.SIGSTOP, signal.SIGKILL):
         for proc in procs:
             try:
-                proc.send_signal(sig)
+                if proc.is_running():  # the same process (pid and start time), not a reused pid
+                    proc.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
     try:
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
 
 
-def run_command(argv: list[str], timeout_s: float, log_path: str, env: dict | None = None) -> tuple[int | None, float]:
-    """(exit status or None on timeout, seconds). Output goes to `log_path`."""
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default. A parent started in the
+    background of a non-interactive shell has it ignored, and an ignored SIGINT is
+    inherited (Python then installs no KeyboardInterrupt handler): the interrupt would do
+    nothing and every step that timed out would lose its results to the kill."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_command(argv: list[str], timeout_s: float, log_path: str, env: dict | None = None,
+                grace_s: float = 0) -> tuple[int | None, float, str]:
+    """(exit status or None on timeout, seconds, how a timed-out command ended: "" |
+    "SIGINT" (it exited within the grace) | "SIGKILL"). Output goes to `log_path`. With
+    `grace_s`, the command's process group gets SIGINT at timeout_s - grace_s; whatever
+    of its tree is left at timeout_s is killed."""
     t0 = time.monotonic()
+    grace_s = min(grace_s, timeout_s / 4)
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(argv) + "\n")
         log.flush()
         p = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True, env=env)
+                             start_new_session=True, env=env, preexec_fn=_default_sigint)
         try:
-            rc = p.wait(timeout=timeout_s)
+            return p.wait(timeout=timeout_s - grace_s), time.monotonic() - t0, ""
         except subprocess.TimeoutExpired:
-            kill_tree(p.pid)
-            p.wait()
-            rc = None
-    return rc, time.monotonic() - t0
+            pass
+        procs, how = process_tree(p.pid), "SIGKILL"
+        if grace_s > 0:
+            try:
+                os.killpg(p.pid, signal.SIGINT)
+                p.wait(timeout=grace_s)
+                how = "SIGINT"
+            except (ProcessLookupError, PermissionError):
+                how = "SIGINT"
+            except subprocess.TimeoutExpired:
+                pass
+        kill_tree(p.pid, procs)  # what the interrupt left running (horovodrun's ranks, a child ignoring it)
+        p.wait()
+    return None, time.monotonic() - t0, how
 
 
 def read_output(step: Step, ctx: dict, log_path: str) -> tuple[dict | None, str]:
@@ -115,11 +165,32 @@ def read_output(step: Step, ctx: dict, log_path: str) -> tuple[dict | None, str]
     if kind == "json":
         with open(path) as f:
             return json.load(f), ""
-    suites = ET.parse(path).getroot()
-    suites = [suites] if suites.tag == "testsuite" else list(suites)
-    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    return read_junit(path), ""
+
+
+def read_junit(path: str) -> dict:
+    """pytest's JUnit XML -> counts (tests, failures, errors, skipped, passed), the skips
+    split into `expected_skips` (reason starts with EXPECTED_SKIP) and `unexpected_skips`,
+    each a list of "test: reason", and `not_passed`: "test: message" per failure or error."""
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    counts: dict = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return counts, ""
+    counts.update(expected_skips=[], unexpected_skips=[], not_passed=[])
+    for case in (c for s in suites for c in s.iter("testcase") if c.get("name")):
+        name = f"{case.get('classname', '')}::{case.get('name')}"
+        for kind in ("skipped", "failure", "error"):
+            el = case.find(kind)
+            if el is None:
+                continue
+            why = (el.get("message") or "").strip()
+            if kind != "skipped":
+                counts["not_passed"].append(f"{name}: {why[:200]}")
+            elif why.startswith(EXPECTED_SKIP):
+                counts["expected_skips"].append(f"{name}: {why}")
+            else:
+                counts["unexpected_skips"].append(f"{name}: {why}")
+    return counts
 
 
 def judge(fig: Figure, doc: dict | None, why: str, ctx: dict) -> dict:
@@ -147,28 +218,81 @@ def judge(fig: Figure, doc: dict | None, why: str, ctx: dict) -> dict:
     return out
 
 
+def exit_marks(log_path: str) -> list[int]:
+    """The statuses the command's processes reported with EXIT_STATUS lines, in order."""
+    out = []
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            if EXIT_MARK in line:
+                word = line.split(EXIT_MARK, 1)[1].split()
+                if word and word[0].lstrip("-").isdigit():
+                    out.append(int(word[0]))
+    return out
+
+
+def describe_status(rc: int) -> str:
+    """An exit status in words: a negative one is the signal that ended the process."""
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    if rc > 128:  # a launcher or shell reporting a child's signal as 128 + n
+        try:
+            return f"exit status {rc} ({signal.Signals(rc - 128).name})"
+        except ValueError:
+            pass
+    return f"exit status {rc}"
+
+
+def crash_at_exit(step: Step, ctx: dict, rc: int | None, log_path: str) -> str:
+    """Non-empty (the crash, named) when the command crashed after every one of its
+    processes reported a clean finish: its results stand."""
+    if rc in (0, None) or not step.exit_marks:
+        return ""
+    want, marks = int(fill(step.exit_marks, ctx)), exit_marks(log_path)
+    if len(marks) < want or any(marks):
+        return ""
+    with open(log_path, errors="replace") as f:
+        lines = f.read().splitlines()
+    last = max(i for i, ln in enumerate(lines) if EXIT_MARK in ln)
+    after = [ln.strip() for ln in lines[last + 1:] if ln.strip()]
+    said = f"; after it: {' | '.join(after[-3:])[:300]}" if after else ""
+    return f"crashed at exit ({describe_status(rc)}) after {len(marks)} process(es) reported EXIT_STATUS 0{said}"
+
+
+def exit_figure(step: Step, rc: int | None, how: str, crash: str) -> dict:
+    fig = {"key": f"{step.name}.exit", "label": "exit status", "op": "==", "target": 0, "value": rc,
+           "reference": None, "status": "PASS" if rc == 0 or crash else "FAIL", "why": crash}
+    if rc is None:
+        fig["why"] = (f"timed out after {step.timeout_s} s: "
+                      + ("it ended on SIGINT; what it wrote is kept" if how == "SIGINT" else
+                         "the process tree was killed" + (" (SIGINT did not end it)" if step.grace_s else "")))
+    return fig
+
+
 def run_step(step: Step, ctx: dict, run_dir: str) -> dict:
     """Run one step and judge its figures; every step also has an exit-status figure."""
     argv = expand(step.argv, ctx)
     log = os.path.join(run_dir, f"{step.name}.log")
-    env = {**os.environ, **step.env}
+    env = {**os.environ, **step.env, **({"HVDTRAIN_EXIT_MARK": "1"} if step.exit_marks else {})}
     print(f"gpu_check: [{step.name}] {shlex.join(argv)}  (timeout {step.timeout_s} s)", flush=True)
-    rc, wall_s = run_command(argv, step.timeout_s, log, env)
-    exit_fig = {"key": f"{step.name}.exit", "label": "exit status", "op": "==", "target": 0, "value": rc,
-                "reference": None, "status": "PASS" if rc == 0 else "FAIL",
-                "why": f"timed out after {step.timeout_s} s: the process tree was killed" if rc is None else ""}
+    rc, wall_s, how = run_command(argv, step.timeout_s, log, env, step.grace_s)
+    crash = crash_at_exit(step, ctx, rc, log)
     try:
         doc, why = read_output(step, ctx, log)
     except (OSError, ValueError, ET.ParseError) as e:
         doc, why = None, f"its output could not be read: {e}"
-    if rc is None:
-        doc, why = None, f"the step timed out after {step.timeout_s} s"
-    figs = [exit_fig] + [judge(f, doc, why, ctx) for f in step.figures]
+    if rc is None and doc is None:
+        why = f"the step timed out after {step.timeout_s} s ({how}) and left no output: {why}"
+    figs = [exit_figure(step, rc, how, crash)] + [judge(f, doc, why, ctx) for f in step.figures]
     failed = [f["key"] for f in figs if f["status"] in ("FAIL", "NOT EVALUATED") and f["op"]]
     print(f"gpu_check: [{step.name}] {'FAIL' if failed else 'PASS'} in {wall_s:.0f} s"
-          + (f": {', '.join(failed)}" if failed else "") + f"  (log: {log})", flush=True)
+          + (f": {', '.join(failed)}" if failed else "") + (f" ({crash})" if crash else "")
+          + f"  (log: {log})", flush=True)
     return {"name": step.name, "argv": argv, "timeout_s": step.timeout_s, "wall_s": round(wall_s, 1),
-            "exit": rc, "timed_out": rc is None, "log": log, "figures": figs, "passed": not failed}
+            "exit": rc, "timed_out": rc is None, "ended_by": how or None, "crash_at_exit": crash or None,
+            "log": log, "figures": figs, "passed": not failed, "cost": step.cost}
 
 
 # ---------------------------------------------------------------- the dry run
@@ -221,7 +345,7 @@ def dry_check(step: Step, ctx: dict, scratch: str) -> list[str]:
         cmds.append([argv[0], "-c", PARSE_ONLY, mod, *flags])
     for i, cmd in enumerate(cmds):
         log = os.path.join(scratch, f"{step.name}-dry{i}.log")
-        rc, _ = run_command(cmd, 120, log, env)
+        rc, _, _ = run_command(cmd, 120, log, env)
         if rc != 0:
             tail = [ln.strip() for ln in open(log, errors="replace").read().strip().splitlines()[-2:]]
             problems.append(f"`{shlex.join(cmd if cmd[1] != '-c' else [cmd[0], '-m', mod, *flags])}` "

@@ -19,21 +19,21 @@ import sys
 
 from bench import report
 from hvdtrain import config as C
-from hvdtrain import dist, session, timing
+from hvdtrain import dist, exitmark, session, timing
 from hvdtrain import report as R
 from hvdtrain import slo as S
 from hvdtrain.loader import InMemoryLoader
 from hvdtrain.sanity import embedded_data
 
 
-def table(cfg, run, real, synth, ratio, warmup, checks, slos) -> str:
+def table(cfg, run, loader: str, real, synth, ratio, warmup, checks, slos) -> str:
     return "\n".join([
         f"bench.train: {cfg.preset} preset, {cfg.train.task}, {cfg.model.name}, {dist.size()} rank(s) x "
         f"{dist.device()}, batch {cfg.train.batch_size} x accum {cfg.train.grad_accum_steps}, {cfg.data.size} px, "
         f"amp {run.state.amp or 'off'}, channels_last {cfg.data.channels_last}, {cfg.train.steps} steps after "
         f"{warmup} warm-up",
         f"{'input':<30} {'img/s (all ranks)':>18} {'data wait':>10}",
-        f"{'real shards (' + run.loader.describe().split(',')[0] + ')':<30} {real['steady_images_per_s']:>18.1f} "
+        f"{'real shards (' + loader.split(',')[0] + ')':<30} {real['steady_images_per_s']:>18.1f} "
         f"{100 * real['data_wait_share']:>9.1f}%",
         f"{'synthetic, in memory':<30} {synth['steady_images_per_s']:>18.1f} {100 * synth['data_wait_share']:>9.1f}%",
         f"loader overhead ratio real/synthetic: {ratio:.3f}",
@@ -65,16 +65,17 @@ def main(argv: list[str] | None = None) -> int:
             held = [next(it) for _ in range(cfg.train.grad_accum_steps * 2)]  # same shapes, now in memory
             res, _ = run.measure(InMemoryLoader(held), warmup, cfg.train.steps)
             synth = run.summarise(res)
-            out.update(run=run, real=real, synth=synth, gpu=gpu)
-        return 0
+            out.update(run=run, real=real, synth=synth, gpu=gpu, loader=run.loader.describe())
+            del it, held
+        return 0  # leaving the block released the loaders (session.Run.release_loaders) before the barrier
     code = session.guarded("bench.train", go)
     if code:
         return code
-    run, real, synth, gpu = out["run"], out["real"], out["synth"], out["gpu"]
+    run, real, synth, gpu, loader = out["run"], out["real"], out["synth"], out["gpu"], out["loader"]
     ratio = real["steady_images_per_s"] / synth["steady_images_per_s"]
     checks = [S.check(slos["gpu_util_pct"], gpu["util_mean_pct"], gpu.get("why", ""))]
     if dist.is_primary():
-        text = table(cfg, run, real, synth, ratio, warmup, checks, slos)
+        text = table(cfg, run, loader, real, synth, ratio, warmup, checks, slos)
         print(text)
         timeline = gpu.pop("timeline", None)
         result = report.envelope("train", C.to_dict(cfg), None, ranks=dist.size(), real=real, synthetic=synth,
@@ -101,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exitmark.mark(main()))

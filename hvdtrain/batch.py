@@ -78,15 +78,38 @@ def check_label_range(labels: torch.Tensor, sources: torch.Tensor, num_classes: 
                             f"[0, {num_classes}) for {spec}")
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to `device` without the host waiting for the copy, whoever owns
+    its memory.
+
+    On the CPU-decode path `t` is DALI's memory, not torch's: the pipelines run DALI's
+    dynamic executor (the default when `exec_dynamic` is not given, nvidia/dali/pipeline.py),
+    and with it DALIGenericIterator hands out `torch.from_dlpack` views of DALI's output
+    buffers instead of copies (`copy = not is_exec_dynamic`, nvidia/dali/plugin/pytorch/
+    __init__.py, DALI 2.4.0; tests/unit/test_pipeline.py checks the executor). A
+    `non_blocking` copy straight from it either blocks the host (pageable memory: the
+    driver stages it) or, if DALI pinned it, races with DALI reusing the buffer once the
+    view is dropped, since torch records no event for memory it did not allocate. So the
+    bytes go through a pinned buffer from torch's caching host allocator: one host memcpy
+    (~10 MB at 64 x 224 px: a few ms on one core), and torch keeps that buffer until the
+    copy that reads it has finished (it records an event on the stream)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged.to(device, non_blocking=True)
+
+
 def to_model_input(v: torch.Tensor, flip: torch.Tensor | None, device: torch.device, dtype: torch.dtype,
                    channels_last: bool) -> torch.Tensor:
     """uint8 NHWC (a quarter of float32's PCIe bytes) -> normalized NCHW on `device`, flipped
-    per sample: Triton on CUDA, the torch reference elsewhere (kernels.normalize)."""
+    per sample: Triton on CUDA, the torch reference elsewhere (kernels.normalize). The
+    crops reach a GPU through a torch-pinned buffer (`to_device`)."""
     from kernels.normalize import normalize
 
-    v = v.to(device, non_blocking=True)
+    v = to_device(v, device)
     if flip is not None:
-        flip = flip.view(-1).to(device, non_blocking=True).bool()
+        flip = to_device(flip.reshape(-1), device).bool()
     mean, std = _consts(device)
     return normalize(v, mean, std, flip, dtype, channels_last)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from typing import Any
@@ -191,29 +192,63 @@ class GpuMonitor:
         return out
 
 
-def start_dmon(nvml: Any, handle: Any) -> subprocess.Popen | None:
-    """`nvidia-smi dmon -s um -i <NVML index>` beside the sampler, as a cross-check.
-    nvidia-smi counts GPUs as NVML does, so the index comes from the handle, not torch."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        idx = nvml.nvmlDeviceGetIndex(handle)
-        return subprocess.Popen(["nvidia-smi", "dmon", "-s", "um", "-i", str(idx)], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-    except Exception:  # noqa: BLE001 - the cross-check is optional
-        return None
+class Dmon:
+    """`nvidia-smi dmon -s um -i <NVML index>` beside the sampler, as a cross-check, its
+    output going to a file as it comes. A pipe read only at stop() would fill (64 KiB:
+    about 15 minutes of rows) and block dmon, so its mean would cover less of the window
+    than NVML's. Where `stdbuf` exists dmon's stdout is line-buffered, so a row is in the
+    file as soon as it is printed; stop() asks it to end with SIGINT (what a person's
+    Ctrl-C sends: it exits and flushes), then SIGTERM, then SIGKILL."""
+
+    STOP_WAIT_S = (("SIGINT", 3.0), ("SIGTERM", 2.0))
+
+    def __init__(self, proc: subprocess.Popen, out):
+        self.proc, self.out = proc, out
+
+    @classmethod
+    def start(cls, nvml: Any, handle: Any) -> "Dmon | None":
+        """nvidia-smi counts GPUs as NVML does, so the index comes from the handle, not torch."""
+        if shutil.which("nvidia-smi") is None:
+            return None
+        try:
+            idx = nvml.nvmlDeviceGetIndex(handle)
+            argv = ["nvidia-smi", "dmon", "-s", "um", "-i", str(idx)]
+            if shutil.which("stdbuf"):
+                argv = ["stdbuf", "-oL"] + argv
+            out = tempfile.TemporaryFile("w+", prefix="hvdtrain-dmon-")
+            return cls(subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL), out)
+        except Exception:  # noqa: BLE001 - the cross-check is optional
+            return None
+
+    def stop(self) -> dict:
+        import signal
+
+        p = self.proc
+        for name, wait_s in self.STOP_WAIT_S:
+            if p.poll() is not None:
+                break
+            p.send_signal(getattr(signal, name))
+            try:
+                p.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        self.out.seek(0)
+        text = self.out.read()
+        self.out.close()
+        return parse_dmon(text)
 
 
-def stop_dmon(p: subprocess.Popen | None) -> dict:
-    if p is None:
+def start_dmon(nvml: Any, handle: Any) -> Dmon | None:
+    return Dmon.start(nvml, handle)
+
+
+def stop_dmon(d: Dmon | None) -> dict:
+    if d is None:
         return {"evaluated": False, "why": "nvidia-smi not found"}
-    p.terminate()
-    try:
-        out, _ = p.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, _ = p.communicate()
-    return parse_dmon(out)
+    return d.stop()
 
 
 def parse_dmon(text: str) -> dict:

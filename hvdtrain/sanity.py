@@ -34,7 +34,7 @@ import torch
 from data import synth
 from data.wds import INFO_NAME
 from hvdtrain import config as C
-from hvdtrain import dist, preempt, provenance, report, session
+from hvdtrain import dist, exitmark, preempt, provenance, report, session
 from hvdtrain import slo as S
 from hvdtrain import timing
 from hvdtrain.loader import DataError
@@ -88,6 +88,9 @@ def run(cfg: C.Config, slo_file: str | None) -> dict:
     with session.Run(cfg, checkpoints=False) as r:
         loader_img_s = probe_loader(r.loader)
         result = r.train()
+        loader = {"loader": r.loader.describe(), "decode": getattr(getattr(r.loader, "spec", None), "decode", "cpu"),
+                  "epochs_seen": r.loader.epoch}
+    # leaving the block released the loaders and their pipelines (session.Run.release_loaders)
     wall_s = time.perf_counter() - t_start
     losses, agg = result.loop.step_losses, result.throughput  # losses: the mean over ranks, per step
     k = max(1, min(10, len(losses) // 2))  # first/last windows never overlap
@@ -103,8 +106,7 @@ def run(cfg: C.Config, slo_file: str | None) -> dict:
             **{k: v for k, v in r.prov.items() if k.startswith("git_") or k == "code_path"},
             "run_dir": r.dir, "data": r.data, "ranks": dist.size(), "placement": r.placement,
             "nodes": sorted({p["node"] for p in r.placement}), "device": str(r.state.device),
-            "torch_threads": r.torch_threads, "dali_threads": r.dali_threads, "loader": r.loader.describe(),
-            "decode": getattr(getattr(r.loader, "spec", None), "decode", "cpu"),
+            "torch_threads": r.torch_threads, "dali_threads": r.dali_threads, **loader,
             "loss_step1": losses[0], "loss_first10": first, "loss_last10": last, "loss_reduction": first - last,
             "ln_batch": math.log(cfg.train.batch_size), "loss_per_step": losses,
             "wall_time_s": wall_s, "train_time_s": result.loop.wall_s, "images_per_s": agg["images_per_s"],
@@ -112,7 +114,7 @@ def run(cfg: C.Config, slo_file: str | None) -> dict:
             "breakdown": result.breakdown, "why": judge(results, result.breakdown),
             "loader_img_s": loader_img_s, "max_memory_gib": mem, "memory_kind": mem_kind, "gpu": gpu,
             "slos": results, "slo_file": slo_file, "versions": provenance.versions(),
-            "slurm": provenance.slurm_job(), "epochs_seen": r.loader.epoch}
+            "slurm": provenance.slurm_job()}
 
 
 def write(r: dict) -> None:
@@ -155,4 +157,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exitmark.mark(main()))

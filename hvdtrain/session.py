@@ -160,12 +160,36 @@ class Run:
             self.dog.stop()
         if getattr(self, "gpu_started", False):
             self._stop_gpu()
+        self.release_loaders()
         if self.logs is not None:
             self.logs.close()
             self.logs = None
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def release_loaders(self) -> None:
+        """Drop the loaders (val, then train) and their DALI pipelines now, then wait for the
+        device: their threads and CUDA buffers go while CUDA is whole, before the entry
+        point's final barrier, not at interpreter shutdown, where DALI can abort
+        (`cudaErrorDeviceUninitialized`, NVIDIA/DALI#6166). After it `loader` is None."""
+        import gc
+
+        import torch
+
+        for name in ("val_loader", "loader"):
+            loader = getattr(self, name, None)
+            if loader is None:
+                continue
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
+            else:
+                _drop_pipelines(loader)
+            setattr(self, name, None)
+        gc.collect()  # a DALI pipeline can sit in a reference cycle (its iterator, a generator)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
     def __enter__(self) -> "Run":
         return self
@@ -320,6 +344,21 @@ class Run:
         print(f"done: step {self.state.step}, {agg['images']} images this session, {agg['images_per_s']:.1f} img/s "
               f"(all ranks){val_txt}; run folder {self.dir}", flush=True)
         return out
+
+
+def _drop_pipelines(loader) -> None:
+    """A DaliLoader without close(): wait for the next epoch's pipeline a background thread
+    may be building (shard_shuffle), then drop every pipeline it holds. (Belongs in
+    hvdtrain/loader.py as DaliLoader.close(), which this calls once it exists.)"""
+    pending = getattr(loader, "_next_epoch", None)
+    if pending is not None:
+        thread, box = pending
+        thread.join()
+        box.clear()
+        loader._next_epoch = None
+    for attr in ("_it", "pipe"):
+        if hasattr(loader, attr):
+            setattr(loader, attr, None)
 
 
 def fit(cfg: C.Config) -> int:

@@ -92,7 +92,7 @@ def test_the_loop_on_dalis_mixed_loader_syncs_only_at_the_log_point(hvd, photo_s
     wait for the device either: the loop would stall every step."""
     cfg = small_cfg(amp="bf16", accum=2, channels_last=True)
     cfg.data.decode, cfg.data.normalize, cfg.train.log_every = "mixed", normalize, 2
-    spec = pipeline.spec_from_config(cfg, "train", device_id=0, threads=2)
+    spec = pipeline.spec_from_config(cfg, "train", device_id=0, threads=2, written_shuffled=photo_shards.shuffled)
     loader = DaliLoader(photo_shards, spec, num_classes=photo_shards.num_classes, device=torch.device("cuda", 0),
                         channels_last=True)
     state = S.make_state(cfg, photo_shards.num_classes)

@@ -38,3 +38,28 @@ def test_the_tuner_prefers_the_cheaper_of_two_equal_settings():
     assert pick([]) is None and pick([{"img_s": None, "error": "x"}]) is None
     assert overrides(equal_cheap, gpu=False) == "--data.threads=1 --data.prefetch=2"
     assert thread_counts(6) == [1, 2, 4, 6] and thread_counts(1) == [1]
+
+
+def test_the_loader_bench_reads_shards_as_training_does_and_marks_rebuilds(tmp_path):
+    """Shards written shuffled are read in DALI's order, with no pipeline rebuild in the
+    timed windows (bench.loader used to interleave them, rebuilding every epoch there);
+    shards not written shuffled are interleaved, as training does, and each window an
+    epoch's rebuild fell in is counted and starred in the table."""
+    from bench.loader import parser, window_cells
+    from bench.loader_runs import run_one
+    from data.wds import Sample, open_shards, write_split
+    from tests.conftest import jpeg, unique_shards
+
+    a = parser().parse_args(["--size", "32", "--batch-size", "8", "--threads", "1", "--windows", "3",
+                             "--window-batches", "4", "--warmup", "1"])
+    unique_shards(str(tmp_path / "plain"), n=32, shard_size=16)  # 4 batches an epoch
+    assert not open_shards(str(tmp_path / "plain")).shuffled
+    plain = run_one("dali-cpu", open_shards(str(tmp_path / "plain")), a, 1)
+    assert plain["window_rebuilds"] == [1, 1, 1], plain  # every window crosses an epoch end
+    assert window_cells(plain).count("*") == 3
+
+    write_split((Sample(f"u{i:07d}", jpeg(i), i % 10) for i in range(32)), str(tmp_path / "mixed"),
+                [str(c) for c in range(10)], "train", 16, extra={"shuffled": True})
+    shuffled = run_one("dali-cpu", open_shards(str(tmp_path / "mixed")), a, 1)
+    assert shuffled["rebuilds_in_windows"] == 0 and "*" not in window_cells(shuffled), shuffled
+    assert shuffled["img_s"] > 0

@@ -159,3 +159,17 @@ def test_torch_loader_shuffles_per_epoch_and_resumes_exactly(tmp_path):
     again = [x for x, _ in zip(b.forever(), range(3))]
     for x, y in zip(rest, again):
         assert x.keys() == y.keys() and torch.equal(x.views[0], y.views[0])
+
+
+def test_cpu_decode_hands_over_dalis_own_memory(tmp_path):
+    """The fact hvdtrain.batch.to_device is built on: the pipelines run DALI's dynamic
+    executor, with which DALIGenericIterator hands out views of DALI's output buffers
+    (torch.from_dlpack), not copies torch allocated; so the crops go to a GPU through a
+    pinned buffer torch owns (the copy itself is checked in tests/gpu/test_device_path.py)."""
+    from hvdtrain.batch import to_device
+
+    unique_shards(str(tmp_path), n=16, shard_size=16)
+    loader = DaliLoader(open_shards(str(tmp_path)), spec(normalize="kernel"))
+    assert loader.pipe.exec_dynamic is True
+    raw = next(loader._it)[0]["view0"]
+    assert raw.dtype == torch.uint8 and to_device(raw, torch.device("cpu")) is raw  # no GPU: nothing to stage

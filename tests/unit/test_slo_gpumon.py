@@ -91,3 +91,53 @@ def test_utilisation_timeline_plot(tmp_path):
     from PIL import Image
     with Image.open(path) as png:  # decodes: a real picture of the timeline
         assert png.format == "PNG" and png.size == (660, 330)
+
+
+# A stand-in for `nvidia-smi dmon` that prints fast and long: ROWS rows at once (~40 x a
+# pipe's 64 KiB, what a real dmon prints in hours at one row a second), a file to say it
+# got through them, then a row every 10 ms until SIGINT, when it exits (and flushes).
+FAKE_SMI = r'''#!{py}
+import os, signal, sys, time
+assert sys.argv[1:4] == ["dmon", "-s", "um"], sys.argv
+print("# gpu    sm   mem   enc   dec   jpg   ofa    fb  bar1  ccpm")
+print("# Idx     %     %     %     %     %     %    MB    MB    MB")
+row = "    0    60    30     0     0     -     -  1300     5     0"
+for _ in range({rows}):
+    print(row)
+open({done!r}, "w").close()
+try:
+    while True:
+        print(row)
+        time.sleep(0.01)
+except KeyboardInterrupt:
+    pass
+'''
+ROWS = 40_000
+
+
+def test_the_dmon_cross_check_keeps_every_row_of_a_long_run(tmp_path, monkeypatch):
+    """dmon's output goes to a file as it comes: a pipe read only at stop() filled and
+    blocked dmon after ~1,100 rows (about 15 minutes of a real run), so its mean covered
+    less of the window than NVML's."""
+    import os
+    import sys
+    import time
+
+    class Indexed(FakeNvml):
+        def nvmlDeviceGetIndex(self, h):
+            return 0
+
+    done = tmp_path / "printed-them-all"
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(FAKE_SMI.format(py=sys.executable, rows=ROWS, done=str(done)))
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    mon = GpuMonitor(None, interval_s=0.05, nvml=Indexed([50]), handle=1).start()
+    t0 = time.monotonic()
+    while not done.exists() and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    blocked = not done.exists()
+    r = mon.stop()
+    assert not blocked, "dmon was blocked writing its rows: nobody read them while it ran"
+    d = r["dmon"]
+    assert d["evaluated"] and d["samples"] >= ROWS and d["sm_mean_pct"] == 60, {k: d[k] for k in ("why", "samples")}

@@ -1,0 +1,161 @@
+"""The GPU run's plan rehearsed on the CPU: bench.gpu_check's real steps (names, order,
+outputs, figures, exit marks) with each command replaced by a stand-in that takes a known
+time, finishes, crashes at exit, hangs, or prints partial results when interrupted, under
+a budget, with the real runner on real subprocesses. What it checks is what the one GPU
+try depends on: the order, the budget cut and NOT RUN, SIGINT then the kill (with SIGINT
+ignored by gpu_check's own parent, as in the background of a non-interactive shell),
+results kept from a timed-out step, a crash at exit after a clean finish, expected and
+unexpected skips, and the report rewritten after every step."""
+import dataclasses
+import json
+import signal
+import sys
+import time
+
+import pytest
+
+from bench import gpu_check as G
+from bench.steprun import EXPECTED_SKIP, REPO
+
+PY = sys.executable
+
+STANDIN = r'''
+import json, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from hvdtrain import exitmark
+mode, out = sys.argv[2], sys.argv[3]
+
+def bench_json(doc):
+    print("BENCH_JSON " + json.dumps({"error": None, **doc}), flush=True)
+
+if mode == "quick":
+    print("made", flush=True)
+elif mode == "train":  # a good run, then DALI's abort at interpreter shutdown
+    bench_json({"config": {"train": {"amp": "bf16"}, "data": {"channels_last": True}}, "real_over_synthetic": 0.97,
+                "real": {"steady_images_per_s": 2900.0}, "synthetic": {"steady_images_per_s": 3000.0},
+                "gpu": {"util_mean_pct": 96.0}, "breakdown": {"dominant": "compute", "share": 0.8, "bound": "compute"}})
+    exitmark.mark(0)
+    print("terminate called after throwing an instance of 'dali::CUDAError'", flush=True)
+    os.abort()
+elif mode == "sanity":  # writes its report; records which steps gpu-check.json held when it started
+    seen = [s["name"] for s in json.load(open(os.path.join(out, "gpu-check.json")))["steps"]]
+    os.makedirs(os.path.join(out, "sanity"), exist_ok=True)
+    json.dump({"verdict": "GO", "slos": [{"name": "gpu_util_pct", "value": 91.0}], "seen_steps": seen,
+               "gpu": {"util_mean_pct": 91.0, "dmon": {"sm_mean_pct": 88.0}, "sm_util_mean_pct": 60.0},
+               "max_memory_gib": 1.3, "images_per_s": 5000.0, "breakdown": None},
+              open(os.path.join(out, "sanity", "sanity.json"), "w"))
+    sys.exit(exitmark.mark(0))
+elif mode == "deaf":  # prints what it has, then ignores SIGINT: only the kill ends it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    bench_json({"interpreter": False, "copy_bw_gb_s": 3000.0, "results": [
+        {"op": op, "impl": "triton", "fraction_of_copy_bw": 0.8} for op in ("normalize", "mix", "soft CE fwd+bwd")]})
+    time.sleep(600)
+elif mode == "sweep":  # bench.loader's way: settings one by one; SIGINT reports those measured
+    results = {}
+    try:
+        for i in range(10000):
+            results[f"dali-gpu@{i}"] = {"loader": "dali-gpu", "img_s": 8000.0 + i, "threads": i, "vs_ceiling": 0.9,
+                                        "hw_decoder_load": 0.9, "gpu": {"jpg_util_mean_pct": 70.0},
+                                        "rebuilds_in_windows": 0}
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        bench_json({"results": results, "error": f"interrupted (SIGINT) after {len(results)} settings"})
+        sys.exit(exitmark.mark(1))
+'''
+
+TESTS = f'''
+import time, pytest
+def test_passes(): pass
+def test_one_gpu(): pytest.skip("{EXPECTED_SKIP} one GPU: there is no other order")
+def test_no_tool(): pytest.skip("no nvidia-smi on PATH")
+def test_hangs(): time.sleep(600)
+'''
+
+# stand-in, timeout and grace per step: train-data and loader-data finish at once; train
+# crashes at exit after a clean finish; sanity reads the report written so far; kernels
+# ignores SIGINT and is killed at its timeout; gpu-tests is real pytest with a hanging
+# test (SIGINT at 16 s); loader-224 sweeps until the budget's SIGINT; loader-64: no time left.
+PLAN = {"train-data": ("quick", 10, 2), "train": ("train", 10, 2), "sanity": ("sanity", 10, 2),
+        "kernels": ("deaf", 4, 1), "gpu-tests": ("pytest", 20, 4), "loader-data": ("quick", 10, 2),
+        "loader-224": ("sweep", 300, 2), "loader-64": ("sweep", 300, 2)}
+BUDGET_S = 50
+
+
+def standin_plan(tmp_path) -> tuple:
+    script, tests = tmp_path / "standin.py", tmp_path / "test_standin.py"
+    script.write_text(STANDIN)
+    tests.write_text(TESTS)
+    out = []
+    for s in G.STEPS:
+        mode, timeout_s, grace_s = PLAN[s.name]
+        argv = (("{py}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml={dir}/gpu-tests.xml", str(tests))
+                if mode == "pytest" else ("{py}", str(script), REPO, mode, "{dir}"))
+        out.append(dataclasses.replace(s, argv=argv, timeout_s=timeout_s, grace_s=grace_s))
+    return tuple(out)
+
+
+@pytest.fixture
+def sigint_ignored():
+    """gpu_check's parent ignores SIGINT (a background job of a non-interactive shell):
+    its steps inherit that unless the runner puts SIGINT back for them."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_the_real_plan_is_sized_and_ordered():
+    names = [s.name for s in G.STEPS]
+    assert names[:2] == ["train-data", "train"] and names[-1] == "loader-64", names
+    assert names.index("loader-data") < names.index("loader-224")
+    assert all(s.cost for s in G.STEPS), [s.name for s in G.STEPS if not s.cost]
+    assert sum(s.timeout_s for s in G.STEPS) <= 570
+
+
+def test_the_plan_rehearsed_with_stand_ins_under_a_budget(tmp_path, monkeypatch, sigint_ignored):
+    monkeypatch.setattr(G, "MIN_STEP_S", 5)
+    run_dir, copy_to = tmp_path / "run", tmp_path / "out"
+    run_dir.mkdir()
+    ctx = {"py": PY, "horovodrun": "horovodrun", "gpus": 1, "dir": str(run_dir), "gpu_name": "NVIDIA H200"}
+    t0 = time.monotonic()
+    report = G.run_plan(standin_plan(tmp_path), ctx, str(run_dir), {"gpus": ["stand-in"]}, budget_s=BUDGET_S,
+                        copy_to=str(copy_to))
+    wall_s = time.monotonic() - t0
+    assert wall_s < BUDGET_S + 5, f"the plan took {wall_s:.0f} s of a {BUDGET_S} s budget"
+    steps = {s["name"]: s for s in report["steps"]}
+    figs = {f["key"]: f for s in report["steps"] for f in s["figures"]}
+    assert [s["name"] for s in report["steps"]] == [s.name for s in G.STEPS]  # the plan's order
+
+    # a crash at exit after every process said EXIT_STATUS 0: the results stand, the crash is named
+    assert steps["train"]["passed"] and steps["train"]["exit"] != 0
+    assert "crashed at exit (killed by SIGABRT)" in figs["train.exit"]["why"] and "dali::CUDAError" in \
+        figs["train.exit"]["why"]
+    assert figs["train_real_over_synthetic"]["status"] == "PASS"
+    # the report was on disk before the next step began
+    seen = json.loads((run_dir / "sanity" / "sanity.json").read_text())["seen_steps"]
+    assert seen == ["train-data", "train"] and steps["sanity"]["passed"]
+    # SIGINT ignored: killed at the timeout, with what it printed before kept
+    assert steps["kernels"]["timed_out"] and steps["kernels"]["ended_by"] == "SIGKILL"
+    assert 4 <= steps["kernels"]["wall_s"] < 6 and figs["kernels_compiled"]["status"] == "PASS"
+    assert "SIGINT did not end it" in figs["kernels.exit"]["why"] and not steps["kernels"]["passed"]
+    # pytest interrupted: its JUnit XML has the tests that ran; an expected skip does not fail, another does
+    t = steps["gpu-tests"]
+    assert t["timed_out"] and t["ended_by"] == "SIGINT" and 15 <= t["wall_s"] < 20
+    assert figs["gpu_tests_passed"]["value"] == 1 and figs["gpu_tests_failed"]["status"] == "PASS"
+    assert figs["gpu_tests_unexpected_skips"]["value"] == 1 and figs["gpu_tests_unexpected_skips"]["status"] == "FAIL"
+    assert figs["gpu_tests_expected_skips"]["value"].startswith("1: ") and "one GPU" in \
+        figs["gpu_tests_expected_skips"]["value"]
+    assert "no nvidia-smi" in figs["gpu_tests_not_passed"]["value"]
+    # the budget cut the sweep's timeout; SIGINT got its partial results; nothing left for the last step
+    sweep = steps["loader-224"]
+    assert sweep["timed_out"] and sweep["ended_by"] == "SIGINT" and sweep["timeout_s"] < 300
+    assert figs["loader_224_dali_gpu_img_s"]["value"] >= 8000 and figs["loader_224_dali_gpu_img_s"]["status"] == "PASS"
+    assert "interrupted (SIGINT)" in figs["loader_224_errors"]["value"]
+    assert steps["loader-64"]["not_run"] == f"not run: {BUDGET_S} s budget (--budget-s) spent"
+    assert report["complete"] is False and report["passed"] is False and report["pending"] == []
+    assert report["failed_steps"] == ["kernels", "gpu-tests", "loader-224", "loader-64"]
+    # what comes back from the device call
+    md = (copy_to / "gpu-check.md").read_text()
+    assert md.startswith("# gpu-check: FAIL: kernels, gpu-tests, loader-224, loader-64 (incomplete")
+    assert "## loader-64: NOT RUN" in md and "timed out: ended by SIGINT" in md
+    assert json.loads((copy_to / "gpu-check.json").read_text())["steps"][-1]["name"] == "loader-64"
+    assert "===== gpu-tests:" in (copy_to / "gpu-check-logs.txt").read_text()
