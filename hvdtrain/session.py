@@ -153,6 +153,7 @@ class Run:
         self.gpu = GpuMonitor(self.state.device)  # started at the end of the warm-up (see the docstring)
         self.gpu_started = False
         self.placement = dist.placement()  # every rank: one allgather
+        self.dog.placement = self.placement  # named by the watchdog if a peer goes silent
         if dist.is_primary():
             self._banner(info["notes"] + notes)
 
