@@ -341,7 +341,9 @@ class Run:
     def summarise(self, res: S.LoopResult) -> dict:
         """Images/s over all ranks (one collective) and the step-time breakdown's verdict."""
         agg = S.aggregate_throughput(res)
-        return {**agg, "breakdown": self.diagnosis(agg["phase_s"])}
+        breakdown = {**self.diagnosis(agg["phase_s"]),
+                     "straggler": timing.straggler(res.rank_busy_s, res.rank_wait_s, self.placement)}
+        return {**agg, "breakdown": breakdown}
 
     def finish(self, res: S.LoopResult, gpu: dict) -> RunResult:
         agg = self.summarise(res)

@@ -217,6 +217,12 @@ def wait_idle(d: str, env: dict, names: list[str], timeout_s: float = 60) -> Non
     testcluster._wait(f"node(s) {','.join(names)} idle in sinfo", idle, timeout_s, d)
 
 
+def node_state(env: dict, node: str) -> str:
+    """sinfo's state of `node` ("idle", "down*", ...), "" if sinfo does not answer."""
+    return subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], env=env, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def ns_pids(ns: str) -> list[int]:
     r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
     return [int(p) for p in r.stdout.split()]
