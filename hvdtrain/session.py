@@ -110,6 +110,7 @@ class Run:
         self.gpu = GpuMonitor(self.state.device)  # started at the end of the warm-up (see the docstring)
         self.gpu_started = False
         self.placement = dist.placement()  # every rank: one allgather
+        self.dog.placement = self.placement  # named by the watchdog if a peer goes silent
         if dist.is_primary():
             self._banner(info["notes"] + notes)
 
@@ -321,7 +322,9 @@ class Run:
     def summarise(self, res: S.LoopResult) -> dict:
         """Images/s over all ranks (one collective) and the step-time breakdown's verdict."""
         agg = S.aggregate_throughput(res)
-        return {**agg, "breakdown": self.diagnosis(agg["phase_s"])}
+        breakdown = {**self.diagnosis(agg["phase_s"]),
+                     "straggler": timing.straggler(res.rank_busy_s, res.rank_wait_s, self.placement)}
+        return {**agg, "breakdown": breakdown}
 
     def finish(self, res: S.LoopResult, gpu: dict) -> RunResult:
         agg = self.summarise(res)

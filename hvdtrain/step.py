@@ -52,6 +52,10 @@ class LoopResult:
     phase_s: dict = field(default_factory=dict)     # seconds per timing phase, after the first interval
     interval_phase_s: dict = field(default_factory=dict)  # the same, over the last log interval
     stopped: bool = False          # `stop` ended the loop before `steps` (preemption)
+    # every rank's seconds, after the first interval, from the log allreduce (the same on
+    # every rank): busy = the step but the allreduce wait; wait = the allreduce wait
+    rank_busy_s: list = field(default_factory=list)
+    rank_wait_s: list = field(default_factory=list)
 
 
 class TrainingError(RuntimeError):
@@ -183,13 +187,22 @@ def diverged(state: TrainState, loader, what: str) -> str | None:
 def _log_point(state, loader, pending, res, rate, clock, first_interval) -> list[float]:
     """The one sync and collective of a log interval: losses and img/s as the mean over
     ranks; a non-finite loss stops every rank together."""
-    local = torch.cat([torch.stack(pending).double().cpu(),  # note: a device->host sync point
-                       torch.tensor([rate], dtype=torch.float64)])
-    reduced = dist.allreduce_mean(local, name="loss_log").tolist()  # one collective per log line
-    values, res.interval_img_s = reduced[:-1], reduced[-1] * dist.size()
     res.interval_phase_s = clock.collect()
+    # this rank's busy and allreduce-wait seconds in its own slots of a per-rank vector: the
+    # mean over ranks, times size, gives every rank's (a straggler named, no extra collective)
+    n, size, me = len(pending), dist.size(), dist.rank()
+    mine = torch.zeros(2 * size, dtype=torch.float64)
+    wait_s = res.interval_phase_s["allreduce"]
+    mine[2 * me], mine[2 * me + 1] = sum(res.interval_phase_s.values()) - wait_s, wait_s
+    local = torch.cat([torch.stack(pending).double().cpu(),  # note: a device->host sync point
+                       torch.tensor([rate], dtype=torch.float64), mine])
+    reduced = dist.allreduce_mean(local, name="loss_log").tolist()  # one collective per log line
+    values, res.interval_img_s = reduced[:n], reduced[n] * size
     if not first_interval:  # the first interval holds the pipeline's warm-up
         timing.add(res.phase_s, res.interval_phase_s)
+        per_rank = [v * size for v in reduced[n + 1:]]
+        res.rank_busy_s = [a + b for a, b in zip(res.rank_busy_s or [0.0] * size, per_rank[0::2])]
+        res.rank_wait_s = [a + b for a, b in zip(res.rank_wait_s or [0.0] * size, per_rank[1::2])]
     bad = [v for v in values if not math.isfinite(v)]
     if bad:
         raise TrainingError(f"non-finite loss {bad[0]} (mean over ranks) by step {state.step} "

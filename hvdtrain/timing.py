@@ -21,6 +21,7 @@ dominant phase, its share and one concrete next step.
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -125,9 +126,35 @@ def diagnose(seconds: dict[str, float], ctx: dict | None = None) -> dict:
             "next_step": next_step(dominant, ctx or {})}
 
 
+STRAGGLER_RATIO = 1.3  # a rank this much busier than the median of the others is named
+
+
+def straggler(busy_s: list[float], wait_s: list[float], placement: list[dict]) -> dict | None:
+    """The slowest rank, from every rank's busy seconds (its step but the allreduce wait)
+    summed over the log intervals, if it is STRAGGLER_RATIO times busier than the median
+    of the others: they then wait for it in the allreduce. None with one rank or none."""
+    if len(busy_s) < 2 or max(busy_s) <= 0:
+        return None
+    slow = max(range(len(busy_s)), key=busy_s.__getitem__)
+    median = statistics.median(b for i, b in enumerate(busy_s) if i != slow)
+    if busy_s[slow] < STRAGGLER_RATIO * max(median, 1e-9):
+        return None
+    node = next((p["node"] for p in placement if p["rank"] == slow), "?")
+    return {"rank": slow, "node": node, "busy_s": busy_s[slow], "others_busy_s": median,
+            "others_wait_s": statistics.median(w for i, w in enumerate(wait_s) if i != slow),
+            "ratio": busy_s[slow] / max(median, 1e-9)}
+
+
 def describe(d: dict) -> str:
-    """One line: 'data-bound: data_wait 61.2 % of step time (h2d 0.1 %, ...); next: ...'."""
+    """One line: 'data-bound: data_wait 61.2 % of step time (h2d 0.1 %, ...); next: ...',
+    and the straggler if one was found."""
     if d.get("dominant") is None:
         return f"step time: {d['bound']}"
     parts = ", ".join(f"{k} {100 * v:.1f} %" for k, v in d["shares"].items())
-    return f"{d['bound']}: {d['dominant']} {100 * d['share']:.1f} % of step time ({parts}); next: {d['next_step']}"
+    line = f"{d['bound']}: {d['dominant']} {100 * d['share']:.1f} % of step time ({parts}); next: {d['next_step']}"
+    s = d.get("straggler")
+    if s:
+        line += (f"; waiting on a peer: rank {s['rank']} on {s['node']} is the straggler (busy {s['busy_s']:.2f} s, "
+                 f"{s['ratio']:.1f}x the others' {s['others_busy_s']:.2f} s; they waited {s['others_wait_s']:.2f} s "
+                 f"in the allreduce)")
+    return line

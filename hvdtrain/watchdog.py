@@ -6,7 +6,9 @@ ends the job when any process exits non-zero — under a second here. A rank tha
 (stopped, stuck in I/O, a peer wedged in a collective) exits nothing, and Gloo waits in
 the collective for a long time. The watchdog is a daemon thread: if the training loop
 has not called `beat()` for `timeout_s`, it prints which rank, since when and after
-what, and calls `os._exit(3)`; the launcher then ends the other ranks.
+what, and which peers it was waiting on, and calls `os._exit(3)`; the launcher then
+ends the other ranks. A node that lost power or its link looks exactly like this: no
+reset ever arrives, so only a timeout can tell.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Watchdog:
         self.last, self.what = time.monotonic(), "start"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.placement: list[dict] = []  # dist.placement(): the peers named when it fires
 
     def start(self) -> "Watchdog":
         if self.timeout_s > 0:
@@ -46,5 +49,29 @@ class Watchdog:
                 print(f"hvdtrain: rank {self.rank}: no progress for {idle:.0f} s after {self.what} "
                       f"(train watchdog, run.watchdog_s={self.timeout_s:g}). Another rank has probably died "
                       f"or hung, or a read is stuck; ending rank {self.rank} so the launcher ends the job. "
-                      f"Resume with --resume auto.", file=sys.stderr, flush=True)
+                      f"Resume with --resume auto.{peers_state(self.placement, self.rank)}", file=sys.stderr,
+                      flush=True)
                 os._exit(EXIT_STALLED)
+
+
+def peers_state(placement: list[dict], me: int) -> str:
+    """' Waiting on: rank 1 on h2 (another node: silent, its state cannot be seen from
+    here); rank 2 on h1 (pid 7, stopped)' for the other ranks of `placement`. A peer on
+    this node is looked up by pid (gone, stopped, running); one on another node is named
+    as silent: in a collective that never completes every peer it waits on is."""
+    mine = next((p["node"] for p in placement if p["rank"] == me), None)
+    parts = []
+    for p in placement:
+        if p["rank"] == me:
+            continue
+        if p["node"] != mine:
+            parts.append(f"rank {p['rank']} on {p['node']} (another node: silent, its state cannot be seen from here)")
+            continue
+        try:
+            with open(f"/proc/{p['pid']}/stat") as f:
+                state = {"T": "stopped", "t": "stopped", "Z": "exited"}.get(f.read().rsplit(")", 1)[1].split()[0],
+                                                                          "running")
+        except OSError:
+            state = "exited"
+        parts.append(f"rank {p['rank']} on {p['node']} (pid {p['pid']}, {state})")
+    return f" Waiting on: {'; '.join(parts)}." if parts else ""

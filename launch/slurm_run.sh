@@ -38,6 +38,16 @@ if [[ -n "${SLURM_JOB_ID:-}" && "$MODULE" == hvdtrain.* && -z "$RUN_DIR" ]]; the
     RUN_DIR=runs/slurm-${SLURM_JOB_ID}
     ARGS+=("--run.dir=$RUN_DIR")
 fi
+# Slurm's warning can come at any time, even before the launcher starts (its timer may
+# fire up to a minute early): USR1 is trapped from here on; rank 0 reads the request when it starts
+REQUEST=${RUN_DIR:+$RUN_DIR/preempt.request}
+request() {  # Slurm's warning: tell rank 0 through the run folder, then keep waiting
+    echo "slurm_run: got SIG$1 at $(date +%T): asking the ranks to checkpoint and stop${REQUEST:+ ($REQUEST)}"
+    [[ -n "$REQUEST" ]] && mkdir -p "$RUN_DIR" && echo "SIG$1 $(date +%FT%T)" > "$REQUEST"
+    return 0
+}
+[[ -n "$REQUEST" ]] && rm -f "$REQUEST"  # an earlier run's request is not this one's
+trap 'request USR1' USR1  # (SIGTERM before the launch still ends the job at once: scancel)
 # a requeued training job continues where it stopped (unless told where to resume from)
 if [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 && "$MODULE" == hvdtrain.train ]] \
         && ! printf '%s\n' "${ARGS[@]}" | grep -qE -- '^--(run\.)?resume(=|$)'; then
@@ -63,17 +73,9 @@ if [[ "$LAUNCHER" == srun ]]; then
     export HOROVOD_GLOO_RENDEZVOUS_ADDR=${HOROVOD_GLOO_RENDEZVOUS_ADDR:-$(hostname)} HOROVOD_GLOO_RENDEZVOUS_PORT=$PORT
 fi
 echo "slurm_run: $CMD"
-REQUEST=${RUN_DIR:+$RUN_DIR/preempt.request}
-request() {  # Slurm's warning: tell rank 0 through the run folder, then keep waiting
-    echo "slurm_run: got SIG$1 at $(date +%T): asking the ranks to checkpoint and stop${REQUEST:+ ($REQUEST)}"
-    [[ -n "$REQUEST" ]] && mkdir -p "$RUN_DIR" && echo "SIG$1 $(date +%FT%T)" > "$REQUEST"
-    return 0
-}
-[[ -n "$REQUEST" ]] && rm -f "$REQUEST"  # an earlier run's request is not this one's
 STARTED=$(mktemp)
 eval "exec $CMD" &  # the launcher itself, not a subshell that a SIGTERM to this step would end at once
 LAUNCHER_PID=$!
-trap 'request USR1' USR1
 trap 'request TERM' TERM
 while kill -0 "$LAUNCHER_PID" 2>/dev/null; do wait "$LAUNCHER_PID" || true; done  # a trap ends a wait early
 RC=0

@@ -64,8 +64,11 @@ def _node_lines(nodes: int, cpus_per_node: int | None) -> tuple[list[str], str]:
     return lines, f"{host}(127.0.0.1)"
 
 
-def write_config(d: str, nodes: int = 1, cpus_per_node: int | None = None) -> str:
-    node_lines, ctld = _node_lines(nodes, cpus_per_node)
+def write_config(d: str, nodes: int = 1, cpus_per_node: int | None = None,
+                 layout: tuple[list[str], str] | None = None, extra: str = "") -> str:
+    """DIR/slurm.conf; `layout` (node lines, SlurmctldHost value) replaces the loopback
+    nodes (launch/testhosts.py: hosts in namespaces), `extra` adds settings."""
+    node_lines, ctld = layout or _node_lines(nodes, cpus_per_node)
     names = [line.split()[0].split("=", 1)[1] for line in node_lines]
     for sub in ("munge", "state", "log", *(os.path.join("spool", n) for n in names)):
         os.makedirs(os.path.join(d, sub), exist_ok=True)
@@ -108,7 +111,7 @@ KillWait=10
 MinJobAge=600
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-{chr(10).join(node_lines)}
+{extra}{chr(10).join(node_lines)}
 PartitionName=debug Nodes={",".join(names)} Default=YES MaxTime=INFINITE State=UP
 """
     path = os.path.join(d, "slurm.conf")

@@ -72,6 +72,19 @@ def _write_wrapper(d: str) -> None:
     os.chmod(path, 0o755)
 
 
+def sshd_argv(ssh: str, addr: str, port: int, name: str) -> list[str]:
+    """sshd on `addr:port` with the test's keys (root by key only); config, pid file and
+    log are DIR/ssh/NAME{_config,.pid,.log}."""
+    conf = os.path.join(ssh, f"{name}_config")
+    with open(conf, "w") as f:
+        f.write(f"ListenAddress {addr}\nPort {port}\nHostKey {ssh}/host_key\nPidFile {ssh}/{name}.pid\n"
+                f"AuthorizedKeysFile {ssh}/authorized_keys\nPermitRootLogin prohibit-password\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                "PrintMotd no\nAcceptEnv none\n")
+    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation folder
+    return [SSHD, "-D", "-f", conf, "-E", os.path.join(ssh, f"{name}.log")]
+
+
 def up(d: str) -> dict:
     """Names, keys and sshd; returns {"port", "identity", "path"} for the tests."""
     d = os.path.abspath(d)
@@ -82,14 +95,7 @@ def up(d: str) -> dict:
     _keys(ssh)
     _write_wrapper(d)
     port = testcluster.free_port(ADDRS["n2"])
-    conf = os.path.join(ssh, "sshd_config")
-    with open(conf, "w") as f:
-        f.write(f"ListenAddress {ADDRS['n2']}\nPort {port}\nHostKey {ssh}/host_key\nPidFile {ssh}/sshd.pid\n"
-                f"AuthorizedKeysFile {ssh}/authorized_keys\nPermitRootLogin prohibit-password\n"
-                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-                "PrintMotd no\nAcceptEnv none\n")
-    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation folder
-    testcluster.start_daemon(d, "sshd", [SSHD, "-D", "-f", conf, "-E", os.path.join(ssh, "sshd.log")])
+    testcluster.start_daemon(d, "sshd", sshd_argv(ssh, ADDRS["n2"], port, "sshd"))
     add_names(d)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

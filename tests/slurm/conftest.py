@@ -1,5 +1,6 @@
 """The two-node test cluster (n1, n2 on loopback: launch/testcluster.py), with names that
 resolve and an sshd on "n2" (launch/testnet.py) so horovodrun can start ranks there."""
+import os
 import tempfile
 
 import pytest
@@ -24,3 +25,28 @@ def two_nodes():
     drain(env)
     ssh_killed = testnet.down(d)
     assert_nothing_left(d, testcluster.down(d) + (["sshd"] if ssh_killed else []))
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """Three Slurm nodes h1..h3, each a network namespace of its own (launch/testhosts.py):
+    testhosts.up's answer. Skipped with the reason where namespaces cannot be made, unless
+    HVDTRAIN_REQUIRE_NETNS=1 (.ci/run), which makes that a failure. At the end every job is
+    cancelled, and the namespaces, links, /etc/hosts lines and daemons must all be gone."""
+    from launch import testhosts
+
+    why = testhosts.capable()
+    if why:
+        if os.environ.get("HVDTRAIN_REQUIRE_NETNS") == "1":
+            pytest.fail(f"HVDTRAIN_REQUIRE_NETNS=1 but {why}")
+        pytest.skip(f"test hosts in network namespaces: {why}")
+    d = tempfile.mkdtemp(prefix="hvdhosts-")
+    cluster = testhosts.up(d, nodes=3)  # removes what it made if it fails
+    try:
+        yield cluster
+    finally:
+        drain(cluster["env"])
+        killed = testhosts.down(d)
+        left = testhosts.leftovers(d)
+        assert not left, f"left behind by the test hosts: {left}"
+        assert not killed, f"needed SIGKILL to stop: {killed}"

@@ -304,3 +304,19 @@ def test_banner_says_dirty_and_stale_checkouts(tmp_path):
     assert state["git_dirty"] is True and state["git_changed"] == ["train.py"]
     assert "DIRTY (1 changed: train.py)" in text
     assert "STALE: 1 commit(s) behind origin/main" in text and f"from {local}" in text
+
+
+def test_the_straggler_is_the_rank_much_busier_than_the_others_and_is_named_with_its_node():
+    from hvdtrain import timing
+    from hvdtrain.watchdog import peers_state
+
+    where = [{"rank": 0, "node": "h1", "pid": os.getpid()}, {"rank": 1, "node": "h2", "pid": 1},
+             {"rank": 2, "node": "h1", "pid": 2 ** 22 + 7}]
+    s = timing.straggler([1.0, 4.0, 1.2], [3.0, 0.1, 2.8], where)
+    assert (s["rank"], s["node"], s["others_busy_s"], s["others_wait_s"]) == (1, "h2", 1.1, 2.9)
+    assert timing.straggler([1.0, 1.2, 1.1], [0, 0, 0], where) is None  # within 1.3x: nobody is named
+    assert timing.straggler([2.0], [0.0], where[:1]) is None
+    d = {**timing.diagnose({"allreduce": 3.0, "fwd_bwd": 1.0}), "straggler": s}
+    assert "waiting on a peer: rank 1 on h2 is the straggler (busy 4.00 s, 3.6x" in timing.describe(d)
+    msg = peers_state(where, 0)
+    assert "rank 1 on h2 (another node: silent" in msg and f"rank 2 on h1 (pid {2 ** 22 + 7}, exited)" in msg

@@ -1,0 +1,228 @@
+"""Nodes that vanish, stall or come back, on Slurm nodes that are hosts with their own
+network (h1..h3: one network namespace each, joined by a bridge; launch/testhosts.py).
+A node cut off here sends no reset: to its peers it is a rank that hangs.
+
+- power loss under srun and under horovodrun: node h2's link goes down and everything on
+  it is SIGKILLed; the job ends within the watchdog's timeout plus a bound, the output
+  names the rank and node that went silent, and --resume auto on h1+h3 continues;
+- NODE_FAIL: the same loss with the watchdog out of the way; Slurm marks h2 DOWN after
+  SlurmdTimeout, requeues the --requeue job, which resumes on h1+h3 with the losses of an
+  uninterrupted run;
+- Slurm's own timer: --time=1 --signal=B:USR1@10 warns the batch shell; the job
+  checkpoints, requeues itself, and ends with the losses of an uninterrupted run;
+- a straggler: rank 1's CPU on h2 is throttled; the breakdown names rank 1 on h2.
+Times go to stdout as HOSTS_TIMES lines (docs/reliability.md quotes them)."""
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from hvdtrain import checkpoint as ckpt
+from launch import testhosts
+from tests.conftest import ROOT
+from tests.e2e.harness import HOROVODRUN, TRAIN, losses, run
+from tests.slurm.jobs import job_field, output, sbatch, wait_job, wait_until
+
+STEPS = 60
+WATCHDOG_S = 8
+# one torch thread per rank everywhere (the reference too): the same sums, the same losses
+ARGS = ["--preset", "ci", "--task", "classify", "--run.progress=False", "--run.tensorboard=False",
+        "--train.log_every=1", "--train.ckpt_every=4", f"--train.steps={STEPS}", "--train.torch_threads=1"]
+PAIR = ("--nodes=2", "--ntasks-per-node=1")
+# the requeue tests compare every step's loss with an uninterrupted run: long enough that
+# Slurm's timer (its first periodic check, up to 30 s after the start) finds it training
+LONG_STEPS = 480
+LONG = [a for a in ARGS if not a.startswith(("--train.steps=", "--train.ckpt_every="))] + [
+    f"--train.steps={LONG_STEPS}", "--train.ckpt_every=20"]
+
+
+def launcher_env(hosts, launcher):
+    if launcher == "srun":
+        return {"LAUNCHER": "srun"}
+    return {"LAUNCHER": "horovodrun", "HOROVODRUN_ARGS": f"--ssh-port {hosts['ssh']['port']} "
+                                                         f"--ssh-identity-file {hosts['ssh']['identity']}"}
+
+
+@pytest.fixture(scope="module")
+def reference(synth_data, tmp_path_factory):
+    """Per-step losses of an uninterrupted 2-rank run of LONG (horovodrun on this host)."""
+    d = tmp_path_factory.mktemp("ref")
+    r = run(HOROVODRUN + TRAIN + LONG + [f"--data.train={synth_data}/train", f"--run.dir={d}/ref"], timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return losses(d / "ref")
+
+
+def submit(hosts, data, run_dir, launcher="srun", opts=PAIR, more=(), args=ARGS):
+    return sbatch(hosts["env"], "train.sbatch", *args, f"--data.train={data}/train", f"--run.dir={run_dir}", *more,
+                  extra_env=launcher_env(hosts, launcher), opts=opts)
+
+
+def placement(run_dir):
+    return json.load(open(os.path.join(run_dir, "config.json")))["placement"]
+
+
+def steps_logged(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return [json.loads(x)["step"] for x in open(path).read().splitlines() if '"train_loss"' in x] \
+        if os.path.exists(path) else []
+
+
+def wait_checkpoint(env, job, run_dir, step):
+    wait_until(env, job, f"checkpoint of step {step}",
+               lambda: any(ckpt.load(p)["step"] >= step for p in ckpt.list_checkpoints(run_dir)[-1:]), 240, 0.2)
+
+
+@pytest.mark.parametrize("launcher", ["srun", "horovodrun"])
+def test_power_loss_of_a_node_ends_the_job_naming_it_and_resume_continues(hosts, synth_data, tmp_path, launcher):
+    env, run_dir = hosts["env"], str(tmp_path / f"power-{launcher}")
+    job = submit(hosts, synth_data, run_dir, launcher, opts=(*PAIR, "--nodelist=h1,h2", "--no-requeue"),
+                 more=(f"--run.watchdog_s={WATCHDOG_S}",))
+    wait_checkpoint(env, job, run_dir, 8)
+    assert [p["node"] for p in placement(run_dir)] == ["h1", "h2"]
+    t_cut = time.monotonic()
+    testhosts.cut(hosts["dir"], "h2")
+    try:
+        state, out = wait_job(env, job, timeout_s=120)
+        ended_s = time.monotonic() - t_cut
+        assert state in ("FAILED", "NODE_FAIL"), out[-3000:]
+        assert (f"rank 0: no progress for" in out and "Waiting on: rank 1 on h2 (another node: silent" in out), \
+            out[-3000:]
+        # the watchdog's timeout, at most a quarter of it more (its poll), then the launcher's teardown
+        bound_s = WATCHDOG_S * 1.25 + 20
+        print(f"\nHOSTS_TIMES power loss ({launcher}): cut -> job {state} {ended_s:.1f} s "
+              f"(watchdog_s={WATCHDOG_S}, bound {bound_s:.0f} s)")
+        assert ended_s < bound_s, f"the job took {ended_s:.1f} s to end after h2 was cut\n{out[-3000:]}"
+        newest = ckpt.list_checkpoints(run_dir)[-1]
+        step = ckpt.load(newest)["step"]
+        assert step >= 8
+        # the same layout on the nodes left: the same config, so no --resume-anyway
+        again = submit(hosts, synth_data, run_dir, launcher, opts=(*PAIR, "--nodelist=h1,h3"), more=("--resume", "auto"))
+        state, out = wait_job(env, again)
+        assert state == "COMPLETED", out[-3000:]
+        assert f"resume: {newest} (step {step}" in out, out[-3000:]
+        assert [p["node"] for p in placement(run_dir)] == ["h1", "h3"]
+        assert max(losses(run_dir)) == STEPS
+    finally:
+        testhosts.revive(hosts["dir"], "h2", env)
+
+
+def assert_same_losses(run_dir, reference):
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, LONG_STEPS + 1))
+    bad = [s for s in got if got[s] != reference[s]]
+    assert not bad, f"{len(bad)} step(s) differ from the uninterrupted run, first {bad[0]}: {got[bad[0]]} != " \
+                    f"{reference[bad[0]]}"
+
+
+def test_node_failure_requeues_the_job_and_it_resumes_on_the_nodes_left(hosts, synth_data, tmp_path, reference):
+    """h2 dies with its network while the watchdog waits (60 s): Slurm marks it DOWN after
+    SlurmdTimeout, ends the job NODE_FAIL and requeues it (--requeue, train.sbatch's
+    default); it runs again on h1+h3 with --resume auto, and every step's loss equals the
+    uninterrupted run's."""
+    env, run_dir = hosts["env"], str(tmp_path / "nodefail")
+    job = submit(hosts, synth_data, run_dir, args=LONG, more=("--run.watchdog_s=60",))
+    wait_checkpoint(env, job, run_dir, 20)
+    assert [p["node"] for p in placement(run_dir)] == ["h1", "h2"]
+    t_cut = time.monotonic()
+    testhosts.cut(hosts["dir"], "h2")
+    try:
+        wait_until(env, job, "h2 DOWN in sinfo", lambda: "down" in testhosts.node_state(env, "h2"), 90, 0.5)
+        t_down = time.monotonic()
+        wait_until(env, job, "restart 1", lambda: job_field(env, job, "Restarts") == "1", 90, 0.5)
+        wait_until(env, job, "training again after the requeue",
+                   lambda: "restart 1 of job" in output(job) and "h3" in open(os.path.join(run_dir, "config.json")).read()
+                   and len(steps_logged(run_dir)) > len(set(steps_logged(run_dir))), 180, 0.3)
+        t_again = time.monotonic()
+        state, out = wait_job(env, job)
+        assert state == "COMPLETED", out[-3000:]
+        assert [p["node"] for p in placement(run_dir)] == ["h1", "h3"]
+        assert f"restart 1 of job {job}: continuing with --resume auto" in out
+        assert "resume: " in out.split(f"restart 1 of job {job}")[1]
+        assert_same_losses(run_dir, reference)
+        print(f"\nHOSTS_TIMES node failure: cut -> h2 DOWN {t_down - t_cut:.1f} s (SlurmdTimeout="
+              f"{testhosts.SLURMD_TIMEOUT_S}); -> training again on h1+h3 {t_again - t_cut:.1f} s")
+    finally:
+        testhosts.revive(hosts["dir"], "h2", env)
+
+
+def test_slurms_own_timer_checkpoints_requeues_and_the_losses_equal(hosts, synth_data, tmp_path, reference):
+    """--time=1 --signal=B:USR1@45: Slurm itself warns the batch shell (its timer checks
+    every 30 s, so the warning comes 0 to 30 s into the job: before the launcher starts, at
+    worst, which slurm_run.sh handles). The requeued job would get the same warning again;
+    the test raises its limit once it requeues, as an admin would for a job that needs more
+    time than it asked for."""
+    env, run_dir = hosts["env"], str(tmp_path / "timer")
+    t0 = time.monotonic()
+    job = submit(hosts, synth_data, run_dir, args=LONG, opts=(*PAIR, "--time=1", "--signal=B:USR1@45"))
+    wait_until(env, job, "Slurm's warning", lambda: "got SIGUSR1" in output(job), 90, 0.3)
+    t_sig = time.monotonic()
+    wait_until(env, job, "the requeue", lambda: "requeueing job" in output(job), 60, 0.2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=env, check=True, timeout=30)
+    rec = json.load(open(os.path.join(run_dir, "preempted.json")))
+    assert rec["reason"] == "preempt.request from the batch shell" and rec["request"].startswith("SIGUSR1"), rec
+    state, out = wait_job(env, job)
+    t_end = time.monotonic()
+    assert state == "COMPLETED", out[-3000:]
+    assert job_field(env, job, "Restarts") == "1"
+    assert f"resume: {run_dir}/ckpt-{rec['step']:08d}.pt (step {rec['step']}" in out, out[-3000:]
+    assert_same_losses(run_dir, reference)
+    print(f"\nHOSTS_TIMES Slurm timer: submit -> USR1 {t_sig - t0:.1f} s; stop after step {rec['step']} "
+          f"(checkpoint {rec['checkpoint_s']} s); USR1 -> COMPLETED {t_end - t_sig:.1f} s")
+
+
+def throttle(pid: int, stop: threading.Event, on_s=0.03, off_s=0.07) -> None:
+    """Give process `pid` 30 % of its CPU time: SIGSTOP / SIGCONT, as cpulimit does."""
+    while not stop.is_set():
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(off_s)
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(on_s)
+        except ProcessLookupError:
+            return
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
+def rank_on(hosts, node, module):
+    ns = testhosts._state(hosts["dir"])["ns"][node]
+    for pid in testhosts.ns_pids(ns):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if module.encode() in argv and b"launch.slurm" not in argv:
+            return pid
+    return None
+
+
+def test_a_throttled_node_is_named_the_straggler(hosts, synth_data):
+    """Rank 1's CPU on h2 gets 30 % of the time; the job keeps going, and the sanity's
+    step-time breakdown (console and sanity.json) names rank 1 on h2 from the per-rank
+    busy times gathered with the log lines' allreduce."""
+    env = hosts["env"]
+    job = sbatch(env, "sanity.sbatch", "--preset", "ci", f"--data.train={synth_data}/train", "--train.steps=80",
+                 "--train.torch_threads=1", extra_env={"LAUNCHER": "srun"}, opts=(*PAIR, "--nodelist=h1,h2"))
+    pid = []
+    wait_until(env, job, "rank 1 running on h2", lambda: pid.append(rank_on(hosts, "h2", "hvdtrain.sanity")) or pid[-1],
+               120, 0.2)
+    stop = threading.Event()
+    t = threading.Thread(target=throttle, args=(pid[-1], stop), daemon=True)
+    t.start()
+    try:
+        state, out = wait_job(env, job, timeout_s=300)
+    finally:
+        stop.set()
+        t.join()
+    rep = json.load(open(os.path.join(ROOT, "runs", f"slurm-{job}", "sanity.json")))
+    s = rep["breakdown"]["straggler"]
+    assert s and (s["rank"], s["node"]) == (1, "h2"), (rep["breakdown"], out[-3000:])
+    assert "waiting on a peer: rank 1 on h2 is the straggler" in out, out[-3000:]
+    print(f"\nHOSTS_TIMES straggler: rank 1 on h2 busy {s['busy_s']:.2f} s, {s['ratio']:.1f}x the others; "
+          f"verdict {rep['breakdown']['bound']}")
