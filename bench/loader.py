@@ -36,7 +36,8 @@ import tempfile
 
 from bench import report
 from bench.loader_runs import make_imagenet_like, run_one
-from data.wds import ShardError, open_shards
+from data.shards import open_shards
+from data.tarindex import ShardError
 from hvdtrain import exitmark
 from hvdtrain import slo as S
 

@@ -23,7 +23,8 @@ import psutil
 
 from bench import report
 from bench.loader_runs import bench_config, make_imagenet_like
-from data.wds import LABEL_WIDTH, open_shards
+from data.shards import open_shards
+from data.wds import LABEL_WIDTH
 from hvdtrain import pipeline
 from hvdtrain.loader import DaliLoader
 

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from data.wds import ShardSet
+from data.shards import ShardSet
 from hvdtrain import dist
 from hvdtrain import task as TK
 

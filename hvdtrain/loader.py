@@ -149,6 +149,16 @@ class DaliLoader:
         else:
             self._it.reset()
 
+    def close(self) -> None:
+        """Wait for the next epoch's pipeline a background thread may be building
+        (shard_shuffle), then drop every pipeline this loader holds (`Run.release_loaders`)."""
+        if self._next_epoch is not None:
+            thread, box = self._next_epoch
+            thread.join()
+            box.clear()
+            self._next_epoch = None
+        self.pipe = self._it = None
+
     def checkpoint(self) -> bytes:
         """The reader position and random states after the last batch handed out (the
         iterator accounts for batches DALI has prefetched but we have not consumed)."""

@@ -183,10 +183,8 @@ class Run:
             if loader is None:
                 continue
             close = getattr(loader, "close", None)
-            if close is not None:
+            if close is not None:  # DaliLoader (its pipelines), TorchLoader; InMemoryLoader holds none
                 close()
-            else:
-                _drop_pipelines(loader)
             setattr(self, name, None)
         gc.collect()  # a DALI pipeline can sit in a reference cycle (its iterator, a generator)
         if torch.cuda.is_available():
@@ -347,21 +345,6 @@ class Run:
         print(f"done: step {self.state.step}, {agg['images']} images this session, {agg['images_per_s']:.1f} img/s "
               f"(all ranks){val_txt}; run folder {self.dir}", flush=True)
         return out
-
-
-def _drop_pipelines(loader) -> None:
-    """A DaliLoader without close(): wait for the next epoch's pipeline a background thread
-    may be building (shard_shuffle), then drop every pipeline it holds. (Belongs in
-    hvdtrain/loader.py as DaliLoader.close(), which this calls once it exists.)"""
-    pending = getattr(loader, "_next_epoch", None)
-    if pending is not None:
-        thread, box = pending
-        thread.join()
-        box.clear()
-        loader._next_epoch = None
-    for attr in ("_it", "pipe"):
-        if hasattr(loader, attr):
-            setattr(loader, attr, None)
 
 
 def fit(cfg: C.Config) -> int:

@@ -26,7 +26,9 @@ import random
 import numpy as np
 import torch
 
-from data.wds import ShardSet, rank_range, read_index, split_name
+from data.dataset import rank_range
+from data.shards import ShardSet
+from data.tarindex import read_index, split_name
 from hvdtrain.batch import Batch, DataError, check_label_range, decode_source, to_model_input
 from hvdtrain.pipeline import MEAN, STD, PipeSpec
 

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from data.wds import open_shards
+from data.shards import open_shards
 from hvdtrain import dist
 from tests.conftest import unique_shards
 
