@@ -17,6 +17,7 @@ refuse a wrong task before any DALI pipeline is built, without reading every ind
 """
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import json
@@ -121,26 +122,33 @@ def shard_meta(w, idx_path: str) -> dict:
     rec = {"v": META_VERSION, "samples": len(w.samples), "labels": 0, "min": None, "max": None, "max_key": None,
            "bad_label": None, "unlabeled": 0, "unlabeled_first": None, "noimage": 0, "noimage_first": None,
            "index_sha": None, "exts": {}}
+    kinds: dict[tuple, bool] = {}  # the extensions of a sample -> has an image (most samples share one)
+    values = []
     for comps, raw in zip(w.samples, w.labels):
-        key, exts = split_name(comps[0][3])[0], [e for e, _, _, _ in comps]
-        for e in exts:
-            rec["exts"][e.lower()] = rec["exts"].get(e.lower(), 0) + 1
-        if not any(is_image_ext(e) for e in exts):
+        exts = tuple(c[0] for c in comps)
+        has_image = kinds.get(exts)
+        if has_image is None:
+            has_image = kinds[exts] = any(is_image_ext(e) for e in exts)
+        if not has_image:
             rec["noimage"] += 1
-            rec["noimage_first"] = rec["noimage_first"] or [key, sorted(exts)]
+            rec["noimage_first"] = rec["noimage_first"] or [split_name(comps[0][3])[0], sorted(exts)]
         if raw is None:
             rec["unlabeled"] += 1
-            rec["unlabeled_first"] = rec["unlabeled_first"] or [key, sorted(exts)]
+            rec["unlabeled_first"] = rec["unlabeled_first"] or [split_name(comps[0][3])[0], sorted(exts)]
+            values.append(-1)
             continue
         text = raw.strip()
         if not text.isdigit() or len(raw) >= LABEL_WIDTH:
-            rec["bad_label"] = rec["bad_label"] or [key, raw[:20].decode(errors="replace")]
+            rec["bad_label"] = rec["bad_label"] or [split_name(comps[0][3])[0], raw[:20].decode(errors="replace")]
+            values.append(-1)
             continue
-        v = int(text)
-        rec["labels"] += 1
-        rec["min"] = v if rec["min"] is None else min(rec["min"], v)
-        if rec["max"] is None or v > rec["max"]:
-            rec["max"], rec["max_key"] = v, key
+        values.append(int(text))
+    counts = collections.Counter(c[0].lower() for comps in w.samples for c in comps)
+    rec["exts"] = dict(sorted(counts.items()))
+    good = [v for v in values if v >= 0]
+    if good:
+        rec["labels"], rec["min"], rec["max"] = len(good), min(good), max(good)
+        rec["max_key"] = split_name(w.samples[values.index(rec["max"])][0][3])[0]
     with open(idx_path, "rb") as f:
         rec["index_sha"] = hashlib.sha256(f.read()).hexdigest()[:32]
     return rec

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 from dataclasses import dataclass, field
 
 BLOCK = 512
@@ -153,7 +154,7 @@ def _walk_headers(mm, w: Walk, read_exts: set[str]) -> None:  # noqa: C901 - one
         if pos + BLOCK > size:
             raise _Damaged(f"ReadError: it ends at byte {size} inside the header at {pos} (truncated)"
                            if pos < size else f"ReadError: no end-of-archive marker after byte {pos} (truncated)")
-        h = mm[pos:pos + BLOCK]
+        h = mm[pos:pos + 512]
         magic = h[257:263]
         if magic[:5] != b"ustar":
             if h == ZERO:
@@ -197,30 +198,35 @@ def _walk_headers(mm, w: Walk, read_exts: set[str]) -> None:  # noqa: C901 - one
 
 
 def _add(w: Walk, by_key: dict[str, int], name: str, off: int, n: int, mm, read_exts: set[str]) -> None:
-    key, ext = split_name(name)
-    if not key or key.endswith("/"):
-        return  # hidden files (".foo", "dir/._x"): not samples, as in wds2idx
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    key, ext = (name, "") if dot < 0 else (name[:dot], name[dot + 1:])  # split_name, inlined: once per member
+    if dot == slash or slash == len(name):
+        return  # hidden files (".foo", "dir/._x"), bare folders: not samples, as in wds2idx
     i = by_key.get(key)
-    if i is None or any(e == ext for e, _, _, _ in w.samples[i]):  # new key, or a second member of that ext
+    if i is None or ext in [c[0] for c in w.samples[i]]:  # new key, or a second member of that ext
         i = by_key[key] = len(w.samples)
         w.samples.append([])
         w.labels.append(None)
     w.samples[i].append((ext, off, n, name))
-    if ext.lower() in read_exts:
+    if read_exts and ext.lower() in read_exts:
         w.labels[i] = mm[off:off + min(n, 64)]
 
 
 # ---------------------------------------------------------------- index files
+_ODD = re.compile(r"[\s%]")
+
+
 def _field(s: str) -> str:
     """DALI splits index lines on whitespace: %-encode it (and % itself) inside names."""
-    if any(c.isspace() for c in s) or "%" in s:
-        return "".join(f"%{ord(c):02X}" if c.isspace() or c == "%" else c for c in s)
-    return s
+    return _ODD.sub(lambda m: f"%{ord(m.group()):02X}", s)
 
 
 def index_text(samples: list[list[tuple[str, int, int, str]]]) -> str:
-    rows = "".join(" ".join(f"{_field(e)} {o} {s} {_field(n)}" for e, o, s, n in comps) + "\n" for comps in samples)
-    return f"v1.2 {len(samples)}\n" + rows
+    body = "\n".join(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in comps) for comps in samples)
+    if _ODD.search(body.replace(" ", "").replace("\n", "")):  # rare: names with whitespace or %
+        body = "\n".join(" ".join(f"{_field(e)} {o} {s} {_field(n)}" for e, o, s, n in comps) for comps in samples)
+    return f"v1.2 {len(samples)}\n" + body + ("\n" if samples else "")
 
 
 def write_index_rows(idx_path: str, samples: list[list[tuple[str, int, int, str]]]) -> int:
