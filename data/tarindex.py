@@ -24,6 +24,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 
 BLOCK = 512
@@ -36,6 +37,7 @@ MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ\x00",
          (b"\x04\x22\x4d\x18", "lz4"))
 DECOMPRESS = {"gzip": "gunzip -k {f}   (or: pigz -dk {f})", "zstd": "zstd -d {f}", "xz": "xz -dk {f}",
               "bzip2": "bunzip2 -k {f}", "lz4": "lz4 -d {f}"}
+_HDR = struct.Struct("100s24x12s20xc100x6s82x155s")  # name, size, typeflag, magic, ustar prefix
 _REGULAR = (0, 48, 55)  # typeflag NUL, '0', '7' (contiguous file)
 
 
@@ -154,7 +156,19 @@ def _walk_headers(mm, w: Walk, read_exts: set[str]) -> None:  # noqa: C901 - one
         if pos + BLOCK > size:
             raise _Damaged(f"ReadError: it ends at byte {size} inside the header at {pos} (truncated)"
                            if pos < size else f"ReadError: no end-of-archive marker after byte {pos} (truncated)")
-        h = mm[pos:pos + 512]
+        name, sz, t, magic, prefix = _HDR.unpack_from(mm, pos)
+        if (t == b"0" or t == b"\0") and long_name is None and not pax and not sz[0] & 0x80 and (
+                magic == b"ustar " or (magic == b"ustar\0" and not prefix[0])):
+            # the common member (a plain file, a short name): its fields straight from the mmap
+            n = int(sz.split(b"\0", 1)[0].strip() or b"0", 8)
+            data = pos + BLOCK
+            if data + n > size:
+                raise _Damaged(f"ReadError: member at byte {pos} needs {n} bytes, the tar ends at {size} (truncated)")
+            _add(w, by_key, name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), data, n, mm, read_exts)
+            w.end = data + n
+            pos = data + (n + BLOCK - 1) // BLOCK * BLOCK
+            continue
+        h = mm[pos:pos + BLOCK]
         magic = h[257:263]
         if magic[:5] != b"ustar":
             if h == ZERO:

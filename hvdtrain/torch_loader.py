@@ -29,6 +29,7 @@ import torch
 from data.dataset import rank_range
 from data.shards import ShardSet
 from data.tarindex import read_index, split_name
+from data.wds import IMAGE_EXTS
 from hvdtrain.batch import Batch, DataError, check_label_range, decode_source, to_model_input
 from hvdtrain.pipeline import MEAN, STD, PipeSpec
 
@@ -56,7 +57,7 @@ def index_items(shards: ShardSet) -> list[tuple[str, int, int, int, int, str]]:
     for tar, idx in zip(shards.paths, shards.index_paths):
         for comps in read_index(idx):
             by_ext = {split_name(name)[1].lower(): (off, size, name) for _, off, size, name in comps}
-            img = next((by_ext[e] for e in ("jpg", "jpeg", "png") if e in by_ext), None)
+            img = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)  # the reader's one list
             cls = by_ext.get("cls")
             if img is None or cls is None:
                 key = split_name(comps[0][3])[0] if comps else "?"
