@@ -8,7 +8,8 @@ It generates (or takes with `--data`) an ImageNet-shaped metadata set: `--shards
 index, no `_info.json`), and measures on the full set and on its `--scale` part (the first
 shards), side by side:
 
-- cold index build: hvdtrain's header walk (`data.shards.ensure_indexes`, 1 and every
+- cold index build (no index, no cache; the tars read once first, so both tools find them
+  in the page cache): hvdtrain's header walk (`data.shards.ensure_indexes`, 1 and every
   core) against DALI's `wds2idx` (in this process, 1 and every core), on the same tars;
 - launch to first step and peak RSS per rank with 1 and 2 ranks (a 1-step contrastive
   `hvdtrain.train`, `--data.shard_shuffle=off`, indexes present), and the same on a
@@ -116,6 +117,10 @@ def index_build(paths: list[str], workers: int, cache_root: str) -> dict:
     from data import shards
 
     out = {}
+    for p in paths:  # the page cache warm for both tools: whichever ran first would read the disk
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
     for w in sorted({1, workers}):
         _clear_indexes(paths, cache_root)
         t0 = time.monotonic()
