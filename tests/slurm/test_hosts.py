@@ -10,7 +10,9 @@ A node cut off here sends no reset: to its peers it is a rank that hangs.
   uninterrupted run;
 - Slurm's own timer: --time=1 --signal=B:USR1@10 warns the batch shell; the job
   checkpoints, requeues itself, and ends with the losses of an uninterrupted run;
-- a straggler: rank 1's CPU on h2 is throttled; the breakdown names rank 1 on h2.
+- a straggler: rank 1's CPU on h2 is throttled; the breakdown names rank 1 on h2;
+- elastic across nodes: refused without ssh keepalives; with them, h2 cut shrinks the job
+  to h1 from the last commit, and h2 back (before Slurm marks it DOWN) grows it again.
 Times go to stdout as HOSTS_TIMES lines (docs/reliability.md quotes them)."""
 import json
 import math
