@@ -226,7 +226,8 @@ def skip_bad(shards: ShardSet, num_classes: int | None, rank: int = 0, size: int
         if rec is None and i % size == rank:
             rec = verify.shard_record(tar, num_classes, True, optional)
         if rec is not None:
-            mine[i] = (rec["bad"], rec["skipped"], rec["samples"], rec["complete"])
+            mine[i] = (rec["bad"], [f"{tar}: {key}: {what}" for key, what in rec["skipped"]], rec["samples"],
+                       rec["complete"])
     merged = dict(mine)
     if size > 1:
         for part in allgather(mine, name="skip_index"):

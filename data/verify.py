@@ -87,7 +87,7 @@ def check_sample(comps: dict[str, bytes], num_classes: int | None, decode: bool 
 
 
 # ---------------------------------------------------------------- shards
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: problems kept without the tar's path (a copy elsewhere reuses them)
 
 
 def _record_path(tar: str, num_classes: int | None, decode: bool, labels_optional: bool = False) -> str:
@@ -107,7 +107,7 @@ def cached_record(tar: str, num_classes: int | None, decode: bool = True, labels
 
 def shard_record(tar: str, num_classes: int | None, decode: bool = True, labels_optional: bool = False) -> dict:
     """Every sample of one tar checked, from the tar alone (a header walk, then each
-    sample's bytes): {samples, bad: [sample positions], skipped: [what is wrong with each],
+    sample's bytes): {samples, bad: [sample positions], skipped: [[key, what is wrong]],
     problems: [tar-level problems], complete: the tar reads to its end}. Kept in the cache
     by the tar's content, so unchanged shards are not decoded again."""
     size = os.path.getsize(tar)
@@ -115,9 +115,9 @@ def shard_record(tar: str, num_classes: int | None, decode: bool = True, labels_
     problems, bad, skipped = [], [], []
     complete = not w.error and size >= w.end + 1024 and size % 512 == 0
     if not complete:  # a whole tar ends with two zero blocks after its last member
-        problems.append(str(Problem(tar, f"truncated tar: {size} bytes, it ends inside or right after sample "
-                                         f"{len(w.samples)} ({w.error or 'no end-of-archive marker'}); re-copy or "
-                                         f"rebuild it")))
+        problems.append(f"truncated tar: {size} bytes, it ends inside or right after sample "
+                        f"{len(w.samples)} ({w.error or 'no end-of-archive marker'}); re-copy or "
+                        f"rebuild it")
     with open(tar, "rb") as f:
         for j, comps in enumerate(w.samples):
             key = split_name(comps[0][3])[0]
@@ -125,7 +125,7 @@ def shard_record(tar: str, num_classes: int | None, decode: bool = True, labels_
             why = check_sample(members, num_classes, decode, labels_optional)
             if why:
                 bad.append(j)
-                skipped.append(str(Problem(tar, why, key)))
+                skipped.append([key, why])
     rec = {"v": RECORD_VERSION, "samples": len(w.samples), "bad": bad, "skipped": skipped, "problems": problems,
            "complete": complete, "decode": decode}
     cache.write_json(_record_path(tar, num_classes, decode, labels_optional), rec)
@@ -136,11 +136,6 @@ def _record_job(job: tuple[str, int | None, bool]) -> tuple[dict, bool]:
     tar, num_classes, decode = job
     rec = cached_record(tar, num_classes, decode)
     return (rec, True) if rec is not None else (shard_record(tar, num_classes, decode), False)
-
-
-def _parse(line: str) -> Problem:
-    where, _, rest = line.partition(": ")
-    return Problem(where, rest)
 
 
 def index_problems(tar: str, index_dir: str = "", rec: dict | None = None) -> list[Problem]:
@@ -174,11 +169,8 @@ def _shard_job(job: tuple[str, int | None, bool, str, bool]) -> dict:
     checked, its sha256 (kept) when `_info.json` has one to compare."""
     tar, num_classes, decode, index_dir, want_sha = job
     rec, was_cached = _record_job((tar, num_classes, decode))
-    problems = [_parse(x) for x in rec["problems"]] + index_problems(tar, index_dir, rec)
-    for line in rec["skipped"]:
-        where, _, rest = line.partition(": ")
-        key, _, what = rest.partition(": ")
-        problems.append(Problem(where, what, key))
+    problems = [Problem(tar, x) for x in rec["problems"]] + index_problems(tar, index_dir, rec)
+    problems += [Problem(tar, what, key) for key, what in rec["skipped"]]
     if want_sha and not rec.get("sha256"):
         rec["sha256"], rec["_dirty"] = file_sha256(tar), True
     if rec.pop("_dirty", False):

@@ -137,3 +137,20 @@ def test_verify_keeps_a_record_per_shard_by_content(tars, tmp_path, monkeypatch)
     assert first.splits["train"]["samples"] == second.splits["train"]["samples"] == 12
     assert [str(p) for p in first.problems] == [str(p) for p in second.problems]
     assert os.listdir(cache.root() + "/verify")
+
+
+def test_a_kept_record_names_the_copy_it_is_used_for(tars, tmp_path, monkeypatch):
+    """Records are kept by content: a copy of a damaged tar elsewhere reuses the record,
+    and its problems name the copy, not the tar first checked."""
+    monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "cache"))
+    data = open(tars["shardwriter"], "rb").read()
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "cut.tar").write_bytes(data[:len(data) // 2])
+    first = verify.verify(str(tmp_path / "a" / "cut.tar"), decode=False)
+    again = verify.verify(str(tmp_path / "b" / "cut.tar"), decode=False)
+    assert again.splits["train"]["records_reused"] == 1
+    for rep, d in ((first, "a"), (again, "b")):
+        msgs = [str(p) for p in rep.problems]
+        assert any(m.startswith(f"{tmp_path / d / 'cut.tar'}: truncated tar") for m in msgs), msgs
+        assert not any(str(tmp_path / ("b" if d == "a" else "a")) in m for m in msgs), msgs
