@@ -195,7 +195,8 @@ def write_split_parallel(items: list[Item], split_dir: str, classes: list[str], 
     """Every shard of a split, `workers` at a time; shards a killed build finished are kept.
     (info, rejected, shards reused)."""
     os.makedirs(os.path.join(split_dir, PARTS), exist_ok=True)
-    for stray in glob.glob(os.path.join(split_dir, "*.tar.tmp*")) + glob.glob(os.path.join(split_dir, "*.idx.tmp*")):
+    for stray in glob.glob(os.path.join(split_dir, "*.tar.tmp*")) + glob.glob(os.path.join(split_dir, "*.idx.tmp*")) + \
+            glob.glob(os.path.join(split_dir, PARTS, "*.json.tmp*")):
         os.remove(stray)  # a killed build's half-written tar or index
     jobs = [(split_dir, shard_name(split, j), split, i, items[i:i + shard_size])
             for j, i in enumerate(range(0, len(items), shard_size))]
