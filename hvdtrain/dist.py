@@ -186,8 +186,17 @@ def allgather_grad(t: torch.Tensor) -> torch.Tensor:
 
 def elastic_state(model: torch.nn.Module, opt: torch.optim.Optimizer, **values: Any):
     """Horovod elastic's TorchState: model, optimizer and `values` are committed in memory
-    and restored on the survivors when a worker is lost."""
-    return hvd.elastic.TorchState(model=model, optimizer=opt, **values)
+    and restored on the survivors when a worker is lost.
+
+    Its sync broadcasts its handlers in keyword order, and TorchState(model=, optimizer=)
+    puts the model first (horovod/torch/elastic/state.py, `kwargs.update(dict(model=...,
+    optimizer=...))`). A worker that joins has an empty optimizer state, which
+    broadcast_optimizer_state fills with one zero-gradient step (horovod/torch/functions.py):
+    under weight decay that moves the joiner's weights after they were broadcast, and the
+    ranks would train on different weights from then on. Handlers are picked by type, so
+    the optimizer goes under a name that comes first, as in `broadcast_state`."""
+    return hvd.elastic.TorchState(model=None, optimizer=None, **{"opt_first": opt, "model_after_opt": model},
+                                  **values)
 
 
 def elastic_run(fn):

@@ -46,10 +46,13 @@ from hvdtrain.resume import Refused
 from hvdtrain.watchdog import EXIT_STALLED, Watchdog
 
 
-def open_data(cfg: C.Config) -> tuple[ShardSet, ShardSet | None, dict]:
-    """This rank's data (data.dataset.open_data): refusals become `Refused`."""
+def open_data(cfg: C.Config, alone: bool = False) -> tuple[ShardSet, ShardSet | None, dict]:
+    """This rank's data (data.dataset.open_data): refusals become `Refused`. `alone`: an
+    elastic joiner, with no peers to share on_error=skip's findings with: it reads the
+    records the job's ranks left in the verify cache (a shard with none ends it)."""
+    gather = (lambda obj, name=None: [obj]) if alone else dist.allgather_object
     try:
-        return dataset.open_data(cfg, dist.rank(), dist.size(), dist.allgather_object, log=_log0,
+        return dataset.open_data(cfg, dist.rank(), dist.size(), gather, log=_log0,
                                  needs_classes=TK.get(cfg.train.task).needs_classes)
     except ShardError as e:
         raise Refused(f"data error: {e}") from e
@@ -75,7 +78,14 @@ class Run:
         self.cfg, self.checkpoints = cfg, checkpoints
         self.lock, self.logs, self.dog = None, None, None
         self.torch_threads, self.dali_threads = S.configure_threads(cfg)
-        self.train_data, self.val_data, self.data = open_data(cfg)
+        # elastic: a worker that joins a running job gets the run from the workers there
+        # (hvdtrain.elastic.handshake), the first collective of every worker of a new world
+        self.joined = None
+        if cfg.train.elastic:
+            from hvdtrain.elastic import handshake
+
+            self.joined = handshake(new=True)
+        self.train_data, self.val_data, self.data = open_data(cfg, alone=bool(self.joined))
         try:
             E.check_classes(self.train_data, self.val_data, cfg.train.task, None)
         except E.DataMismatch as e:
@@ -83,7 +93,10 @@ class Run:
         code = provenance.code_state()
         self.prov = {**code, "config_hash": C.config_hash(cfg),
                      "data_fingerprint": {k: d["fingerprint"] for k, d in self.data.items()}}
-        self.info, self.lock, payload = R.prepare(cfg, self.prov, self.train_data.num_classes, checkpoints)
+        if self.joined:  # the run folder, resume point and lock are the running job's
+            self.info, payload = self.joined["info"], None
+        else:
+            self.info, self.lock, payload = R.prepare(cfg, self.prov, self.train_data.num_classes, checkpoints)
         try:
             self._build(payload)
         except BaseException:
@@ -94,16 +107,23 @@ class Run:
         cfg, info = self.cfg, self.info
         self.dir = info["run_dir"]
         loader_state, epoch, gen_state, notes = R.restore_rank(info)
-        self.state = S.make_state(cfg, self.train_data.num_classes, payload)
+        joined = self.joined
+        if joined:  # the readers' epoch of the job it joins (each reader restarts it on the new sharding)
+            epoch = joined["epoch"]
+        # a joiner's weights and optimizer state come with the elastic state's sync (hvdtrain.elastic)
+        self.state = S.make_state(cfg, self.train_data.num_classes, payload, broadcast=not joined)
+        if joined and self.state.scaler is not None and joined["scaler"]:
+            self.state.scaler.load_state_dict(joined["scaler"])
         E.check_classes(self.train_data, self.val_data, cfg.train.task, M.head_classes(self.state.model))
         if gen_state is not None:
             self.state.gen.set_state(gen_state)
         self.loader, self.val_loader = self._agreed(lambda: (
-            L.from_config(cfg, self.train_data, "train", self.dali_threads, loader_state, epoch), self._val_loader()))
+            L.from_config(cfg, self.train_data, "train", self.dali_threads, loader_state, epoch), self._val_loader()),
+            alone=bool(joined))
         self.logs = report.Logs(cfg, self.dir, self.state.step)
         self.bound = TK.val_bound(cfg.train.val_loss_bound, self.state.task, self.train_data.num_classes,
                                   cfg.data.val_batch_size or cfg.train.batch_size)
-        self.best_val = info["resume"]["best_val_loss"] if info["resume"] else None
+        self.best_val = joined["best_val"] if joined else info["resume"]["best_val_loss"] if info["resume"] else None
         self.last_val: dict = {}
         self.dog = Watchdog(cfg.run.watchdog_s, dist.rank())
         self.preempt, self.saved_step = P.Preempt(self.dir, dist.is_primary()), None
@@ -115,11 +135,14 @@ class Run:
             self._banner(info["notes"] + notes)
 
     @staticmethod
-    def _agreed(make):
+    def _agreed(make, alone: bool = False):
         """Build the loaders on every rank and agree on the outcome (one allgather): a rank
         that cannot start reading its part of the data (a bad sample where DALI starts, a
         malformed index) stops every rank with its message, instead of leaving the others
-        waiting in their first collective."""
+        waiting in their first collective. `alone`: an elastic joiner, whose peers are not
+        here to agree (a failure ends it, and the job goes on without it)."""
+        if alone:
+            return make()
         try:
             out, err = make(), None
         except (DataError, ShardError) as e:

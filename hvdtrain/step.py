@@ -77,9 +77,10 @@ def amp_dtype(cfg: C.Config, device: torch.device) -> torch.dtype | None:
     return torch.float16 if cfg.train.amp == "fp16" else torch.bfloat16
 
 
-def make_state(cfg: C.Config, num_classes: int | None, ckpt: dict | None = None) -> TrainState:
+def make_state(cfg: C.Config, num_classes: int | None, ckpt: dict | None = None, broadcast: bool = True) -> TrainState:
     """Model, optimizer, schedule and scaler, identical on every rank: rank 0's state
-    (fresh, or `ckpt` loaded on rank 0 only) is broadcast to the others, with the step."""
+    (fresh, or `ckpt` loaded on rank 0 only) is broadcast to the others, with the step.
+    `broadcast=False`: an elastic joiner, whose state comes with the elastic sync."""
     device = dist.device()
     torch.manual_seed(cfg.seed)
     task = TK.get(cfg.train.task)
@@ -104,10 +105,11 @@ def make_state(cfg: C.Config, num_classes: int | None, ckpt: dict | None = None)
     # channels_last applies to the inputs only: Horovod 0.28 allreduces contiguous tensors
     # only, and autograd gives each gradient its parameter's layout, so the weights stay in
     # the default format; cuDNN still picks its NHWC kernels when the input is channels_last
-    dist.broadcast_state(model, opt)
-    step = dist.broadcast_object(step, name="start_step")
-    if scaler is not None:
-        scaler.load_state_dict(dist.broadcast_object(scaler.state_dict(), name="scaler"))
+    if broadcast:
+        dist.broadcast_state(model, opt)
+        step = dist.broadcast_object(step, name="start_step")
+        if scaler is not None:
+            scaler.load_state_dict(dist.broadcast_object(scaler.state_dict(), name="scaler"))
     gen = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "host", dist.rank()))
     sched = optim.scheduler(cfg, opt, step)
     return TrainState(cfg, model, opt, device, num_classes, gen, step, sched, scaler, amp)

@@ -10,9 +10,12 @@ A node cut off here sends no reset: to its peers it is a rank that hangs.
   uninterrupted run;
 - Slurm's own timer: --time=1 --signal=B:USR1@10 warns the batch shell; the job
   checkpoints, requeues itself, and ends with the losses of an uninterrupted run;
-- a straggler: rank 1's CPU on h2 is throttled; the breakdown names rank 1 on h2.
+- a straggler: rank 1's CPU on h2 is throttled; the breakdown names rank 1 on h2;
+- elastic across nodes: refused without ssh keepalives; with them, h2 cut shrinks the job
+  to h1 from the last commit, and h2 back (before Slurm marks it DOWN) grows it again.
 Times go to stdout as HOSTS_TIMES lines (docs/reliability.md quotes them)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -23,6 +26,7 @@ import pytest
 
 from hvdtrain import checkpoint as ckpt
 from launch import testhosts
+from launch.slurm import expand_nodelist
 from tests.conftest import ROOT
 from tests.e2e.harness import HOROVODRUN, TRAIN, losses, run
 from tests.slurm.jobs import job_field, output, sbatch, wait_job, wait_until
@@ -63,6 +67,11 @@ def submit(hosts, data, run_dir, launcher="srun", opts=PAIR, more=(), args=ARGS)
 
 def placement(run_dir):
     return json.load(open(os.path.join(run_dir, "config.json")))["placement"]
+
+
+def metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return [json.loads(x) for x in open(path).read().splitlines() if '"train_loss"' in x] if os.path.exists(path) else []
 
 
 def steps_logged(run_dir):
@@ -226,3 +235,92 @@ def test_a_throttled_node_is_named_the_straggler(hosts, synth_data):
     assert "waiting on a peer: rank 1 on h2 is the straggler" in out, out[-3000:]
     print(f"\nHOSTS_TIMES straggler: rank 1 on h2 busy {s['busy_s']:.2f} s, {s['ratio']:.1f}x the others; "
           f"verdict {rep['breakdown']['bound']}")
+
+
+# elastic across nodes: Gloo's timeout bounds both how long the ranks left wait for a silent
+# peer and how long they wait at a new world's rendezvous for a worker that joins (its ssh,
+# Python and imports); Horovod's cooldown keeps a failed node out for 4 to 6 s here
+GLOO_TIMEOUT_S = 8
+ELASTIC_ARGS = [a for a in ARGS if not a.startswith(("--train.steps=", "--train.ckpt_every="))] + [
+    "--elastic", "--train.commit_every=5", "--train.steps=100000", "--train.ckpt_every=100000"]
+
+
+def ssh_with_keepalives(hosts, folder):
+    """The test cluster's ssh with the keepalives a cluster's ~/.ssh/config would set
+    (the PATH folder to put first)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "ssh"), "w") as f:
+        f.write(f"#!/bin/sh\nexec {hosts['ssh']['path']}/ssh -o ServerAliveInterval=1 -o ServerAliveCountMax=3 "
+                f"-o ConnectTimeout=3 \"$@\"\n")
+    os.chmod(os.path.join(folder, "ssh"), 0o755)
+    return folder
+
+
+def elastic_env(hosts, keepalive_dir=None):
+    path = hosts["env"]["PATH"] if keepalive_dir is None else f"{keepalive_dir}:{hosts['env']['PATH']}"
+    return {**launcher_env(hosts, "horovodrun"), "PATH": path, "ELASTIC_MIN_NP": "1", "ELASTIC_COOLDOWN": "2 10",
+            "HOROVOD_GLOO_TIMEOUT_SECONDS": str(GLOO_TIMEOUT_S)}
+
+
+def test_elastic_across_nodes_shrinks_on_a_power_loss_and_grows_when_the_node_is_back(hosts, synth_data, tmp_path):
+    """`--elastic` under train.sbatch (--no-kill: Slurm keeps the job when h2 goes down):
+    horovodrun's elastic driver with `launch.slurm discover` (the job's nodes that answer
+    on the ssh port). Without ssh keepalives the launcher refuses (a cut node's ssh would
+    never exit: docs/reliability.md). With them: h2 is cut at step 20; the rank on h1 goes
+    on alone from the last commit; h2 is revived before Slurm marks it DOWN, and after
+    Horovod's cooldown a rank joins there and training goes on with 2 ranks."""
+    env, run_dir = hosts["env"], str(tmp_path / "elastic")
+    opts = (*PAIR, "--nodelist=h1,h2", "--no-kill", "--no-requeue")
+    job = sbatch(env, "train.sbatch", *ELASTIC_ARGS, f"--data.train={synth_data}/train", f"--run.dir={run_dir}",
+                 extra_env=elastic_env(hosts), opts=opts)
+    state, out = wait_job(env, job, timeout_s=60)
+    assert state == "FAILED" and "--elastic across nodes needs ssh keepalives, and `ssh -G h2` says " \
+                                 "serveraliveinterval 0" in out, out[-3000:]
+    t0 = time.monotonic()
+    job = sbatch(env, "train.sbatch", *ELASTIC_ARGS, f"--data.train={synth_data}/train", f"--run.dir={run_dir}",
+                 extra_env=elastic_env(hosts, ssh_with_keepalives(hosts, str(tmp_path / "kabin"))), opts=opts)
+
+    def ranks():  # (step, ranks) of every log line, in the order written
+        return [(r["step"], r["ranks"]) for r in metrics(run_dir)]
+
+    def regrown():  # the log lines on 2 ranks after the first one on 1 rank
+        seq = [n for _, n in ranks()]
+        return seq[seq.index(1):].count(2) if 1 in seq else 0
+    wait_until(env, job, "step 20 on 2 ranks", lambda: any(s >= 20 and n == 2 for s, n in ranks()), 120, 0.2)
+    # rank 0 on the batch host, where horovodrun's driver runs (`discover` names it alone first)
+    assert [p["node"] for p in placement(run_dir)] == ["h1", "h2"]
+    cut_at = max(s for s, _ in ranks())
+    t_cut = time.monotonic()
+    testhosts.cut(hosts["dir"], "h2")
+    try:
+        wait_until(env, job, "the job going on without h2", lambda: "elastic: rank 0 of 1 now" in output(job),
+                   GLOO_TIMEOUT_S + 20, 0.2)
+        t_shrink = time.monotonic()
+        testhosts.revive(hosts["dir"], "h2", env)
+        t_back = time.monotonic()
+        assert "h2" in expand_nodelist(job_field(env, job, "NodeList")), \
+            f"Slurm took h2 out of the job (DOWN) before it was back: cut -> back {t_back - t_cut:.1f} s"
+        wait_until(env, job, "a rank joining on h2", lambda: "joined the job on h2" in output(job), 60, 0.2)
+        t_join = time.monotonic()
+        wait_until(env, job, "10 steps on 2 ranks again", lambda: regrown() >= 10, 60, 0.2)
+        t_two = time.monotonic()
+        out, seq = output(job), ranks()
+        commit = int(out.split("elastic: rank 0 of 1 now")[1].split("resumes from the commit at step ")[1].split(";")[0])
+        assert commit % 5 == 0 and cut_at - 10 <= commit <= cut_at + 10, (commit, cut_at)  # the last commit
+        first1 = [n for _, n in seq].index(1)
+        assert seq[first1][0] == commit + 1, seq[first1 - 5:first1 + 5]  # alone, from the commit on
+        first2 = first1 + [n for _, n in seq[first1:]].index(2)
+        assert seq[first2][0] == seq[first2 - 1][0] + 1, seq[first2 - 5:first2 + 5]  # 2 ranks, from where it was
+        assert all(math.isfinite(r["train_loss"]) for r in metrics(run_dir))
+        assert "joined the job on h2; built its DALI pipeline (shard 1 of 2) and starts from the commit at step " \
+               f"{seq[first2 - 1][0]}" in out, out[-3000:]
+        assert "elastic: rank 0 of 2 now" in out  # h1's rank rebuilt its reader for 2 ranks too
+        print(f"\nHOSTS_TIMES elastic: cut -> going on alone {t_shrink - t_cut:.1f} s (Gloo timeout "
+              f"{GLOO_TIMEOUT_S} s); revive {t_back - t_shrink:.1f} s; back -> rank joined {t_join - t_back:.1f} s "
+              f"(cooldown 4-6 s), -> 10 steps on 2 ranks {t_two - t_back:.1f} s; start -> end of checks "
+              f"{t_two - t0:.1f} s")
+    finally:
+        subprocess.run(["scancel", job], env=env)
+        wait_job(env, job, timeout_s=60)
+        if testhosts.node_state(env, "h2") not in ("idle", "mixed"):
+            testhosts.revive(hosts["dir"], "h2", env)

@@ -1,11 +1,13 @@
 """launch/slurm.py: Slurm's nodelist and tasks-per-node forms, and the launch commands."""
 import os
 import subprocess
+import sys
 
 import pytest
 
-from launch.slurm import (SlurmEnvError, allocation, expand_nodelist, expand_tasks_per_node, horovod_hosts,
-                          horovodrun_command, srun_command, task_env)
+from launch.slurm import (SlurmEnvError, allocation, check_elastic_ssh, discover, elastic_command, expand_nodelist,
+                          expand_tasks_per_node, horovod_hosts, horovodrun_command, is_elastic, srun_command,
+                          ssh_port, task_env)
 from tests.conftest import ROOT
 
 
@@ -121,3 +123,56 @@ def test_cores_per_rank_honours_slurm_cpus_per_task(monkeypatch):
     assert dist.cores_per_rank() == 8
     monkeypatch.setattr(dist, "local_size", lambda: 4)
     assert dist.cores_per_rank() == 2
+
+
+def test_elastic_command_uses_the_discovery_script_and_the_cooldown():
+    alloc = allocation({"SLURM_JOB_NODELIST": "h[1-3]", "SLURM_TASKS_PER_NODE": "2(x3)"})
+    assert is_elastic(["--preset", "ci", "--elastic"]) and is_elastic(["--train.elastic=True"])
+    assert not is_elastic(["--train.elastic=False"])
+    line = elastic_command(alloc, "/v/py", "hvdtrain.train", ["--elastic"], extra="--ssh-port 2222")
+    assert line == ["horovodrun", "--gloo", "--ssh-port", "2222", "-np", "6", "--min-np", "2", "--max-np", "6",
+                    "--host-discovery-script", "/v/py -m launch.slurm discover", "--blacklist-cooldown-range", "10",
+                    "300", "/v/py", "-m", "hvdtrain.train", "--elastic"]
+    assert "-H" not in line
+    assert elastic_command(alloc, "py", "m", [], min_np=1, cooldown="2 10")[4:6] == ["--min-np", "1"]
+    assert "/v/py -m launch.slurm discover '/r un/.d'" in elastic_command(alloc, "/v/py", "m", [], mark="/r un/.d")
+    with pytest.raises(SlurmEnvError, match="ELASTIC_MIN_NP=7"):
+        elastic_command(alloc, "py", "m", [], min_np=7)
+    with pytest.raises(SlurmEnvError, match="ELASTIC_COOLDOWN"):
+        elastic_command(alloc, "py", "m", [], cooldown="10")
+    assert ssh_port("--ssh-port 2222 --ssh-identity-file k") == 2222 and ssh_port("") == 22
+
+
+def test_elastic_across_nodes_is_refused_without_ssh_keepalives(tmp_path):
+    """`ssh -G` (the real ssh) tells the options horovodrun's ssh would get: a wrapper
+    first on PATH stands for a cluster's ~/.ssh/config."""
+    alloc = [("h1", 1), ("h2", 1)]
+
+    def path_with(opts):
+        d = tmp_path / f"bin{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        (d / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F none {opts} "$@"\n')
+        (d / "ssh").chmod(0o755)
+        return {**os.environ, "PATH": f"{d}:{os.environ['PATH']}"}
+    with pytest.raises(SlurmEnvError, match=r"needs ssh keepalives, and `ssh -G h2` says serveraliveinterval 0.*"
+                                            r"horovod/runner/util/remote.py:18"):
+        check_elastic_ssh(alloc, here="h1", env=path_with(""))
+    check_elastic_ssh(alloc, here="h1", env=path_with("-o ServerAliveInterval=5"))
+    check_elastic_ssh([("h1", 2)], here="h1", env=path_with(""))  # one node: no ssh at all
+
+
+def test_discover_names_the_batch_host_alone_first(tmp_path):
+    """Horovod keeps the order it first sees hosts in (rank 0 on the first): the first call
+    names only this node and leaves the mark; the later ones ask scontrol."""
+    env = {"SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "h[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)"}
+    mark = str(tmp_path / "run" / ".discovered-42.0")
+    assert discover(env, mark=mark, here="h1") == [("h1", 2)]
+    assert os.path.exists(mark)
+
+
+def test_elastic_under_srun_is_refused():
+    env = {**os.environ, "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "1(x2)",
+           "LAUNCHER": "srun"}
+    r = subprocess.run([sys.executable, "-m", "launch.slurm", "command", "hvdtrain.train",
+                        "--elastic"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--elastic needs LAUNCHER=horovodrun" in r.stderr, r.stderr
