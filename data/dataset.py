@@ -249,7 +249,8 @@ def skip_bad(shards: ShardSet, num_classes: int | None, rank: int = 0, size: int
             w = walk(tar, read_exts=(), tolerant=True)
             drop = set(bad)
             rows = [r for j, r in enumerate(w.samples) if j not in drop]
-            cache.write_text(out, index_text(rows)) if rows else None
+            if rows:
+                cache.write_text(out, index_text(rows))
         kept = n - len(bad)
         if kept <= 0:
             continue  # nothing left in this shard
