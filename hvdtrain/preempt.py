@@ -48,6 +48,16 @@ def install() -> None:
         signal.siginterrupt(sig, False)
 
 
+def retire() -> None:
+    """The run is over: a warning that comes now has nothing left to stop, so SIGUSR1 is
+    ignored from here to the process's end. Without this, CPython's finalization puts
+    SIG_DFL back for every Python handler, and a USR1 during teardown (Slurm's warning, or
+    `scancel --signal=USR1` a moment late) ends a rank whose work is done: srun reports the
+    task killed and the job FAILED. SIGTERM keeps ending the process: a teardown that hangs
+    must still stop on scancel."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def received() -> list[str]:
     """The signals this process has recorded so far."""
     return list(_received)

@@ -157,4 +157,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(exitmark.mark(main()))
+    rc = exitmark.mark(main())
+    preempt.retire()  # a late USR1 must not turn a finished check into a killed one
+    sys.exit(rc)

@@ -35,4 +35,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    preempt.retire()  # a late USR1 must not turn a finished run into a killed one
+    sys.exit(rc)

@@ -25,7 +25,11 @@ def cluster2(two_nodes):
     """The two-node cluster (tests/slurm/conftest.py): its client environment."""
     return two_nodes["env"]
 
-STEPS = 40
+# long enough that both stops land well before the end: rank 0 looks for the batch shell's
+# request once a second, and a CPU step here is 0.03-0.06 s, so the first stop comes up to
+# ~40 steps after the signal (40 steps in all lost that race in CI: the second leg's signals
+# came after the last step)
+STEPS = 200
 # log every step (the losses compared), checkpoints every 10 (the preemption adds its own),
 # one torch thread per rank in both runs: two nodes here are one machine, and the
 # reference runs both ranks on it too (same threads, same sums, same losses)

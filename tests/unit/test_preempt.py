@@ -42,6 +42,26 @@ def test_signals_are_recorded_and_do_not_end_the_process(preempt_handlers):
     assert P.received() == ["SIGUSR1", "SIGTERM"]
 
 
+def test_after_the_run_a_late_usr1_does_not_kill_the_process():
+    """preempt.retire() at an entry point's end: SIGUSR1 every millisecond while the process
+    finishes and exits (CPython's finalization would put SIG_DFL back for a Python handler,
+    and the default ends the process: a finished job reported FAILED) leaves exit 0."""
+    child = ("import os, signal, time\nfrom hvdtrain import preempt\npreempt.install()\npreempt.retire()\n"
+             "print('ready', flush=True)\ntime.sleep(0.3)\nprint('done', flush=True)\n")
+    p = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    sent = 0
+    while p.poll() is None:
+        try:
+            p.send_signal(signal.SIGUSR1)
+            sent += 1
+        except ProcessLookupError:
+            break
+        time.sleep(0.001)
+    out = p.stdout.read()
+    assert p.wait(timeout=30) == 0 and "done" in out and sent > 10, (p.returncode, sent)
+
+
 def test_a_signal_storm_during_checkpoint_writes_leaves_checkpoints_that_load(preempt_handlers, tmp_path):
     """A thread sends SIGUSR1 and SIGTERM every millisecond while 24 MB checkpoints are
     written: the writes complete, the signals were taken meanwhile, every file loads."""
