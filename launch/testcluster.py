@@ -238,16 +238,24 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def main(argv: list[str]) -> int:
-    nodes = 1
+def parse_cli(argv: list[str], nodes: int) -> tuple[str, str, int] | None:
+    """`up|down DIR [--nodes N]` (this module's and launch/testhosts.py's): (command,
+    absolute DIR, nodes), or None for anything else."""
     if len(argv) == 4 and argv[2] == "--nodes" and argv[3].isdigit():
         nodes, argv = int(argv[3]), argv[:2]
     if len(argv) != 2 or argv[0] not in ("up", "down"):
+        return None
+    return argv[0], os.path.abspath(argv[1]), nodes
+
+
+def main(argv: list[str]) -> int:
+    parsed = parse_cli(argv, nodes=1)
+    if parsed is None:
         print(__doc__, file=sys.stderr)
         return 2
-    d = os.path.abspath(argv[1])
+    cmd, d, nodes = parsed
     try:
-        if argv[0] == "up":
+        if cmd == "up":
             up(d, nodes)
             print(f"export SLURM_CONF={d}/slurm.conf")
         else:

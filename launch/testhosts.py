@@ -291,15 +291,13 @@ def leftovers(d: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    nodes = 3
-    if len(argv) == 4 and argv[2] == "--nodes" and argv[3].isdigit():
-        nodes, argv = int(argv[3]), argv[:2]
-    if len(argv) != 2 or argv[0] not in ("up", "down"):
+    parsed = testcluster.parse_cli(argv, nodes=3)
+    if parsed is None:
         print(__doc__, file=sys.stderr)
         return 2
-    d = os.path.abspath(argv[1])
+    cmd, d, nodes = parsed
     try:
-        if argv[0] == "up":
+        if cmd == "up":
             up(d, nodes)
             print(f"export PATH={d}/bin:$PATH SLURM_CONF={d}/slurm.conf "
                   f"HOROVODRUN_ARGS='--ssh-port {SSH_PORT} --ssh-identity-file {d}/ssh/id_ed25519'")
