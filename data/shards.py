@@ -326,22 +326,21 @@ def open_shards(spec: str, build_missing_index: bool = True, check_fit: bool = T
             if not exists:
                 raise ShardError(f"{p}: no DALI index; build it with `python -m data.make_shards --index-only "
                                  f"{os.path.dirname(p) or '.'}`")
-    index_paths, metas, where = ensure_indexes(paths, index_dir, info is None, check_fit, workers, log)
+    by_name = {s["name"]: s for s in info[1].get("shards", [])} if info is not None else {}
+    whole = bool(by_name) and len(by_name) == len(paths) and all(os.path.basename(p) in by_name for p in paths)
+    # per-shard records: for shards without _info.json, and for a subset of a split (its own fingerprint)
+    index_paths, metas, where = ensure_indexes(paths, index_dir, not whole, check_fit, workers, log)
     counts = [m["samples"] for m in metas] if metas else [read_index_count(i) for i in index_paths]
     classes = num_classes = None
     if info is not None:
         info_path, data = info
-        by_name = {s["name"]: s for s in data.get("shards", [])}
         for p, n in zip(paths, counts):
             s = by_name.get(os.path.basename(p))
             if s is not None and s["samples"] != n:
                 raise ShardError(f"{p}: index has {n} samples but {info_path} says {s['samples']}: "
                                  "stale index or shard; rebuild with data.make_shards")
         classes, num_classes = data.get("classes"), data.get("num_classes")
-        if len(by_name) == len(paths) and all(os.path.basename(p) in by_name for p in paths):
-            fingerprint = data["fingerprint"]
-        else:  # a subset of the split: its own fingerprint
-            fingerprint = quick_fingerprint(paths, ensure_indexes(paths, index_dir, True, check_fit, workers, log)[1])
+        fingerprint = data["fingerprint"] if whole else quick_fingerprint(paths, metas)
         shuffled = bool(data.get("shuffled"))
     else:
         info_path, fingerprint, shuffled = None, quick_fingerprint(paths, metas), None

@@ -2,6 +2,7 @@
 DALI's wds2idx; compressed shards; indexes kept in the cache; verify's kept records."""
 import gzip
 import io
+import json
 import os
 import subprocess
 import tarfile
@@ -154,3 +155,21 @@ def test_a_kept_record_names_the_copy_it_is_used_for(tars, tmp_path, monkeypatch
         msgs = [str(p) for p in rep.problems]
         assert any(m.startswith(f"{tmp_path / d / 'cut.tar'}: truncated tar") for m in msgs), msgs
         assert not any(str(tmp_path / ("b" if d == "a" else "a")) in m for m in msgs), msgs
+
+
+def test_a_subset_of_a_split_gets_its_own_fingerprint_in_one_pass(synth_data, tmp_path, monkeypatch):
+    """Two of a split's three tars (a glob): _info.json's fingerprint is the whole split's,
+    so the subset gets one from its per-shard records, read in the same pass that finds
+    the indexes (it was a second pass)."""
+    monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "cache"))
+    train = os.path.join(synth_data, "train")
+    info = json.load(open(os.path.join(train, "_info.json")))
+    passes = []
+    real = S.ensure_indexes
+    monkeypatch.setattr(S, "ensure_indexes", lambda *a, **k: passes.append(a[2]) or real(*a, **k))
+    whole = S.open_shards(train)
+    assert whole.fingerprint == info["fingerprint"] and whole.meta is None and passes == [False]
+    sub = S.open_shards(os.path.join(train, "train-00000[01].tar"))
+    assert passes == [False, True] and len(sub.paths) == 2 and sub.counts == [100, 100]
+    assert sub.fingerprint != whole.fingerprint and sub.fingerprint == S.quick_fingerprint(sub.paths, sub.meta)
+    assert sub.num_classes == info["num_classes"]  # still the split's classes
