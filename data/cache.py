@@ -10,19 +10,30 @@ tar written again with other samples changes it. Computing it reads ~12 KiB per 
 Records are written atomically (temporary name, rename), so ranks and nodes that share
 the folder never read half a file; `lock()` lets one process per node build what is
 missing while the others wait for it.
+
+Nothing in it is needed: a pruned record is built again when a run needs it. A record
+that is used gets its mtime refreshed (at most once a day), so what runs still read is
+what `prune` keeps:
+
+    python -m data.cache                        # what it holds, by kind: files, MB, oldest use
+    python -m data.cache prune --older-than 30  # remove what no run used in 30 days [--dry-run]
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import sys
 import time
 
 from data.tarindex import write_atomic
 
 VERSION = "v1"
+KINDS = ("indexes", "shards", "verify", "skip")  # records; `prune` also clears old `jobs` specs
+USED_EVERY_S = 86400  # `used()` writes an mtime at most once a day per file
 _SIG_CACHE: dict[tuple, str] = {}
 
 
@@ -56,12 +67,23 @@ def signature(tar: str) -> str:
     return sig
 
 
+def used(p: str) -> None:
+    """Mark a record as used now (its mtime, at most once a day): `prune` keeps it."""
+    try:
+        if time.time() - os.stat(p).st_mtime > USED_EVERY_S:
+            os.utime(p)
+    except OSError:
+        pass  # gone (pruned meanwhile: built again when needed) or not ours to touch
+
+
 def read_json(p: str) -> dict | None:
     try:
         with open(p) as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError):
         return None  # missing, or written by an older version: built again
+    used(p)
+    return data
 
 
 def write_json(p: str, data: dict) -> None:
@@ -94,3 +116,73 @@ def lock(name: str, log=None, what: str = "building"):
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+# ---------------------------------------------------------------- show, prune
+def _files(kinds=KINDS + ("jobs",)):
+    for kind in kinds:
+        d = os.path.join(root(), kind)
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            continue
+        for n in names:
+            p = os.path.join(d, n)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue
+            yield kind, p, st
+
+
+def summary() -> dict:
+    """{kind: {files, bytes, oldest_days}} of the records in the cache."""
+    now, out = time.time(), {}
+    for kind, _, st in _files():
+        k = out.setdefault(kind, {"files": 0, "bytes": 0, "oldest_days": 0.0})
+        k["files"] += 1
+        k["bytes"] += st.st_size
+        k["oldest_days"] = max(k["oldest_days"], round((now - st.st_mtime) / 86400, 1))
+    return out
+
+
+def prune(older_than_days: float, dry_run: bool = False) -> tuple[int, int]:
+    """Remove records no run used in `older_than_days` days: (files, bytes). A run that
+    needs one builds it again. Lock files stay (a waiter may hold one open; they are empty)."""
+    cutoff, files, size = time.time() - older_than_days * 86400, 0, 0
+    for _, p, st in _files():
+        if st.st_mtime < cutoff:
+            if not dry_run:
+                try:
+                    os.remove(p)
+                except FileNotFoundError:
+                    continue
+            files, size = files + 1, size + st.st_size
+    return files, size
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data.cache", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd")
+    pr = sub.add_parser("prune", help="remove records no run used in DAYS days")
+    pr.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    pr.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    a = ap.parse_args(argv)
+    if a.cmd == "prune":
+        if a.older_than < 0:
+            ap.error("--older-than must be 0 or more days")
+        n, b = prune(a.older_than, a.dry_run)
+        verb = "would remove" if a.dry_run else "removed"
+        print(f"data.cache: {verb} {n} record(s), {b / 1e6:.1f} MB unused for {a.older_than:g} day(s), from {root()}")
+        return 0
+    kinds = summary()
+    print(f"data.cache: {root()}")
+    if not kinds:
+        print("  empty")
+    for kind, k in sorted(kinds.items()):
+        print(f"  {kind:8s} {k['files']:7d} file(s) {k['bytes'] / 1e6:9.1f} MB   oldest use {k['oldest_days']:g} day(s) ago")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -245,7 +245,9 @@ def skip_bad(shards: ShardSet, num_classes: int | None, rank: int = 0, size: int
             counts.append(shards.counts[i])
             continue
         out = cache.path("skip", f"{cache.signature(tar)}-{num_classes or 0}{'-u' if optional else ''}.idx")
-        if not os.path.exists(out):
+        if os.path.exists(out):
+            cache.used(out)
+        else:
             w = walk(tar, read_exts=(), tolerant=True)
             drop = set(bad)
             rows = [r for j, r in enumerate(w.samples) if j not in drop]

@@ -190,6 +190,7 @@ def locate_index(tar: str, index_dir: str = "") -> tuple[str, str, bool]:
             return p, place, True
     cached = cache.path("indexes", f"{cache.signature(tar)}.idx")
     if os.path.exists(cached):
+        cache.used(cached)
         return cached, "cache", True
     if index_dir:
         if not _writable(index_dir):

@@ -4,8 +4,11 @@ import gzip
 import io
 import json
 import os
+import re
 import subprocess
+import sys
 import tarfile
+import time
 
 import pytest
 import webdataset as wds
@@ -173,3 +176,35 @@ def test_a_subset_of_a_split_gets_its_own_fingerprint_in_one_pass(synth_data, tm
     assert passes == [False, True] and len(sub.paths) == 2 and sub.counts == [100, 100]
     assert sub.fingerprint != whole.fingerprint and sub.fingerprint == S.quick_fingerprint(sub.paths, sub.meta)
     assert sub.num_classes == info["num_classes"]  # still the split's classes
+
+
+def test_prune_removes_what_no_run_used_and_a_run_keeps_what_it_reads(tars, tmp_path, monkeypatch):
+    """Records of foreign shards and verify results in a cache of the test's own; two are
+    made 40 days old, then one of them is read by open_shards (which refreshes its use):
+    `python -m data.cache prune --older-than 30` removes only the other, and a later run
+    builds it again."""
+    monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "sw"
+    src.mkdir()
+    for name in ("sw-000000.tar", "sw-000001.tar"):
+        (src / name).write_bytes(open(os.path.join(os.path.dirname(tars["shardwriter"]), name), "rb").read())
+    S.open_shards(str(src))
+    assert verify.verify(str(src), decode=False, workers=1).ok
+    metas = sorted((tmp_path / "cache" / "data" / "v1" / "shards").iterdir())
+    records = sorted((tmp_path / "cache" / "data" / "v1" / "verify").iterdir())
+    assert len(metas) == 2 and len(records) == 2
+    old = time.time() - 40 * 86400
+    for p in (metas[0], records[0]):
+        os.utime(p, (old, old))
+    S.open_shards(str(src))  # reads both shards' records: metas[0] is used again
+    assert metas[0].stat().st_mtime > old + 39 * 86400 and records[0].stat().st_mtime == pytest.approx(old)
+    cli = [sys.executable, "-m", "data.cache"]
+    env = {**os.environ, "HVDTRAIN_CACHE": str(tmp_path / "cache")}
+    dry = subprocess.run(cli + ["prune", "--older-than", "30", "--dry-run"], env=env, capture_output=True, text=True)
+    assert dry.returncode == 0 and "would remove 1 record(s)" in dry.stdout and records[0].exists(), dry
+    r = subprocess.run(cli + ["prune", "--older-than", "30"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "removed 1 record(s)" in r.stdout, r
+    assert not records[0].exists() and metas[0].exists() and metas[1].exists() and records[1].exists()
+    show = subprocess.run(cli, env=env, capture_output=True, text=True)
+    assert re.search(r"verify\s+1 file\(s\)", show.stdout) and re.search(r"shards\s+2 file\(s\)", show.stdout), show
+    assert verify.verify(str(src), decode=False, workers=1).ok and records[0].exists()  # built again
