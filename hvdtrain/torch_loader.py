@@ -50,19 +50,23 @@ def random_resized_crop_box(w: int, h: int, min_scale: float, rng: random.Random
     return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
 
 
-def index_items(shards: ShardSet) -> list[tuple[str, int, int, int, int, str]]:
+def index_items(shards: ShardSet, labels_optional: bool = False) -> list[tuple[str, int, int, int, int, str]]:
     """(tar, image offset, image size, label offset, label size, image member) per sample,
-    in DALI's global order (tars in the order given, samples in index order)."""
+    in DALI's global order (tars in the order given, samples in index order). With
+    `labels_optional` (unlabeled shards, contrastive: DALI's `missing_component_behavior=
+    "empty"`) a sample without `.cls` gets label offset -1, read as label -1."""
     items = []
     for tar, idx in zip(shards.paths, shards.index_paths):
         for comps in read_index(idx):
             by_ext = {split_name(name)[1].lower(): (off, size, name) for _, off, size, name in comps}
             img = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)  # the reader's one list
             cls = by_ext.get("cls")
-            if img is None or cls is None:
+            if img is None or (cls is None and not labels_optional):
                 key = split_name(comps[0][3])[0] if comps else "?"
-                raise DataError(f"{tar}: {key}: sample has no image or no .cls member (check the shards with "
+                what = "no image" if img is None else "no .cls member"
+                raise DataError(f"{tar}: {key}: sample has {what} (check the shards with "
                                 f"`python -m data.verify {shards.spec}`)")
+            cls = cls or (-1, 0, "")  # offset -1: no .cls member
             items.append((tar, img[0], img[1], cls[0], cls[1], img[2]))
     return items
 
@@ -83,14 +87,15 @@ class _Samples(torch.utils.data.Dataset):
         tar, off, size, cls_off, cls_size, name = self.items[i]
         source = f"{tar}:{off}:{name}"
         with open(tar, "rb") as f:
-            data, label = os.pread(f.fileno(), size, off), os.pread(f.fileno(), cls_size, cls_off)
+            data = os.pread(f.fileno(), size, off)
+            label = os.pread(f.fileno(), cls_size, cls_off) if cls_off >= 0 else None
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im = ImageOps.exif_transpose(im).convert("RGB")  # as DALI's decoder: EXIF applied
         except Exception as e:  # noqa: BLE001 - every PIL failure means "cannot decode this sample"
             raise DataError(f"{source}: undecodable image ({e.__class__.__name__}: {e})") from None
-        text = label.strip()
-        if not text.isdigit():
+        text = label.strip() if label is not None else b"-1"  # no .cls (labels optional): -1, as DALI's path
+        if label is not None and not text.isdigit():
             raise DataError(f"{source}: label {label[:20]!r} is not a decimal class index")
         rng, s = random.Random(seed), self.spec.size
         views, flips = [], []
@@ -156,7 +161,7 @@ class TorchLoader:
         self.shards, self.spec, self.num_classes = shards, spec, num_classes
         self.device, self.dtype, self.channels_last, self.drop_last = device or torch.device("cpu"), dtype, \
             channels_last, drop_last
-        self.items = index_items(shards)
+        self.items = index_items(shards, spec.labels_optional)
         self.per_rank = -(-len(self.items) // spec.num_shards)  # ceil: the padded slice length
         self.epoch, self._batches_done = epoch, 0  # position in the epoch: batches handed out
         self.last_source = "(no batch read yet)"

@@ -173,3 +173,31 @@ def test_cpu_decode_hands_over_dalis_own_memory(tmp_path):
     assert loader.pipe.exec_dynamic is True
     raw = next(loader._it)[0]["view0"]
     assert raw.dtype == torch.uint8 and to_device(raw, torch.device("cpu")) is raw  # no GPU: nothing to stage
+
+
+def test_torch_loader_reads_unlabeled_samples_as_dali_does(tmp_path, monkeypatch):
+    """img2dataset-style shards (no .cls) with a labelled sample in every fourth: with
+    labels optional (contrastive) both loaders give -1 for the unlabeled and the label for
+    the others, sample by sample; without, the torch loader refuses naming the sample."""
+    import webdataset as wds
+
+    from hvdtrain.torch_loader import TorchLoader
+    from tests.conftest import jpeg
+
+    monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "d").mkdir()
+    with wds.TarWriter(str(tmp_path / "d" / "00000.tar")) as sink:
+        for i in range(20):
+            sink.write({"__key__": f"{i:09d}", "jpg": jpeg(i), "txt": f"caption {i}",
+                        **({"cls": str(i % 3)} if i % 4 == 0 else {})})
+    shards = open_shards(str(tmp_path / "d"))
+    assert shards.unlabeled == 15
+    got = {}
+    for name, cls in (("dali", DaliLoader), ("torch", TorchLoader)):
+        kw = {"workers": 0} if cls is TorchLoader else {}
+        loader = cls(shards, val_spec(labels_optional=True), drop_last=False, **kw)
+        got[name] = {k: v for b in loader.epoch_batches() for k, v in zip(b.keys(), b.labels.tolist())}
+    assert got["torch"] == got["dali"] and len(got["dali"]) == 20
+    assert sorted(v for v in got["dali"].values()) == [-1] * 15 + [0, 0, 1, 1, 2]
+    with pytest.raises(DataError, match=r"00000\.tar: 000000001: sample has no \.cls member"):
+        TorchLoader(shards, val_spec(), drop_last=False, workers=0)
