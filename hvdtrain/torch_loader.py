@@ -94,8 +94,11 @@ class _Samples(torch.utils.data.Dataset):
                 im = ImageOps.exif_transpose(im).convert("RGB")  # as DALI's decoder: EXIF applied
         except Exception as e:  # noqa: BLE001 - every PIL failure means "cannot decode this sample"
             raise DataError(f"{source}: undecodable image ({e.__class__.__name__}: {e})") from None
-        text = label.strip() if label is not None else b"-1"  # no .cls (labels optional): -1, as DALI's path
-        if label is not None and not text.isdigit():
+        if label is None:
+            value = -1  # no .cls (labels optional): -1, as DALI's path
+        elif label.strip().isdigit():
+            value = int(label.strip())
+        else:
             raise DataError(f"{source}: label {label[:20]!r} is not a decimal class index")
         rng, s = random.Random(seed), self.spec.size
         views, flips = [], []
@@ -114,7 +117,7 @@ class _Samples(torch.utils.data.Dataset):
         if self.spec.normalize != "kernel":  # float CHW made here, in the worker
             views = [_normalized(v, f) for v, f in zip(views, flips)]
         return ([torch.from_numpy(np.ascontiguousarray(v)) for v in views], torch.tensor(flips),
-                int(text), source.encode())
+                value, source.encode())
 
 
 _MEAN_NP, _STD_NP = np.array(MEAN, np.float32), np.array(STD, np.float32)

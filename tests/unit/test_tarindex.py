@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -63,6 +64,14 @@ def tars(tmp_path_factory):
     return out
 
 
+def shardwriter_copy(tars, folder):
+    """A copy of the ShardWriter shards (both tars) in `folder`, a fresh one."""
+    folder.mkdir()
+    for name in ("sw-000000.tar", "sw-000001.tar"):
+        shutil.copyfile(os.path.join(os.path.dirname(tars["shardwriter"]), name), folder / name)
+    return folder
+
+
 @pytest.mark.parametrize("kind", ["shardwriter", "gnu_tar_folder", "gnu_long", "pax_long"])
 def test_walk_groups_members_as_tarfile_does(tars, kind):
     assert walk_groups(tars[kind]) == tarfile_groups(tars[kind])
@@ -109,11 +118,8 @@ def test_compressed_shards_are_refused_with_the_command(tars, tmp_path):
 def test_read_only_shards_get_indexes_in_the_cache(tars, tmp_path, monkeypatch):
     """A real read-only bind mount: indexes go to the cache, keyed by content, and are
     found there again; a changed tar is noticed."""
-    src, ro = tmp_path / "src", tmp_path / "ro"
-    src.mkdir()
+    src, ro = shardwriter_copy(tars, tmp_path / "src"), tmp_path / "ro"
     ro.mkdir()
-    for name in ("sw-000000.tar", "sw-000001.tar"):
-        (src / name).write_bytes(open(os.path.join(os.path.dirname(tars["shardwriter"]), name), "rb").read())
     if subprocess.run(["mount", "--bind", str(src), str(ro)]).returncode != 0:
         pytest.skip("bind mounts need root (CI runs as root)")
     try:
@@ -184,10 +190,7 @@ def test_prune_removes_what_no_run_used_and_a_run_keeps_what_it_reads(tars, tmp_
     `python -m data.cache prune --older-than 30` removes only the other, and a later run
     builds it again."""
     monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "cache"))
-    src = tmp_path / "sw"
-    src.mkdir()
-    for name in ("sw-000000.tar", "sw-000001.tar"):
-        (src / name).write_bytes(open(os.path.join(os.path.dirname(tars["shardwriter"]), name), "rb").read())
+    src = shardwriter_copy(tars, tmp_path / "sw")
     S.open_shards(str(src))
     assert verify.verify(str(src), decode=False, workers=1).ok
     metas = sorted((tmp_path / "cache" / "data" / "v1" / "shards").iterdir())
