@@ -9,8 +9,10 @@ Runs the steps in the order of what their figures are worth per second of the de
 call, since a budget cut (--budget-s) falls on the last ones: `bench.train --preset
 resnet50` (AMP bf16, channels_last, real shards vs synthetic batches: does the loader
 keep ResNet-50 fed?); `hvdtrain.sanity` with one rank per visible GPU (GO/NO-GO, the
-85 % utilisation SLO); `bench.kernels`; the GPU-marked tests; `bench.loader` at 224 px
-(a DALI threads x hw_decoder_load sweep) and at 64 px (a smaller one). Each step is
+85 % utilisation SLO), then with one rank more (it must stop at once, saying what to run
+instead); `bench.kernels`; the GPU-marked tests; `bench.loader` at 224 px (a DALI threads
+x hw_decoder_load sweep); `make test`'s unit and parallel rooms on this machine (what
+fails or skips here is listed); `bench.loader` at 64 px (a smaller sweep). Each step is
 bounded by a timeout sized from its measured or reasoned cost (`Step.cost`, printed by
 --dry-run); a step that runs into it gets SIGINT first and keeps what it wrote
 (bench/steprun.py). Every figure is read from the command's JSON output and set beside
@@ -86,7 +88,8 @@ def markdown(report: dict) -> str:
             lines += [f"## {s['name']}: NOT RUN ({s['not_run']})", "", f"`{' '.join(s['argv'])}`", ""]
             continue
         ended = (f", timed out: ended by {s['ended_by']}" if s.get("timed_out") else "") + \
-            (f", {s['crash_at_exit']}" if s.get("crash_at_exit") else "")
+            (f", {s['crash_at_exit']}" if s.get("crash_at_exit") else "") + \
+            (f", {s['refused']}" if s.get("refused") else "")
         lines += [f"## {s['name']}: {'PASS' if s['passed'] else 'FAIL'} ({s['wall_s']} s of {s['timeout_s']} s{ended})",
                   "",
                   f"`{' '.join(s['argv'])}`  (log: `{os.path.basename(s['log'])}`)", "",

@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "sanity": ("{horovodrun}", "--gloo", "-np", "{gpus}", "-H", "localhost:{gpus}", "{py}", "-m", "hvdtrain.sanity",
                "--run.dir={dir}/sanity"),
     "kernels": ("{py}", "-m", "bench.kernels"),
+    # one rank more than the GPUs: on the one-GPU machine the seed's command line as it reads
+    # (`horovodrun -np 2 python -m hvdtrain.sanity`). It must stop at once saying what to run
+    # instead (hvdtrain.dist.gpu_for_rank), never hang
+    "two-ranks": ("{horovodrun}", "-np", "{gpus+1}", "{py}", "-m", "hvdtrain.sanity", "--run.dir={dir}/two-ranks"),
     "gpu-tests": ("{py}", "-m", "pytest", "-q", "-rs", "--strict-markers", "-m", "gpu", "-p", "no:cacheprovider",
                   "--junitxml={dir}/gpu-tests.xml", "tests/gpu"),
     # bench.loader's 500x375 JPEGs, made once for both loader steps (made afresh by each
@@ -32,6 +36,12 @@ COMMANDS: dict[str, tuple[str, ...]] = {
                    "--run-dir", "{dir}/loader-224"),
     "loader-64": ("{py}", "-m", "bench.loader", "--data", "{dir}/loader-data", *LOADER_SWEEP_64, "--size", "64",
                   "--run-dir", "{dir}/loader-64"),
+    # `make test`'s first two rooms on this machine (the CPU runs them in every CI)
+    "unit-tests": ("{py}", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--junitxml={dir}/unit-tests.xml",
+                   "tests/unit"),
+    # as `make test-parallel` runs it: the GPUs hidden (the env in STEPS); one JUnit file per rank
+    "parallel-tests": ("{horovodrun}", "--gloo", "-np", "2", "-H", "localhost:2", "{py}", "-m", "pytest", "-q", "-x",
+                       "-rs", "-p", "no:cacheprovider", "--junitxml={dir}/parallel-tests.xml", "tests/parallel"),
 }
 
 # ---------------------------------------------------------------- targets
@@ -127,10 +137,40 @@ TEST_FIGURES = (
                                                                                    d["unexpected_skips"])),
 )
 
+
+def room_figures(key: str, room: str, ranks: int = 1) -> tuple[Figure, ...]:
+    """A CPU room run on the GPU machine: on the CPU it passes whole in every CI, so any
+    failure, error or skip here is a test that behaves differently on this machine."""
+    return (
+        Figure(f"{key}_failed", f"{room}: failed or errored", lambda d: d["failures"] + d["errors"], "==", 0),
+        Figure(f"{key}_passed", f"{room}: passed" + (f" (summed over {ranks} ranks)" if ranks > 1 else ""),
+               lambda d: d["passed"], ">=", 1),
+        *((Figure(f"{key}_ranks_reported", f"{room}: ranks that wrote their JUnit XML", lambda d: d["files"], "==",
+                  ranks),) if ranks > 1 else ()),
+        Figure(f"{key}_different_here", f"{room}: tests that failed or skipped here (none on the CPU machine)",
+               lambda d: listed(d["not_passed"] + d["expected_skips"] + d["unexpected_skips"])),
+    )
+
+
+# the refusal hvdtrain.dist.gpu_for_rank prints: the layout, and the command to run instead
+LAYOUT_REFUSAL = r"hvdtrain runs one rank per GPU\. Run `horovodrun -np \d+"
+
+
+def two_ranks_outcome(d: dict) -> str:
+    import re
+
+    if d["exit"] == 0:
+        return "ran (exit 0): the one-rank-per-GPU check let a rank share a GPU"
+    line = next((ln.strip() for ln in d["text"].splitlines() if re.search(LAYOUT_REFUSAL, ln)), "")
+    return f"refused (exit {d['exit']}): {line}" if line else \
+        ("timed out" if d["exit"] is None else f"exit {d['exit']} without saying what to run instead")
+
 # In value-per-second order (a budget cut falls on the last steps). `cost`: what each
 # timeout is sized from; "reasoned" costs are estimates for one H100/H200 with 16 cores
-# (no GPU run yet), each timeout about 1.5-2x its cost. The timeouts add up to 560 s; the
-# budget (--budget-s: what set-up left of the call) cuts the last ones.
+# (no GPU run yet), each timeout about 1.5-2x its cost. The steps through loader-224 (every
+# target but the rooms') have timeouts adding up to 555 s; the rooms on this machine and
+# the 64 px sweep take what the budget (--budget-s: what set-up left of the call) leaves,
+# and whatever it cut is run by a fourth call if device time is left (docs/gpu-runs.md).
 STEPS: tuple[Step, ...] = (
     Step("train-data", COMMANDS["train-data"], 30, "none",
          cost="measured: 8192 JPEGs at 256 px in ~15 s on one core of the 2-core CPU machine"),
@@ -164,6 +204,15 @@ STEPS: tuple[Step, ...] = (
         Figure("sanity_dominant_phase", "where the step time went (largest share)", lambda d: dominant(d["breakdown"])),
     ), exit_marks="{gpus}", cost="reasoned, ~45 s: the embedded data set (5,120 JPEGs at 64 px) ~5 s, start ~15 s, "
                                  "1,600 micro-batches of 16 at a few ms each (launch-bound)"),
+    Step("two-ranks", COMMANDS["two-ranks"], 45, "log", (
+        Figure("two_ranks_refused", "a rank more than GPUs: stopped, saying what to run instead",
+               lambda d: two_ranks_outcome(d).startswith("refused"), "==", True),
+        Figure("two_ranks_outcome", "how it ended", two_ranks_outcome),
+        Figure("two_ranks_wall_s", "seconds until every rank had ended (at once: no hang)", lambda d: d["wall_s"],
+               "<=", 30.0),
+    ), refusal=LAYOUT_REFUSAL,
+        cost="measured: a 2-rank horovodrun (its MPI probe included) to dist.init and exit in 6.4 s on the "
+             "2-core CPU machine; here CUDA's start is added"),
     Step("kernels", COMMANDS["kernels"], 40, "bench_json", (
         Figure("kernels_compiled", "Triton kernels compiled, not interpreted", lambda d: d["interpreter"], "==", False),
         Figure("kernels_copy_bw_gb_s", "device copy bandwidth, GB/s (read + write)", lambda d: d["copy_bw_gb_s"]),
@@ -181,6 +230,14 @@ STEPS: tuple[Step, ...] = (
     Step("loader-224", COMMANDS["loader-224"], 130, "bench_json", loader_figures(224, True), exit_marks="1",
          grace_s=15, cost="reasoned, ~90 s: 34 settings; a GPU one ~1.5 s (build + 1,792 images), a CPU one 3-12 s; "
                           "on a timeout SIGINT keeps the settings measured"),
+    Step("unit-tests", COMMANDS["unit-tests"], 90, "junit:{dir}/unit-tests.xml", room_figures("unit_tests",
+                                                                                           "tests/unit"),
+         dry="collect", grace_s=15,
+         cost="measured: 184 tests in ~40 s on the 2-core CPU machine (kernels interpreted); here the kernel "
+              "tests compile Triton for the GPU instead, ~12 compiles of 1-2 s; SIGINT keeps the tests that ran"),
+    Step("parallel-tests", COMMANDS["parallel-tests"], 60, "junit:{dir}/parallel-tests.rank*.xml",
+         room_figures("parallel_tests", "tests/parallel", ranks=2), env={"CUDA_VISIBLE_DEVICES": ""},
+         dry="collect", grace_s=10, cost="measured: 2 x 16 tests in 16 s on the 2-core CPU machine, launch included"),
     Step("loader-64", COMMANDS["loader-64"], 45, "bench_json", loader_figures(64, False, cpu_loaders=False),
          exit_marks="1", cost="reasoned, ~25 s: 8 GPU settings of ~1.5 s, start ~10 s"),
 )

@@ -2,8 +2,11 @@
 writes in its JSON output against targets. The plan itself lives in bench/gpu_check.py.
 
 A step's figures are read from what the command writes for programs: the last
-`BENCH_JSON {...}` line of its output, a JSON report file, or pytest's JUnit XML; never
-from prose. Each figure is PASS, FAIL, REPORTED (no target) or NOT EVALUATED (why).
+`BENCH_JSON {...}` line of its output, a JSON report file, or pytest's JUnit XML (one file,
+or one per rank: a glob); never from prose. One kind of step is judged on how it ended: a
+command that must either work or refuse at once (`refusal`, a pattern its message must
+match: two ranks on one GPU) reads its log, exit status and seconds (`output="log"`).
+Each figure is PASS, FAIL, REPORTED (no target) or NOT EVALUATED (why).
 
 A step that runs into its timeout first gets SIGINT, `grace_s` before the timeout, so it
 can end on what it has (pytest then writes its JUnit XML with the tests that ran,
@@ -20,6 +23,7 @@ passes its exit figure with the crash named.
 """
 from __future__ import annotations
 
+import glob
 import json
 import operator
 import os
@@ -55,23 +59,26 @@ class Figure:
 @dataclass(frozen=True)
 class Step:
     name: str
-    argv: tuple[str, ...]          # templated: {py} {horovodrun} {gpus} {dir}
+    argv: tuple[str, ...]          # templated: {py} {horovodrun} {gpus} {gpus+1} {dir}
     timeout_s: int
-    output: str                    # bench_json | json:<path under {dir}> | junit:<path under {dir}> | none
+    output: str                    # bench_json | json:<path> | junit:<path or glob> | log | none (paths under {dir})
     figures: tuple[Figure, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     dry: str = "parse"             # how --dry-run checks the command: parse | collect (pytest)
     cost: str = ""                 # what the timeout is sized from (measured or reasoned), shown in the plan
     grace_s: int = 10              # SIGINT this long before the timeout (at most a quarter of it), then the kill
     exit_marks: str = ""           # EXIT_STATUS lines a clean finish prints ("1", "{gpus}"); "" = none
+    refusal: str = ""              # a regex: a non-zero exit whose output matches it is a clean refusal
 
 
-PLACEHOLDER = re.compile(r"\{(py|horovodrun|gpus|dir)\}")
+PLACEHOLDER = re.compile(r"\{(py|horovodrun|gpus|gpus\+1|dir)\}")
 
 
 def fill(text: str, ctx: dict) -> str:
-    """The plan's placeholders only: other braces (a `python -c` program) stay as they are."""
-    return PLACEHOLDER.sub(lambda m: str(ctx[m.group(1)]), text)
+    """The plan's placeholders only ({gpus+1}: one rank more than the GPUs); other braces
+    (a `python -c` program) stay as they are."""
+    return PLACEHOLDER.sub(lambda m: str(int(ctx["gpus"]) + 1) if m.group(1) == "gpus+1" else str(ctx[m.group(1)]),
+                           text)
 
 
 def expand(argv: tuple[str, ...], ctx: dict) -> list[str]:
@@ -149,23 +156,43 @@ def run_command(argv: list[str], timeout_s: float, log_path: str, env: dict | No
     return None, time.monotonic() - t0, how
 
 
-def read_output(step: Step, ctx: dict, log_path: str) -> tuple[dict | None, str]:
+def read_output(step: Step, ctx: dict, log_path: str, rc: int | None = None,
+                wall_s: float | None = None) -> tuple[dict | None, str]:
     """The step's output document, or (None, why)."""
     kind, _, rel = step.output.partition(":")
     if kind == "none":
         return {}, ""
+    if kind == "log":  # how it ended: its output, exit status (None: timed out) and seconds
+        with open(log_path, errors="replace") as f:
+            return {"text": f.read(), "exit": rc, "wall_s": wall_s}, ""
     if kind == "bench_json":
         lines = [ln for ln in open(log_path, errors="replace") if "BENCH_JSON " in ln]
         if not lines:
             return None, "no BENCH_JSON line in its output"
         return json.loads(lines[-1].split("BENCH_JSON ", 1)[1]), ""
     path = fill(rel, ctx)
+    if kind == "junit" and glob.has_magic(path):  # one file per rank (tests/parallel/conftest.py)
+        paths = sorted(glob.glob(path))
+        return (read_junits(paths), "") if paths else (None, f"no file matching {path} was written")
     if not os.path.exists(path):
         return None, f"{path} was not written"
     if kind == "json":
         with open(path) as f:
             return json.load(f), ""
     return read_junit(path), ""
+
+
+def read_junits(paths: list[str]) -> dict:
+    """Several ranks' JUnit XML as one: counts summed, each listed test named with its
+    file (`parallel-tests.rank1.xml: test: reason`); `files` says how many there were."""
+    out: dict = {"files": len(paths)}
+    for path in paths:
+        one = read_junit(path)
+        tag = os.path.basename(path)
+        for k, v in one.items():
+            out[k] = out.get(k, [] if isinstance(v, list) else 0) + \
+                ([f"{tag}: {x}" for x in v] if isinstance(v, list) else v)
+    return out
 
 
 def read_junit(path: str) -> dict:
@@ -261,6 +288,17 @@ def crash_at_exit(step: Step, ctx: dict, rc: int | None, log_path: str) -> str:
     return f"crashed at exit ({describe_status(rc)}) after {len(marks)} process(es) reported EXIT_STATUS 0{said}"
 
 
+def refused(step: Step, rc: int | None, log_path: str) -> str:
+    """Non-empty (the matching line) when the command refused as it should: a non-zero exit
+    of its own (not a timeout) and its output matching `step.refusal`."""
+    if not step.refusal or rc in (0, None):
+        return ""
+    pattern = re.compile(step.refusal)
+    with open(log_path, errors="replace") as f:
+        line = next((ln.strip() for ln in f if pattern.search(ln)), "")
+    return f"refused as designed ({describe_status(rc)}): {line[:400]}" if line else ""
+
+
 def exit_figure(step: Step, rc: int | None, how: str, crash: str) -> dict:
     fig = {"key": f"{step.name}.exit", "label": "exit status", "op": "==", "target": 0, "value": rc,
            "reference": None, "status": "PASS" if rc == 0 or crash else "FAIL", "why": crash}
@@ -278,20 +316,21 @@ def run_step(step: Step, ctx: dict, run_dir: str) -> dict:
     env = {**os.environ, **step.env, **({"HVDTRAIN_EXIT_MARK": "1"} if step.exit_marks else {})}
     print(f"gpu_check: [{step.name}] {shlex.join(argv)}  (timeout {step.timeout_s} s)", flush=True)
     rc, wall_s, how = run_command(argv, step.timeout_s, log, env, step.grace_s)
-    crash = crash_at_exit(step, ctx, rc, log)
+    crash, refusal = crash_at_exit(step, ctx, rc, log), refused(step, rc, log)
     try:
-        doc, why = read_output(step, ctx, log)
+        doc, why = read_output(step, ctx, log, rc, round(wall_s, 1))
     except (OSError, ValueError, ET.ParseError) as e:
         doc, why = None, f"its output could not be read: {e}"
     if rc is None and doc is None:
         why = f"the step timed out after {step.timeout_s} s ({how}) and left no output: {why}"
-    figs = [exit_figure(step, rc, how, crash)] + [judge(f, doc, why, ctx) for f in step.figures]
+    figs = [exit_figure(step, rc, how, crash or refusal)] + [judge(f, doc, why, ctx) for f in step.figures]
     failed = [f["key"] for f in figs if f["status"] in ("FAIL", "NOT EVALUATED") and f["op"]]
     print(f"gpu_check: [{step.name}] {'FAIL' if failed else 'PASS'} in {wall_s:.0f} s"
-          + (f": {', '.join(failed)}" if failed else "") + (f" ({crash})" if crash else "")
+          + (f": {', '.join(failed)}" if failed else "") + (f" ({crash or refusal})" if crash or refusal else "")
           + f"  (log: {log})", flush=True)
     return {"name": step.name, "argv": argv, "timeout_s": step.timeout_s, "wall_s": round(wall_s, 1),
             "exit": rc, "timed_out": rc is None, "ended_by": how or None, "crash_at_exit": crash or None,
+            "refused": refusal or None,
             "log": log, "figures": figs, "passed": not failed, "cost": step.cost}
 
 

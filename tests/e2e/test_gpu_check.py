@@ -43,8 +43,10 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "[kernels] timeout 40 s: {py} -m bench.kernels" in r.stdout
     assert "kernels_compiled" in r.stdout and r.stdout.count("parses: yes") == 2
-    # the whole check, with set-up checks and version reading around it, fits in a 10-minute call
-    assert sum(s.timeout_s for s in G.STEPS) <= 570
+    # the steps through the 224 px sweep, with set-up checks and version reading around them,
+    # fit in a 10-minute call (the plan's order: tests/e2e/test_gpu_plan_rehearsal.py)
+    names = [s.name for s in G.STEPS]
+    assert sum(s.timeout_s for s in G.STEPS[:names.index("loader-224") + 1]) <= 570
 
 
 def test_dry_run_names_a_flag_no_parser_accepts(tmp_path):

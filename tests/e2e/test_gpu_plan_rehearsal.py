@@ -18,6 +18,7 @@ from bench import gpu_check as G
 from bench.steprun import EXPECTED_SKIP, REPO
 
 PY = sys.executable
+REPO_BIN = __import__("pathlib").Path(PY).parent
 
 STANDIN = r'''
 import json, os, signal, sys, time
@@ -45,6 +46,16 @@ elif mode == "sanity":  # writes its report; records which steps gpu-check.json 
                "max_memory_gib": 1.3, "images_per_s": 5000.0, "breakdown": None},
               open(os.path.join(out, "sanity", "sanity.json"), "w"))
     sys.exit(exitmark.mark(0))
+elif mode == "refuse":  # dist.init with more ranks than GPUs: rank 0 prints the refusal, every rank exits 2
+    from hvdtrain.dist import GpuLayoutError, gpu_for_rank
+    try:
+        gpu_for_rank(1, 2, 1)
+    except GpuLayoutError as e:
+        print(f"hvdtrain: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+elif mode == "silent":  # exits as a refusal does, without saying what to run instead
+    print("Process 0 exit with status code 2", flush=True)
+    sys.exit(2)
 elif mode == "deaf":  # prints what it has, then ignores SIGINT: only the kill ends it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     bench_json({"interpreter": False, "copy_bw_gb_s": 3000.0, "results": [
@@ -74,10 +85,12 @@ def test_hangs(): time.sleep(600)
 # stand-in, timeout and grace per step: train-data and loader-data finish at once; train
 # crashes at exit after a clean finish; sanity reads the report written so far; kernels
 # ignores SIGINT and is killed at its timeout; gpu-tests is real pytest with a hanging
-# test (SIGINT at 16 s); loader-224 sweeps until the budget's SIGINT; loader-64: no time left.
+# test (SIGINT at 16 s); loader-224 sweeps until the budget's SIGINT;
+# two-ranks refuses as dist.init does; the rooms and loader-64: no time left.
 PLAN = {"train-data": ("quick", 10, 2), "train": ("train", 10, 2), "sanity": ("sanity", 10, 2),
-        "kernels": ("deaf", 4, 1), "gpu-tests": ("pytest", 20, 4), "loader-data": ("quick", 10, 2),
-        "loader-224": ("sweep", 300, 2), "loader-64": ("sweep", 300, 2)}
+        "two-ranks": ("refuse", 10, 2), "kernels": ("deaf", 4, 1), "gpu-tests": ("pytest", 20, 4),
+        "loader-data": ("quick", 10, 2), "loader-224": ("sweep", 300, 2), "unit-tests": ("quick", 10, 2),
+        "parallel-tests": ("quick", 10, 2), "loader-64": ("sweep", 300, 2)}
 BUDGET_S = 50
 
 
@@ -108,7 +121,11 @@ def test_the_real_plan_is_sized_and_ordered():
     assert names[:2] == ["train-data", "train"] and names[-1] == "loader-64", names
     assert names.index("loader-data") < names.index("loader-224")
     assert all(s.cost for s in G.STEPS), [s.name for s in G.STEPS if not s.cost]
-    assert sum(s.timeout_s for s in G.STEPS) <= 570
+    # every step with a target of its own, through the 224 px sweep, fits a call's 570 s; the
+    # CPU rooms run on that machine and the 64 px sweep take what the budget leaves
+    core = names.index("loader-224") + 1
+    assert sum(s.timeout_s for s in G.STEPS[:core]) <= 570
+    assert names[core:] == ["unit-tests", "parallel-tests", "loader-64"], names
 
 
 def test_the_plan_rehearsed_with_stand_ins_under_a_budget(tmp_path, monkeypatch, sigint_ignored):
@@ -133,6 +150,11 @@ def test_the_plan_rehearsed_with_stand_ins_under_a_budget(tmp_path, monkeypatch,
     # the report was on disk before the next step began
     seen = json.loads((run_dir / "sanity" / "sanity.json").read_text())["seen_steps"]
     assert seen == ["train-data", "train"] and steps["sanity"]["passed"]
+    # more ranks than GPUs: a refusal that says what to run instead is the step's clean end
+    assert steps["two-ranks"]["passed"] and steps["two-ranks"]["exit"] == 2, steps["two-ranks"]
+    assert figs["two-ranks.exit"]["why"].startswith("refused as designed (exit status 2): hvdtrain: 2 ranks")
+    assert figs["two_ranks_refused"]["status"] == "PASS" and figs["two_ranks_wall_s"]["status"] == "PASS"
+    assert "CUDA_VISIBLE_DEVICES= horovodrun -np 2" in figs["two_ranks_outcome"]["value"]
     # SIGINT ignored: killed at the timeout, with what it printed before kept
     assert steps["kernels"]["timed_out"] and steps["kernels"]["ended_by"] == "SIGKILL"
     assert 4 <= steps["kernels"]["wall_s"] < 6 and figs["kernels_compiled"]["status"] == "PASS"
@@ -150,12 +172,61 @@ def test_the_plan_rehearsed_with_stand_ins_under_a_budget(tmp_path, monkeypatch,
     assert sweep["timed_out"] and sweep["ended_by"] == "SIGINT" and sweep["timeout_s"] < 300
     assert figs["loader_224_dali_gpu_img_s"]["value"] >= 8000 and figs["loader_224_dali_gpu_img_s"]["status"] == "PASS"
     assert "interrupted (SIGINT)" in figs["loader_224_errors"]["value"]
-    assert steps["loader-64"]["not_run"] == f"not run: {BUDGET_S} s budget (--budget-s) spent"
+    for late in ("unit-tests", "parallel-tests", "loader-64"):
+        assert steps[late]["not_run"] == f"not run: {BUDGET_S} s budget (--budget-s) spent", late
     assert report["complete"] is False and report["passed"] is False and report["pending"] == []
-    assert report["failed_steps"] == ["kernels", "gpu-tests", "loader-224", "loader-64"]
+    failed = ["kernels", "gpu-tests", "loader-224", "unit-tests", "parallel-tests", "loader-64"]
+    assert report["failed_steps"] == failed
     # what comes back from the device call
     md = (copy_to / "gpu-check.md").read_text()
-    assert md.startswith("# gpu-check: FAIL: kernels, gpu-tests, loader-224, loader-64 (incomplete")
+    assert md.startswith(f"# gpu-check: FAIL: {', '.join(failed)} (incomplete")
     assert "## loader-64: NOT RUN" in md and "timed out: ended by SIGINT" in md
     assert json.loads((copy_to / "gpu-check.json").read_text())["steps"][-1]["name"] == "loader-64"
     assert "===== gpu-tests:" in (copy_to / "gpu-check-logs.txt").read_text()
+
+
+ROOM = f'''
+import pytest
+def test_passes(): pass
+def test_differs_here(): assert 1 == 2, "only on this machine"
+def test_skipped(): pytest.skip("no such tool here")
+'''
+
+
+def test_the_refusal_and_the_rooms_judged(tmp_path):
+    """two-ranks: a non-zero exit that does not say what to run instead fails, named. The
+    unit room: a failure and a skip are listed as behaving differently on that machine. The
+    parallel room as the plan runs it (the real tests/parallel, one test, 2 Horovod ranks,
+    GPUs hidden): each rank writes its own JUnit XML and both are read."""
+    from bench.steprun import run_step
+
+    step = {s.name: s for s in G.STEPS}
+    script, room = tmp_path / "standin.py", tmp_path / "test_room.py"
+    script.write_text(STANDIN)
+    room.write_text(ROOM)
+    ctx = {"py": PY, "horovodrun": str(REPO_BIN / "horovodrun"), "gpus": 1, "dir": str(tmp_path)}
+
+    silent = run_step(dataclasses.replace(step["two-ranks"], argv=("{py}", str(script), REPO, "silent", "{dir}")),
+                      ctx, str(tmp_path))
+    figs = {f["key"]: f for f in silent["figures"]}
+    assert not silent["passed"] and not silent["refused"] and figs["two-ranks.exit"]["status"] == "FAIL"
+    assert figs["two_ranks_refused"]["status"] == "FAIL"
+    assert figs["two_ranks_outcome"]["value"] == "exit 2 without saying what to run instead"
+
+    unit = run_step(dataclasses.replace(step["unit-tests"], argv=step["unit-tests"].argv[:-1] + (str(room),)),
+                    ctx, str(tmp_path))
+    figs = {f["key"]: f for f in unit["figures"]}
+    assert figs["unit_tests_failed"]["value"] == 1 and figs["unit_tests_failed"]["status"] == "FAIL"
+    assert figs["unit_tests_passed"]["value"] == 1
+    different = figs["unit_tests_different_here"]["value"]
+    assert different.startswith("2: ") and "test_differs_here" in different and "no such tool here" in different
+
+    quick = "test_world_is_two_ranks"
+    par = run_step(dataclasses.replace(step["parallel-tests"], argv=step["parallel-tests"].argv + ("-k", quick)),
+                   ctx, str(tmp_path))
+    figs = {f["key"]: f for f in par["figures"]}
+    assert par["passed"], open(par["log"]).read()[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("parallel-tests*.xml")) == \
+        ["parallel-tests.rank0.xml", "parallel-tests.rank1.xml"]
+    assert figs["parallel_tests_ranks_reported"]["value"] == 2 and figs["parallel_tests_passed"]["value"] == 2
+    assert figs["parallel_tests_different_here"]["value"] == "none"
