@@ -199,6 +199,8 @@ STEPS: tuple[Step, ...] = (
                why=lambda d: d["gpu"].get("why") or (d["gpu"].get("dmon") or {}).get("why")),
         Figure("sanity_sm_util_pct", "SM utilisation, NVML GPM mean", lambda d: d["gpu"].get("sm_util_mean_pct"),
                why=lambda d: d["gpu"].get("sm_util_why")),
+        Figure("sanity_jpeg_engines_util_pct", "JPEG engines' load, NVML mean (hardware decoder)",
+               lambda d: d["gpu"].get("jpg_util_mean_pct"), why=lambda d: d["gpu"].get("jpg_util_why")),
         Figure("sanity_max_vram_gib", "max VRAM, GiB (torch max allocated, rank 0)", lambda d: d["max_memory_gib"]),
         Figure("sanity_img_s", "sanity training img/s, all ranks", lambda d: d["images_per_s"]),
         Figure("sanity_dominant_phase", "where the step time went (largest share)", lambda d: dominant(d["breakdown"])),

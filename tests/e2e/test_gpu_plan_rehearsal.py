@@ -42,7 +42,8 @@ elif mode == "sanity":  # writes its report; records which steps gpu-check.json 
     seen = [s["name"] for s in json.load(open(os.path.join(out, "gpu-check.json")))["steps"]]
     os.makedirs(os.path.join(out, "sanity"), exist_ok=True)
     json.dump({"verdict": "GO", "slos": [{"name": "gpu_util_pct", "value": 91.0}], "seen_steps": seen,
-               "gpu": {"util_mean_pct": 91.0, "dmon": {"sm_mean_pct": 88.0}, "sm_util_mean_pct": 60.0},
+               "gpu": {"util_mean_pct": 91.0, "dmon": {"sm_mean_pct": 88.0}, "sm_util_mean_pct": 60.0,
+                       "jpg_util_mean_pct": None, "jpg_util_why": "this GPU has no JPEG engine"},
                "max_memory_gib": 1.3, "images_per_s": 5000.0, "breakdown": None},
               open(os.path.join(out, "sanity", "sanity.json"), "w"))
     sys.exit(exitmark.mark(0))
@@ -150,6 +151,8 @@ def test_the_plan_rehearsed_with_stand_ins_under_a_budget(tmp_path, monkeypatch,
     # the report was on disk before the next step began
     seen = json.loads((run_dir / "sanity" / "sanity.json").read_text())["seen_steps"]
     assert seen == ["train-data", "train"] and steps["sanity"]["passed"]
+    assert figs["sanity_jpeg_engines_util_pct"]["status"] == "NOT EVALUATED" and \
+        figs["sanity_jpeg_engines_util_pct"]["why"] == "this GPU has no JPEG engine"  # a reason, and no target
     # more ranks than GPUs: a refusal that says what to run instead is the step's clean end
     assert steps["two-ranks"]["passed"] and steps["two-ranks"]["exit"] == 2, steps["two-ranks"]
     assert figs["two-ranks.exit"]["why"].startswith("refused as designed (exit status 2): hvdtrain: 2 ranks")
