@@ -165,10 +165,11 @@ def two_ranks_outcome(d: dict) -> str:
     return f"refused (exit {d['exit']}): {line}" if line else \
         ("timed out" if d["exit"] is None else f"exit {d['exit']} without saying what to run instead")
 
+
 # In value-per-second order (a budget cut falls on the last steps). `cost`: what each
 # timeout is sized from; "reasoned" costs are estimates for one H100/H200 with 16 cores
 # (no GPU run yet), each timeout about 1.5-2x its cost. The steps through loader-224 (every
-# target but the rooms') have timeouts adding up to 555 s; the rooms on this machine and
+# target but the rooms') have timeouts adding up to 560 s; the rooms on this machine and
 # the 64 px sweep take what the budget (--budget-s: what set-up left of the call) leaves,
 # and whatever it cut is run by a fourth call if device time is left (docs/gpu-runs.md).
 STEPS: tuple[Step, ...] = (

@@ -315,6 +315,10 @@ def run_step(step: Step, ctx: dict, run_dir: str) -> dict:
     log = os.path.join(run_dir, f"{step.name}.log")
     env = {**os.environ, **step.env, **({"HVDTRAIN_EXIT_MARK": "1"} if step.exit_marks else {})}
     print(f"gpu_check: [{step.name}] {shlex.join(argv)}  (timeout {step.timeout_s} s)", flush=True)
+    kind, _, rel = step.output.partition(":")
+    if kind in ("json", "junit"):  # an earlier run's report in a reused run folder is not this one's
+        for stale in glob.glob(fill(rel, ctx)):
+            os.remove(stale)
     rc, wall_s, how = run_command(argv, step.timeout_s, log, env, step.grace_s)
     crash, refusal = crash_at_exit(step, ctx, rc, log), refused(step, rc, log)
     try:
