@@ -157,13 +157,12 @@ LAYOUT_REFUSAL = r"hvdtrain runs one rank per GPU\. Run `horovodrun -np \d+"
 
 
 def two_ranks_outcome(d: dict) -> str:
-    import re
-
+    """How the two-ranks step ended (its `ended` document: exit, wall_s, refused)."""
     if d["exit"] == 0:
         return "ran (exit 0): the one-rank-per-GPU check let a rank share a GPU"
-    line = next((ln.strip() for ln in d["text"].splitlines() if re.search(LAYOUT_REFUSAL, ln)), "")
-    return f"refused (exit {d['exit']}): {line}" if line else \
-        ("timed out" if d["exit"] is None else f"exit {d['exit']} without saying what to run instead")
+    if d["refused"]:
+        return f"refused (exit {d['exit']}): {d['refused']}"
+    return "timed out" if d["exit"] is None else f"exit {d['exit']} without saying what to run instead"
 
 
 # In value-per-second order (a budget cut falls on the last steps). `cost`: what each
@@ -207,7 +206,7 @@ STEPS: tuple[Step, ...] = (
         Figure("sanity_dominant_phase", "where the step time went (largest share)", lambda d: dominant(d["breakdown"])),
     ), exit_marks="{gpus}", cost="reasoned, ~45 s: the embedded data set (5,120 JPEGs at 64 px) ~5 s, start ~15 s, "
                                  "1,600 micro-batches of 16 at a few ms each (launch-bound)"),
-    Step("two-ranks", COMMANDS["two-ranks"], 45, "log", (
+    Step("two-ranks", COMMANDS["two-ranks"], 45, "ended", (
         Figure("two_ranks_refused", "a rank more than GPUs: stopped, saying what to run instead",
                lambda d: two_ranks_outcome(d).startswith("refused"), "==", True),
         Figure("two_ranks_outcome", "how it ended", two_ranks_outcome),

@@ -4,8 +4,9 @@ writes in its JSON output against targets. The plan itself lives in bench/gpu_ch
 A step's figures are read from what the command writes for programs: the last
 `BENCH_JSON {...}` line of its output, a JSON report file, or pytest's JUnit XML (one file,
 or one per rank: a glob); never from prose. One kind of step is judged on how it ended: a
-command that must either work or refuse at once (`refusal`, a pattern its message must
-match: two ranks on one GPU) reads its log, exit status and seconds (`output="log"`).
+command that must refuse at once (`refusal`, a pattern its message must match: a rank
+more than the GPUs) is read for how it ended: exit status, seconds and the refusal's line
+(`output="ended"`).
 Each figure is PASS, FAIL, REPORTED (no target) or NOT EVALUATED (why).
 
 A step that runs into its timeout first gets SIGINT, `grace_s` before the timeout, so it
@@ -61,7 +62,7 @@ class Step:
     name: str
     argv: tuple[str, ...]          # templated: {py} {horovodrun} {gpus} {gpus+1} {dir}
     timeout_s: int
-    output: str                    # bench_json | json:<path> | junit:<path or glob> | log | none (paths under {dir})
+    output: str                    # bench_json | json:<path> | junit:<path or glob> | ended | none (paths under {dir})
     figures: tuple[Figure, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     dry: str = "parse"             # how --dry-run checks the command: parse | collect (pytest)
@@ -156,15 +157,14 @@ def run_command(argv: list[str], timeout_s: float, log_path: str, env: dict | No
     return None, time.monotonic() - t0, how
 
 
-def read_output(step: Step, ctx: dict, log_path: str, rc: int | None = None,
-                wall_s: float | None = None) -> tuple[dict | None, str]:
-    """The step's output document, or (None, why)."""
+def read_output(step: Step, ctx: dict, log_path: str, ended: dict | None = None) -> tuple[dict | None, str]:
+    """The step's output document, or (None, why). `ended`: how it ended (exit, wall_s,
+    refused), the document of an `ended` step."""
     kind, _, rel = step.output.partition(":")
     if kind == "none":
         return {}, ""
-    if kind == "log":  # how it ended: its output, exit status (None: timed out) and seconds
-        with open(log_path, errors="replace") as f:
-            return {"text": f.read(), "exit": rc, "wall_s": wall_s}, ""
+    if kind == "ended":
+        return dict(ended or {}), ""
     if kind == "bench_json":
         lines = [ln for ln in open(log_path, errors="replace") if "BENCH_JSON " in ln]
         if not lines:
@@ -288,15 +288,14 @@ def crash_at_exit(step: Step, ctx: dict, rc: int | None, log_path: str) -> str:
     return f"crashed at exit ({describe_status(rc)}) after {len(marks)} process(es) reported EXIT_STATUS 0{said}"
 
 
-def refused(step: Step, rc: int | None, log_path: str) -> str:
-    """Non-empty (the matching line) when the command refused as it should: a non-zero exit
-    of its own (not a timeout) and its output matching `step.refusal`."""
+def refusal_line(step: Step, rc: int | None, log_path: str) -> str:
+    """The line of the output matching `step.refusal` when the command refused as it
+    should (a non-zero exit of its own, not a timeout); "" otherwise."""
     if not step.refusal or rc in (0, None):
         return ""
     pattern = re.compile(step.refusal)
     with open(log_path, errors="replace") as f:
-        line = next((ln.strip() for ln in f if pattern.search(ln)), "")
-    return f"refused as designed ({describe_status(rc)}): {line[:400]}" if line else ""
+        return next((ln.strip()[:400] for ln in f if pattern.search(ln)), "")
 
 
 def exit_figure(step: Step, rc: int | None, how: str, crash: str) -> dict:
@@ -320,9 +319,10 @@ def run_step(step: Step, ctx: dict, run_dir: str) -> dict:
         for stale in glob.glob(fill(rel, ctx)):
             os.remove(stale)
     rc, wall_s, how = run_command(argv, step.timeout_s, log, env, step.grace_s)
-    crash, refusal = crash_at_exit(step, ctx, rc, log), refused(step, rc, log)
+    crash, line = crash_at_exit(step, ctx, rc, log), refusal_line(step, rc, log)
+    refusal = f"refused as designed ({describe_status(rc)}): {line}" if line else ""
     try:
-        doc, why = read_output(step, ctx, log, rc, round(wall_s, 1))
+        doc, why = read_output(step, ctx, log, {"exit": rc, "wall_s": round(wall_s, 1), "refused": line})
     except (OSError, ValueError, ET.ParseError) as e:
         doc, why = None, f"its output could not be read: {e}"
     if rc is None and doc is None:

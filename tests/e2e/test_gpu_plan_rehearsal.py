@@ -8,6 +8,7 @@ results kept from a timed-out step, a crash at exit after a clean finish, expect
 unexpected skips, and the report rewritten after every step."""
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -18,7 +19,6 @@ from bench import gpu_check as G
 from bench.steprun import EXPECTED_SKIP, REPO
 
 PY = sys.executable
-REPO_BIN = __import__("pathlib").Path(PY).parent
 
 STANDIN = r'''
 import json, os, signal, sys, time
@@ -207,7 +207,7 @@ def test_the_refusal_and_the_rooms_judged(tmp_path):
     script, room = tmp_path / "standin.py", tmp_path / "test_room.py"
     script.write_text(STANDIN)
     room.write_text(ROOM)
-    ctx = {"py": PY, "horovodrun": str(REPO_BIN / "horovodrun"), "gpus": 1, "dir": str(tmp_path)}
+    ctx = {"py": PY, "horovodrun": os.path.join(os.path.dirname(PY), "horovodrun"), "gpus": 1, "dir": str(tmp_path)}
 
     silent = run_step(dataclasses.replace(step["two-ranks"], argv=("{py}", str(script), REPO, "silent", "{dir}")),
                       ctx, str(tmp_path))
