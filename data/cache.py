@@ -50,7 +50,12 @@ def path(kind: str, name: str) -> str:
 
 def signature(tar: str) -> str:
     """Content key of a tar: size + sha256 of its first and last 4 KiB and 8 blocks between.
-    Remembered per (path, size, mtime, inode) for the life of the process."""
+    Remembered per (path, size, mtime, inode) for the life of the process. A tar in a
+    bucket is keyed by its URL, size and ETag/generation as listed (`data.remote.Obj.sig`)."""
+    if tar.startswith(("s3://", "gs://")):
+        from data import remote
+
+        return remote.known(tar).sig
     st = os.stat(tar)
     memo = (os.path.abspath(tar), st.st_size, st.st_mtime_ns, st.st_ino)
     if memo in _SIG_CACHE:

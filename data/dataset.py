@@ -29,6 +29,7 @@ import os
 import numpy as np
 
 from data import cache
+from data.nodecache import local_copy
 from data.shards import ShardSet, open_shards
 from data.tarindex import ShardError, index_text, walk
 
@@ -47,19 +48,33 @@ def auto_chunk(total: int) -> int:
 
 
 # ---------------------------------------------------------------- a rank's view
-def pieces_of(counts: list[int], epoch: int | None = None, seed: int = 0, chunk: int = 0) -> np.ndarray:
+def pieces_of(counts: list[int], epoch: int | None = None, seed: int = 0, chunk: int = 0,
+              group: int = 0) -> np.ndarray:
     """[(tar, first, last)] in reading order: whole tars in order (epoch None), or every tar
-    cut into chunks permuted by (seed, epoch), the same on every rank."""
+    cut into chunks permuted by (seed, epoch), the same on every rank. `group` (windowed
+    reading): the tars are permuted, then each run of `group` tars has its chunks permuted
+    among themselves, so a window of reading touches about `group` tars, not all of them."""
     counts = np.asarray(counts, dtype=np.int64)
     if epoch is None:
         return np.stack([np.arange(len(counts)), np.zeros_like(counts), counts], axis=1)
     chunk = chunk or auto_chunk(int(counts.sum()))
-    per = -(-counts // chunk)
-    tar = np.repeat(np.arange(len(counts)), per)
+    if group:
+        rng = np.random.default_rng([seed, epoch, group])
+        tars = rng.permutation(len(counts))
+        parts = [_chunks(counts, tars[g:g + group], chunk) for g in range(0, len(tars), group)]
+        return np.concatenate([p[rng.permutation(len(p))] for p in parts])
+    pieces = _chunks(counts, np.arange(len(counts)), chunk)
+    order = np.random.default_rng([seed, epoch]).permutation(len(pieces))
+    return pieces[order]
+
+
+def _chunks(counts: np.ndarray, tars: np.ndarray, chunk: int) -> np.ndarray:
+    """[(tar, first, last)]: tars `tars` (in that order) cut into runs of `chunk` samples."""
+    per = -(-counts[tars] // chunk)
+    tar = np.repeat(tars, per)
     first = (np.arange(len(tar)) - np.repeat(np.cumsum(per) - per, per)) * chunk
     last = np.minimum(first + chunk, counts[tar])
-    order = np.random.default_rng([seed, epoch]).permutation(len(tar))
-    return np.stack([tar, first, last], axis=1)[order]
+    return np.stack([tar, first, last], axis=1)
 
 
 def slice_pieces(pieces: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -104,12 +119,48 @@ def rank_view(shards: ShardSet, rank: int, size: int, out_dir: str, *, pad: bool
               epoch: int | None = None, seed: int = 0, chunk: int = 0) -> ShardSet:
     """Rank `rank`'s samples (of epoch `epoch` when interleaved) as a ShardSet whose indexes
     list only them, for a DALI reader of one shard. Index files it writes go to `out_dir`."""
+    mine, extra = _rank_pieces(shards, rank, size, pad, epoch, seed, chunk)
+    return _view(shards, mine, extra, out_dir, IndexLines(shards), "")
+
+
+def window_samples(shards: ShardSet, window_shards: int, batch_size: int) -> int:
+    """Samples per reader window: `window_shards` shards' worth on average, rounded up to
+    whole batches (so a window ends where a batch ends, and every rank has the same
+    number of batches per epoch)."""
+    per_shard = shards.total / max(1, len(shards.counts))
+    return max(1, math.ceil(window_shards * per_shard / batch_size)) * batch_size
+
+
+def rank_windows(shards: ShardSet, rank: int, size: int, out_dir: str, window: int, *, pad: bool = True,
+                 epoch: int | None = None, seed: int = 0, chunk: int = 0, group: int = 0) -> list[ShardSet]:
+    """Rank `rank`'s samples of an epoch cut into windows of `window` samples (the last one
+    takes the rest and the padding): a DALI reader per window, over shards a node cache
+    holds at that moment. `group`: the tars of an interleaved epoch are permuted in runs
+    of that many (pieces_of), so a window touches about `group` tars."""
+    mine, extra = _rank_pieces(shards, rank, size, pad, epoch, seed, chunk, group)
+    lines, out = IndexLines(shards), []
+    total = int((mine[:, 2] - mine[:, 1]).sum())
+    bounds = list(range(window, total, window))
+    for k, (lo, hi) in enumerate(zip([0] + bounds, bounds + [total])):
+        out.append(_view(shards, slice_pieces(mine, lo, hi), extra if hi == total else 0, out_dir, lines,
+                         f"w{k:05d}-"))
+    return out
+
+
+def _rank_pieces(shards: ShardSet, rank: int, size: int, pad: bool, epoch, seed: int, chunk: int,
+                 group: int = 0) -> tuple[np.ndarray, int]:
+    """(this rank's pieces in reading order, padding samples to add after the last one)."""
     lo, hi = rank_range(shards.total, rank, size)
-    mine = slice_pieces(pieces_of(shards.counts, epoch, seed, chunk), lo, hi)
+    mine = slice_pieces(pieces_of(shards.counts, epoch, seed, chunk, group), lo, hi)
     if not len(mine):
         raise ShardError(f"{shards.spec}: {shards.total} sample(s) for {size} ranks: rank {rank} has none")
     extra = (-(-shards.total // size) - (hi - lo)) if pad else 0  # DALI's pad_last_batch: every rank as long
-    lines = IndexLines(shards)
+    return mine, extra
+
+
+def _view(shards: ShardSet, mine: np.ndarray, extra: int, out_dir: str, lines: IndexLines, prefix: str) -> ShardSet:
+    """A ShardSet of `mine` (+ `extra` repeats of the last sample): whole tars keep their
+    own index, parts of tars get index files of their lines in `out_dir`."""
     paths, idx_paths, counts = [], [], []
     os.makedirs(out_dir, exist_ok=True)
     for i, (t, a, b) in enumerate(mine.tolist()):
@@ -119,7 +170,7 @@ def rank_view(shards: ShardSet, rank: int, size: int, out_dir: str, *, pad: bool
             idx_paths.append(shards.index_paths[t])  # a whole tar: its own index
         else:
             body = lines.rows(t, a, b) + (lines.rows(t, b - 1, b) * extra if last else b"")
-            p = os.path.join(out_dir, f"{i:06d}.idx")
+            p = os.path.join(out_dir, f"{prefix}{i:06d}.idx")
             with open(p + ".tmp", "wb") as f:
                 f.write(f"v1.2 {n}\n".encode() + body)
             os.replace(p + ".tmp", p)
@@ -184,6 +235,14 @@ def settle_classes(shards: ShardSet, wanted: int, needs: bool, on_error: str, tr
         shards.num_classes = top + 1
 
 
+def remote_options(d):
+    """How this node caches bucket data, from a run's DataConfig."""
+    from data.nodecache import Options
+
+    return Options(mode=d.remote, cache_dir=d.cache_dir, cache_gb=d.cache_gb, workers=d.fetch_workers,
+                   retry_s=d.remote_retry_s)
+
+
 def open_data(cfg, rank: int = 0, size: int = 1, allgather=None, log=None, needs_classes: bool = True):
     """(train, val or None, data description) for a run's config on rank `rank` of `size`.
     `allgather(obj, name)`: the ranks' objects (on_error=skip shares its findings with it)."""
@@ -191,8 +250,9 @@ def open_data(cfg, rank: int = 0, size: int = 1, allgather=None, log=None, needs
     if not d.train:
         raise ShardError("no training data: pass --data.train=DIR (or a .tar, or a brace pattern)")
     skip = d.on_error == "skip"
-    train = open_shards(d.train, check_fit=not skip, index_dir=d.index_dir, log=log)
-    val = open_shards(d.val, check_fit=not skip, index_dir=d.index_dir, log=log) if d.val else None
+    opts = remote_options(d)
+    train = open_shards(d.train, check_fit=not skip, index_dir=d.index_dir, log=log, remote=opts)
+    val = open_shards(d.val, check_fit=not skip, index_dir=d.index_dir, log=log, remote=opts) if d.val else None
     settle_classes(train, d.num_classes, needs_classes, d.on_error)
     if val is not None:
         settle_classes(val, d.num_classes, needs_classes, d.on_error, train)
@@ -248,7 +308,8 @@ def skip_bad(shards: ShardSet, num_classes: int | None, rank: int = 0, size: int
         if os.path.exists(out):
             cache.used(out)
         else:
-            w = walk(tar, read_exts=(), tolerant=True)
+            with local_copy(tar, shards.remote) as path:
+                w = walk(path, read_exts=(), tolerant=True)
             drop = set(bad)
             rows = [r for j, r in enumerate(w.samples) if j not in drop]
             if rows:

@@ -105,6 +105,12 @@ class ShardSet:
     meta: list[dict] | None = None  # per-shard records (shards without _info.json): labels, members
     where: dict = field(default_factory=dict)  # indexes found or built, by place
     unlabeled: int = 0  # samples without a `.cls` member (the per-shard records say; 0 with _info.json)
+    objects: dict | None = None  # bucket data: url -> data.remote.Obj as listed (size, ETag/generation)
+    remote: object = None        # bucket data: data.nodecache.Options (how the node caches it)
+
+    @property
+    def is_remote(self) -> bool:
+        return self.objects is not None
 
     @property
     def total(self) -> int:
@@ -305,20 +311,30 @@ def find_info(paths: list[str]) -> tuple[str, dict] | None:
     return path, data
 
 
-def quick_fingerprint(paths: list[str], metas: list[dict]) -> str:
+def quick_fingerprint(paths: list[str], metas: list[dict], sizes: list[int] | None = None) -> str:
     """For shards without `_info.json`: names, sizes and index contents (their sha256, in the
-    per-shard records) — no tar is read again, and it changes when the layout changes."""
+    per-shard records) — no tar is read again, and it changes when the layout changes. The
+    same shards give the same fingerprint in a folder and in a bucket (`sizes`: listed)."""
     h = hashlib.sha256()
-    for p, m in zip(paths, metas):
-        h.update(f"{os.path.basename(p)} {os.path.getsize(p)} {m['index_sha']}\n".encode())
+    sizes = sizes or [os.path.getsize(p) for p in paths]
+    for p, m, n in zip(paths, metas, sizes):
+        h.update(f"{p.rsplit('/', 1)[-1]} {n} {m['index_sha']}\n".encode())
     return "q" + h.hexdigest()[:15]
 
 
 def open_shards(spec: str, build_missing_index: bool = True, check_fit: bool = True, index_dir: str = "",
-                workers: int | None = None, log=None) -> ShardSet:
+                workers: int | None = None, log=None, remote=None) -> ShardSet:
     """Resolve `spec`, find or build the index of each tar, read `_info.json` (or, for
     shards from other tools, the per-shard records). `check_fit=False` leaves truncated tars
-    to the caller (`--data.on_error=skip` drops the samples they lost)."""
+    to the caller (`--data.on_error=skip` drops the samples they lost). A bucket URL
+    (`s3://`, `gs://`) opens through `data.bucket`; `remote`: its data.nodecache.Options."""
+    from data import remote as R
+
+    if R.is_remote(spec):
+        from data.bucket import open_remote
+
+        return open_remote(spec, index_dir, remote, log)
+    R.refuse_credentials_in(spec, "--data")
     paths = resolve_shards(spec)
     info = find_info(paths)
     if not build_missing_index:

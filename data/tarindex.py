@@ -21,6 +21,7 @@ break DALI's whitespace-separated index lines: its whitespace is %-encoded there
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -299,16 +300,18 @@ def _header_name(h: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
-def index_problem(tar_path: str, idx_path: str) -> str | None:
+def index_problem(tar_path: str, idx_path: str, opened=None) -> str | None:
     """Why an index does not describe its tar, or None. Judged by content, as a copy keeps
     it (not by mtimes): the first and last members it lists lie inside the tar and the tar
     headers there carry their names, and no sample member follows the last one it lists
-    (a tar that grew). A few small reads, whatever the size; `data.verify` checks every line."""
+    (a tar that grew). A few small reads, whatever the size; `data.verify` checks every line.
+    `opened`: (file-like with seek/read, size) instead of opening `tar_path` (a tar in a
+    bucket: `data.bucket.RangeFile`)."""
     ends = _first_and_last_rows(idx_path)
     if ends is None:
         return None
-    size = os.path.getsize(tar_path)
-    with open(tar_path, "rb") as t:
+    size = opened[1] if opened else os.path.getsize(tar_path)
+    with (contextlib.nullcontext(opened[0]) if opened else open(tar_path, "rb")) as t:
         for row in ends:
             for i in range(0, len(row) - 3, 4):
                 off, n, name = int(row[i + 1]), int(row[i + 2]), row[i + 3]

@@ -18,6 +18,7 @@ names the bad samples in a rank's view when DALI stops, and `--data.on_error=ski
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -26,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from data import cache, pool
+from data.nodecache import local_copy
 from data.shards import ShardSet, locate_index, resolve_shards
 from data.tarindex import ShardError, index_problem, read_index, split_name, walk
 from data.wds import IMAGE_EXTS, INFO_NAME, LABEL_EXT, LABEL_WIDTH, file_sha256, index_path_for, is_image_ext
@@ -109,7 +111,15 @@ def shard_record(tar: str, num_classes: int | None, decode: bool = True, labels_
     """Every sample of one tar checked, from the tar alone (a header walk, then each
     sample's bytes): {samples, bad: [sample positions], skipped: [[key, what is wrong]],
     problems: [tar-level problems], complete: the tar reads to its end}. Kept in the cache
-    by the tar's content, so unchanged shards are not decoded again."""
+    by the tar's content (a tar in a bucket: by its ETag/generation, read from the node's
+    cache), so unchanged shards are not decoded again."""
+    with local_copy(tar) as path:
+        rec = _record_of(path, num_classes, decode, labels_optional)
+    cache.write_json(_record_path(tar, num_classes, decode, labels_optional), rec)
+    return rec
+
+
+def _record_of(tar: str, num_classes: int | None, decode: bool, labels_optional: bool) -> dict:
     size = os.path.getsize(tar)
     w = walk(tar, read_exts=(), tolerant=True)
     problems, bad, skipped = [], [], []
@@ -128,7 +138,6 @@ def shard_record(tar: str, num_classes: int | None, decode: bool = True, labels_
                 skipped.append([key, why])
     rec = {"v": RECORD_VERSION, "samples": len(w.samples), "bad": bad, "skipped": skipped, "problems": problems,
            "complete": complete, "decode": decode}
-    cache.write_json(_record_path(tar, num_classes, decode, labels_optional), rec)
     return rec
 
 
@@ -164,15 +173,74 @@ def index_problems(tar: str, index_dir: str = "", rec: dict | None = None) -> li
     return []
 
 
-def _shard_job(job: tuple[str, int | None, bool, str, bool]) -> dict:
+def remote_index_problems(tar: str, index_dir: str, beside: dict | None, rec: dict, options) -> list[Problem]:
+    """A tar in a bucket: the indexes training could use (`--index-dir`, the cache, the
+    `.idx` object beside it) must list the samples of the tar's bytes; the answer is kept
+    in the tar's record, so an unchanged pair is not read again. No index at all is no
+    problem: training builds one from the bytes as the shard streams in."""
+    from data import remote
+    from data.remote import Obj
+
+    name = tar.rsplit("/", 1)[-1][:-4] + ".idx"
+    local = [p for p in ([os.path.join(index_dir, name)] if index_dir else []) +
+             [cache.path("indexes", f"{cache.signature(tar)}.idx")] if os.path.exists(p)][:1]
+    keys = {p: f"{os.path.abspath(p)}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in local}
+    obj = Obj(**beside) if beside else None
+    if obj is not None:
+        keys[obj.url] = f"{obj.url}:{obj.size}:{obj.etag}"
+    todo = [k for k, v in keys.items() if v not in rec.get("index_ok", [])]
+    if not todo:
+        return []
+    out = []
+    with local_copy(tar, options) as path:
+        samples = walk(path, read_exts=(), tolerant=True).samples
+        for k in todo:
+            try:
+                if k == (obj.url if obj else None):
+                    tmp = cache.path("jobs", f"verify-{os.getpid()}-{obj.sig}.idx")
+                    with open(tmp, "wb") as f:
+                        f.write(remote.store_for(obj.url).get_bytes(obj))
+                    try:
+                        ok = read_index(tmp) == samples
+                    finally:
+                        os.remove(tmp)
+                    why = (f"stale index in the bucket: it does not list the samples of {tar} (training ignores it "
+                           f"and indexes the shard's bytes; rebuild it with `python -m data.make_shards --index-only "
+                           f"{tar.rsplit('/', 1)[0]}/`)")
+                else:
+                    ok, why = read_index(k) == samples, f"stale index: it does not list the samples of {tar}"
+            except (ShardError, ValueError, IndexError) as e:
+                ok, why = False, f"unreadable index ({e})"
+            if ok:
+                rec["index_ok"] = (rec.get("index_ok", []) + [keys[k]])[-4:]
+                rec["_dirty"] = True
+            else:
+                out.append(Problem(k, why))
+    return out
+
+
+def _shard_job(job: tuple) -> dict:
     """Pool work for one shard: its record (kept, or made: every sample decoded), its index
-    checked, its sha256 (kept) when `_info.json` has one to compare."""
-    tar, num_classes, decode, index_dir, want_sha = job
+    checked, its sha256 (kept) when `_info.json` has one to compare. A tar in a bucket
+    comes with its listing (object, `.idx` object beside, node cache options) and is read
+    from its copy in the node's cache, only when its kept record does not answer."""
+    from data import nodecache, remote
+
+    tar, num_classes, decode, index_dir, want_sha = job[:5]
+    listing = job[5] if len(job) > 5 else None
+    options = None
+    if listing is not None:
+        remote.remember([remote.Obj(**listing["obj"])])
+        options = nodecache.Options(**listing["options"])
+        nodecache.get(options)  # this process's bucket reads use the run's cache folder
     rec, was_cached = _record_job((tar, num_classes, decode))
-    problems = [Problem(tar, x) for x in rec["problems"]] + index_problems(tar, index_dir, rec)
+    problems = [Problem(tar, x) for x in rec["problems"]]
+    problems += (remote_index_problems(tar, index_dir, listing.get("idx"), rec, options) if listing
+                 else index_problems(tar, index_dir, rec))
     problems += [Problem(tar, what, key) for key, what in rec["skipped"]]
     if want_sha and not rec.get("sha256"):
-        rec["sha256"], rec["_dirty"] = file_sha256(tar), True
+        with local_copy(tar, options) as path:
+            rec["sha256"], rec["_dirty"] = file_sha256(path), True
     if rec.pop("_dirty", False):
         cache.write_json(_record_path(tar, num_classes, rec.get("decode", decode)), rec)
     return {"samples": rec["samples"], "problems": problems, "cached": was_cached, "sha256": rec.get("sha256")}
@@ -184,19 +252,39 @@ def check_shard(tar: str, num_classes: int | None, decode: bool = True, index_di
     return out["samples"], out["problems"]
 
 
-def verify_split(spec: str, decode: bool = True, num_classes: int | None = None, workers: int | None = None,
-                 index_dir: str = "") -> tuple[dict, list[Problem]]:
-    try:
+def _listing(spec: str, options) -> tuple[list[str], str | None, dict | None, list]:
+    """(tar paths, _info.json path or URL, its content, per-tar extra job items) of a split."""
+    from data import remote
+
+    if not remote.is_remote(spec):
         paths = resolve_shards(spec)
+        info_path = os.path.join(os.path.dirname(os.path.abspath(paths[0])), INFO_NAME)
+        info = json.load(open(info_path)) if os.path.exists(info_path) else None
+        return paths, info_path, info, [() for _ in paths]
+    from data import nodecache
+    from data.bucket import _info
+
+    tars, beside = remote.resolve(spec)
+    found = _info(tars, beside)
+    opts = dataclasses.asdict(options or nodecache.Options())
+    nodecache.get(options or nodecache.Options()).want("verify", tars)  # the fetcher streams them in order
+    extra = [({"obj": t.to_dict(), "options": opts,
+               "idx": beside[t.name[:-4] + ".idx"].to_dict() if t.name[:-4] + ".idx" in beside else None},)
+             for t in tars]
+    return [t.url for t in tars], found[0] if found else None, found[1] if found else None, extra
+
+
+def verify_split(spec: str, decode: bool = True, num_classes: int | None = None, workers: int | None = None,
+                 index_dir: str = "", options=None) -> tuple[dict, list[Problem]]:
+    try:
+        paths, info_path, info, extra = _listing(spec, options)
     except ShardError as e:
         return {"spec": spec, "shards": 0, "samples": 0, "bad": 0}, [Problem(spec, str(e))]
-    info_path = os.path.join(os.path.dirname(os.path.abspath(paths[0])), INFO_NAME)
-    info = json.load(open(info_path)) if os.path.exists(info_path) else None
     num_classes = (info.get("num_classes") if info else None) or num_classes
     problems: list[Problem] = []
     by_name = {s["name"]: s for s in info.get("shards", [])} if info else {}
-    jobs = [(t, num_classes, decode, index_dir, bool(by_name.get(os.path.basename(t), {}).get("sha256")))
-            for t in paths]
+    jobs = [(t, num_classes, decode, index_dir, bool(by_name.get(os.path.basename(t), {}).get("sha256"))) + x
+            for t, x in zip(paths, extra)]
     total = reused = 0
     for tar, out in zip(paths, pool.imap(_shard_job, jobs, workers)):
         n = out["samples"]
@@ -217,11 +305,11 @@ def verify_split(spec: str, decode: bool = True, num_classes: int | None = None,
 
 
 def verify(train: str, val: str | None = None, decode: bool = True, num_classes: int | None = None,
-           workers: int | None = None, index_dir: str = "") -> Report:
+           workers: int | None = None, index_dir: str = "", options=None) -> Report:
     rep = Report()
     for split, spec in (("train", train), ("val", val)):
         if spec:
-            rep.splits[split], found = verify_split(spec, decode, num_classes, workers, index_dir)
+            rep.splits[split], found = verify_split(spec, decode, num_classes, workers, index_dir, options)
             rep.problems += found
     t, v = rep.splits.get("train", {}), rep.splits.get("val")
     if v and t.get("classes") and v.get("classes") and t["classes"] != v["classes"]:
@@ -270,10 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="processes checking shards (default: every core)")
     p.add_argument("--index-dir", default="", help="where indexes are kept if not beside the tars "
                                                    "(training's --data.index_dir)")
+    p.add_argument("--cache-dir", default="", help="bucket data: the node's shard cache (training's --data.cache_dir)")
+    p.add_argument("--cache-gb", type=float, default=0.0, help="bucket data: its bound, GB (training's --data.cache_gb)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    rep = verify(a.train, a.val, decode=not a.no_decode, num_classes=a.num_classes, workers=a.workers or None,
-                 index_dir=a.index_dir)
+    from data import nodecache
+
+    opts = nodecache.Options(cache_dir=a.cache_dir, cache_gb=a.cache_gb)
+    try:
+        rep = verify(a.train, a.val, decode=not a.no_decode, num_classes=a.num_classes, workers=a.workers or None,
+                     index_dir=a.index_dir, options=opts)
+    finally:
+        nodecache.close_all()
     for split, s in rep.splits.items():
         kept = f", {s['records_reused']} unchanged shard(s) not read again" if s.get("records_reused") else ""
         print(f"{split}: {s['spec']}: {s['shards']} shard(s), {s['samples']} samples, {s['bad']} bad sample(s){kept}")

@@ -60,6 +60,19 @@ class DataConfig:
     augment: bool = True     # train: random-resized crop + flip (off = the val resize + centre crop)
     val_batch_size: int = 0  # validation batch per rank, images; 0 = train.batch_size
     on_error: str = "stop"   # stop | skip: what a bad sample in training does (see docs/reliability.md)
+    # bucket data (train / val = s3://bucket/prefix/ or gs://...): data/remote.py, data/nodecache.py
+    remote: str = "cache"    # cache: whole shards streamed into a node-local cache ahead of the reader |
+                             # direct: DALI reads the bucket itself (a ranged GET per sample member)
+    cache_dir: str = ""      # node-local folder for shards from a bucket; "" = $HVDTRAIN_SHARD_CACHE,
+                             # else $TMPDIR (or /tmp)/hvdtrain-shards
+    cache_gb: float = 0.0    # bound on that folder, GB (1e9 bytes); 0 = min(100, half its disk's free space)
+    window_shards: int = 0   # shards per reader window (one DALI pipeline over shards already cached,
+                             # the next built in the background); 0 = 8 for bucket data read through the
+                             # cache, none (one pipeline per epoch) for local folders. N > 0 reads local
+                             # folders in windows too: the same samples per step as a bucket run
+    fetch_workers: int = 8   # concurrent ranged GETs of a node's fetcher (16 MiB each)
+    remote_retry_s: float = 60.0  # seconds a failing request is retried (backoff, resumed from the byte
+                             # reached) with no progress before the run stops, naming the URL
 
 
 @dataclass
@@ -339,6 +352,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.num_classes must be >= 0 (0 = from _info.json or the labels)")
     if cfg.data.interleave_chunk < 0:
         raise ConfigError("data.interleave_chunk must be >= 0 (0 = automatic)")
+    if cfg.data.window_shards < 0 or cfg.data.cache_gb < 0 or cfg.data.fetch_workers < 1 or cfg.data.remote_retry_s <= 0:
+        raise ConfigError("data.window_shards and data.cache_gb must be >= 0, data.fetch_workers >= 1 and "
+                          "data.remote_retry_s > 0")
     if not 0 <= cfg.data.hw_decoder_load <= 1:
         raise ConfigError("data.hw_decoder_load must be in [0, 1]")
     choices = {"model.name": (cfg.model.name, model.names()),
@@ -347,7 +363,8 @@ def validate(cfg: Config) -> None:
                "model.norm": (cfg.model.norm, ("bn", "gn")),
                "train.amp": (t.amp, ("auto", "off", "bf16", "fp16")),
                "optim.schedule": (cfg.optim.schedule, ("constant", "cosine", "step")),
-               "data.on_error": (cfg.data.on_error, ("stop", "skip"))}
+               "data.on_error": (cfg.data.on_error, ("stop", "skip")),
+               "data.remote": (cfg.data.remote, ("cache", "direct"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
@@ -372,7 +389,8 @@ def to_dict(cfg: Config) -> dict:
 # keys that do not change the maths: how often a run logs, evaluates and saves, and how
 # a bad sample is handled; a resumed run may change them without --resume-anyway
 CADENCE = {"train": ("log_every", "eval_every", "ckpt_every", "keep_last", "val_loss_bound", "commit_every"),
-           "data": ("train", "val", "on_error", "val_batch_size", "index_dir")}
+           "data": ("train", "val", "on_error", "val_batch_size", "index_dir", "remote", "cache_dir", "cache_gb",
+                    "fetch_workers", "remote_retry_s")}
 
 
 def config_hash(cfg: Config) -> str:

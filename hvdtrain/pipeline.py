@@ -28,6 +28,7 @@ from data.wds import IMAGE_EXTS, LABEL_WIDTH
 from hvdtrain import task as TK
 from hvdtrain.config import derive_seed
 
+DEFAULT_WINDOW_SHARDS = 8  # bucket data through the node cache: shards per reader window
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
@@ -58,11 +59,13 @@ class PipeSpec:
     shard_shuffle: bool = False  # the loader reads each epoch's interleaved chunks (data/dataset.py)
     interleave_chunk: int = 0   # samples per chunk; 0 = automatic
     labels_optional: bool = False  # unlabeled shards (contrastive): a missing .cls reads as empty (label -1)
+    window_shards: int = 0      # > 0: the loader reads the epoch in windows of about this many shards'
+                                # samples, one pipeline each (hvdtrain/reading.py); 0 = one part per epoch
 
 
 def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1, device_id: int | None = None,
                      threads: int = 1, written_shuffled: bool | None = None,
-                     labels_optional: bool = False) -> PipeSpec:
+                     labels_optional: bool = False, remote: bool = False) -> PipeSpec:
     """The pipeline a run's config asks for, for `split` ("train" or "val") on one rank.
 
     Train: the task's views, random-resized crop + flip unless `data.augment=False`,
@@ -70,7 +73,8 @@ def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1,
     deterministic resize + centre crop, contrastive its two random views (from a seed of
     their own, rebuilt every pass so every pass sees the same views). `written_shuffled`:
     the shards' `_info.json` says their samples were written in random order
-    (`data.shard_shuffle=auto` then leaves the tars in DALI's order)."""
+    (`data.shard_shuffle=auto` then leaves the tars in DALI's order). `remote`: bucket data,
+    read in windows of `data.window_shards` (0: DEFAULT_WINDOW_SHARDS through the cache)."""
     d, task = cfg.data, TK.get(cfg.train.task)
     decode = d.decode if d.decode != "auto" else ("mixed" if device_id is not None else "cpu")
     # kernel only where it saves PCIe bytes: CPU decode feeding a GPU; with no GPU it would
@@ -88,7 +92,8 @@ def spec_from_config(cfg, split: str = "train", *, rank: int = 0, size: int = 1,
                     antialias=d.antialias, fast_idct=d.fast_idct, order_seed=derive_seed(cfg.seed, "order", 0),
                     shard_shuffle=train and d.shuffle and (d.shard_shuffle == "on" or (
                         d.shard_shuffle == "auto" and not written_shuffled)),
-                    interleave_chunk=d.interleave_chunk, labels_optional=labels_optional)
+                    interleave_chunk=d.interleave_chunk, labels_optional=labels_optional,
+                    window_shards=d.window_shards or (DEFAULT_WINDOW_SHARDS if remote and d.remote == "cache" else 0))
 
 
 def ceiling_of(spec: PipeSpec) -> PipeSpec:

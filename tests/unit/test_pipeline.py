@@ -171,7 +171,7 @@ def test_cpu_decode_hands_over_dalis_own_memory(tmp_path):
     unique_shards(str(tmp_path), n=16, shard_size=16)
     loader = DaliLoader(open_shards(str(tmp_path)), spec(normalize="kernel"))
     assert loader.pipe.exec_dynamic is True
-    raw = next(loader._it)[0]["view0"]
+    raw = next(loader._part["it"])[0]["view0"]
     assert raw.dtype == torch.uint8 and to_device(raw, torch.device("cpu")) is raw  # no GPU: nothing to stage
 
 

@@ -29,10 +29,10 @@ def test_leaving_a_run_releases_its_loaders_and_every_pipeline(hvd, synth_data, 
         it = run.loader.forever()
         for _ in range(len(run.loader) - 1):  # the next epoch's pipeline is being built now
             next(it)
-        assert run.loader._next_epoch is not None
+        assert run.loader._next is not None
         pipes = [weakref.ref(run.loader.pipe), weakref.ref(run.val_loader.pipe)]
         del it
     gc.collect()
     assert run.loader is None and run.val_loader is None
     assert [p() for p in pipes] == [None, None], "a pipeline outlived its run"
-    assert not any(t.name == "hvdtrain-next-epoch" and t.is_alive() for t in threading.enumerate())
+    assert not any(t.name == "hvdtrain-next-part" and t.is_alive() for t in threading.enumerate())
