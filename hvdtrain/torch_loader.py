@@ -74,8 +74,8 @@ def index_items(shards: ShardSet, labels_optional: bool = False) -> list[tuple[s
 class _Samples(torch.utils.data.Dataset):
     """Map-style: index (item number, per-sample seed) -> (uint8 views, flips, label, source)."""
 
-    def __init__(self, items, spec: PipeSpec):
-        self.items, self.spec = items, spec
+    def __init__(self, items, spec: PipeSpec, local: dict[str, str] | None = None):
+        self.items, self.spec, self.local = items, spec, local or {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -84,9 +84,9 @@ class _Samples(torch.utils.data.Dataset):
         from PIL import Image, ImageOps
 
         i, seed = key
-        tar, off, size, cls_off, cls_size, name = self.items[i]
+        tar, off, size, cls_off, cls_size, name = self.items[i] if isinstance(i, int) else i
         source = f"{tar}:{off}:{name}"
-        with open(tar, "rb") as f:
+        with open(self.local.get(tar, tar), "rb") as f:  # bucket data: its copy in the node cache
             data = os.pread(f.fileno(), size, off)
             label = os.pread(f.fileno(), cls_size, cls_off) if cls_off >= 0 else None
         try:
@@ -175,9 +175,20 @@ class TorchLoader:
             self.epoch, self._batches_done = state["epoch"], state["batches"]
         self.workers = spec.num_threads if workers is None else workers
         self._plan = _Plan()
+        self.reading = None
+        local = {}
+        if spec.window_shards or shards.is_remote:
+            from hvdtrain.reading import Reading
+
+            if shards.is_remote and (shards.remote is None or shards.remote.mode != "cache" or not spec.window_shards):
+                raise DataError(f"{shards.spec}: --data.loader=torch reads bucket data through the node cache, in "
+                                f"windows (--data.remote=cache; --data.remote=direct is DALI's own reader)")
+            self.reading = Reading(shards, spec, drop_last, "train" if drop_last else "val")
+            if self.reading.cache is not None:
+                local = {u: self.reading.cache.path_of(o) for u, o in shards.objects.items()}
         self._loader = torch.utils.data.DataLoader(
-            _Samples(self.items, spec), batch_sampler=self._plan, num_workers=self.workers, collate_fn=_collate,
-            persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None)
+            _Samples(self.items, spec, local), batch_sampler=self._plan, num_workers=self.workers,
+            collate_fn=_collate, persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None)
 
     def describe(self) -> str:
         return f"torch DataLoader + PIL, {self.workers} worker(s)"
@@ -207,13 +218,58 @@ class TorchLoader:
             batches.pop()
         return batches
 
+    def _window_batches(self, epoch: int) -> list[list[list]]:
+        """Windowed reading (hvdtrain.reading): per window, its batches of (item, seed);
+        samples shuffled within their window, whole batches (the last window's partial
+        batch dropped in training)."""
+        out, pos, b = [], 0, self.spec.batch_size
+        for w, view in enumerate(self.reading.parts(epoch)):
+            items = index_items(view, self.spec.labels_optional)
+            order = list(range(len(items)))
+            if self.spec.shuffle:
+                random.Random(f"{self.spec.order_seed}-{epoch}-{w}").shuffle(order)
+            e = epoch if self.drop_last else 0
+            keys = [(items[i], (self.spec.seed << 64) + (e << 32) + pos + k) for k, i in enumerate(order)]
+            pos += len(keys)
+            batches = [keys[i:i + b] for i in range(0, len(keys), b)]
+            if self.drop_last and batches and len(batches[-1]) < b:
+                batches.pop()
+            out.append(batches)
+        return out
+
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
+        if self.reading is not None and self.reading.windowed:
+            return sum(map(len, self._window_batches(self.epoch)))
         return len(self._batches(self.epoch))
+
+    def _windows_of_epoch(self):
+        """(batches to run, view to fetch) per window, from the position reached."""
+        skip = self._batches_done
+        views = self.reading.parts(self.epoch)
+        for w, batches in enumerate(self._window_batches(self.epoch)):
+            if skip >= len(batches):
+                skip -= len(batches)
+                continue
+            self.reading.announce(self.epoch, w)
+            yield batches[skip:], views[w]
+            skip = 0
 
     def epoch_batches(self):
         """The rest of the current epoch (all of it, unless resumed or left mid-epoch)."""
-        self._plan.batches = self._batches(self.epoch)[self._batches_done:]
+        if self.reading is None or not self.reading.windowed:
+            yield from self._pass(self._batches(self.epoch)[self._batches_done:])
+        else:
+            for batches, view in self._windows_of_epoch():
+                local = self.reading.local(view)  # bucket data: fetched (pinned) before the workers read it
+                try:
+                    yield from self._pass(batches)
+                finally:
+                    self.reading.release(local)
+        self.epoch, self._batches_done = self.epoch + 1, 0
+
+    def _pass(self, batches):
+        self._plan.batches = batches
         for views, flips, labels, sources in (self._loader if self._plan.batches else ()):
             check_label_range(labels, sources, self.num_classes, self.shards.spec)
             if self.spec.normalize == "kernel":
@@ -225,11 +281,15 @@ class TorchLoader:
             self.last_source = decode_source(sources[-1])
             self._batches_done += 1
             yield Batch(views, labels, sources)
-        self.epoch, self._batches_done = self.epoch + 1, 0
 
     def forever(self):
         while True:
             yield from self.epoch_batches()
+
+    def close(self) -> None:
+        """Unpin what this loader holds in the node cache (bucket data)."""
+        if self.reading is not None:
+            self.reading.close()
 
     def checkpoint(self) -> bytes:
         return json.dumps({"kind": KIND, "epoch": self.epoch, "batches": self._batches_done}).encode()
