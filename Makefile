@@ -12,8 +12,10 @@ TIMEOUT ?= 1200
 
 .PHONY: setup sanity test test-unit test-parallel test-e2e test-slurm bench gpu-check clean
 
+# EXTRAS=remote: the clients for s3:// and gs:// data; `make test` adds the test servers too
+EXTRAS  ?=
 setup:
-	@launch/setup.sh
+	@HVDTRAIN_EXTRAS="$(EXTRAS)" launch/setup.sh
 
 ## set-up, the embedded synthetic data set, then the 2-rank GO/NO-GO run (seed config);
 ## horovodrun's "[rank]<stdout>:" prefixes (also after a progress bar's \r) are taken off so the report reads as it is
@@ -23,6 +25,7 @@ sanity: setup
 		| sed -u -E 's/(^|\r)\[[0-9]+\]<std(out|err)>:/\1/g'
 
 ## set-up, then every test: one process, 2 Horovod ranks, whole commands, a real Slurm cluster
+test: EXTRAS += remote test
 test: setup
 	$(MAKE) --no-print-directory test-unit test-parallel test-e2e test-slurm
 

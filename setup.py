@@ -30,7 +30,8 @@ EXTRAS = {
     "cuda12": ["nvidia-dali-cuda120"],   # DALI for CUDA 12 drivers, and the CPU backend on machines with no GPU
     "cuda13": ["nvidia-dali-cuda130"],   # DALI for CUDA 13 drivers
     "kernels": ["triton"],               # the Triton kernels (kernels/); interpreted on the CPU in tests
-    "test": ["pytest", "pytest-timeout"],
+    "remote": ["boto3", "google-cloud-storage"],  # shards in s3:// and gs:// buckets (data/remote.py)
+    "test": ["pytest", "pytest-timeout", "moto[server]", "gcp-storage-emulator"],  # + the real store servers
 }
 # the commands users type, beside their `python -m` forms (which stay)
 COMMANDS = {

@@ -215,18 +215,18 @@ class Fetcher:
         now = time.monotonic()
         by_sig = {o.sig: o for o in order}
         for sig in waiting:
-            if sig in self.have or sig in self.jobs or sig in keep_sigs or sig not in by_sig:
+            if sig in self.have or sig in self.jobs or sig not in by_sig:
                 self.blocked_since.pop(sig, None)
                 continue
             t = self.blocked_since.setdefault(sig, now)
             if now - t > TOO_SMALL_S and not self.jobs:
                 o = by_sig[sig]
-                held = sum(self.have.get(s, 0) for s in pinned)
+                held = sum(self.have.get(s, 0) for s in pinned | set(self.jobs))
                 why = f"; {self.full_note}" if self.full_note else ""
                 self._fail(o, RemoteError(
-                    f"{o.url}: the shard cache is too small: its bound is {self.cache.bound / 1e9:.2f} GB "
-                    f"({self.cache.root}{why}) and the windows the readers on this node hold take "
-                    f"{held / 1e9:.2f} GB; raise --data.cache_gb (or free disk space) or lower "
+                    f"{o.url}: the shard cache is too small: its bound is {gb(self.cache.bound)} "
+                    f"({self.cache.root}{why}) and the windows the readers on this node hold take {gb(held)}, "
+                    f"with {o.size / 1e6:.2f} MB more needed; raise --data.cache_gb (or free disk space) or lower "
                     f"--data.window_shards", kind="space"))
                 self.blocked_since.pop(sig, None)
 
@@ -251,7 +251,7 @@ class Fetcher:
             if held < self.cache.bound:  # the disk is fuller than the bound assumed: the bound shrinks to what fits
                 self.full_note = (f"the disk of {self.cache.root} filled up at {held / 1e9:.2f} GB (no space left "
                                   f"for {o.url}, {o.size / 1e6:.1f} MB)")
-                self._log(f"data: {self.full_note}: the cache's bound is now {held / 1e9:.2f} GB")
+                self._log(f"data: {self.full_note}: the cache's bound is now {gb(held)}")
                 self.cache.bound = held
             return False
         part = max(1, self.opts.part_mb) << 20
@@ -329,8 +329,12 @@ class Fetcher:
 
     def _fail(self, o: Obj, e: RemoteError) -> None:
         self.stats["failed"] += 1
-        self._log(f"data: cannot fetch {o.url}: {e}")
+        self._log(f"data: the fetcher gave up: {e}")
         remote.write_json_atomic(self._err(o), {"url": o.url, "message": str(e), "kind": e.kind, "time": time.time()})
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
 
 
 def _alive(pid: int) -> bool:

@@ -2,6 +2,8 @@
 
     python -m data.make_shards SRC OUT [--layout auto|imagefolder|tinyimagenet] [--shard-size K] [--workers N]
     python -m data.make_shards --index-only DIR [--index-dir D]   # indexes for shards from other tools
+    python -m data.make_shards SRC s3://bucket/prefix/             # shards uploaded as each is finished
+    python -m data.make_shards --index-only s3://bucket/prefix/train/   # indexes built once, uploaded beside
 
 Layouts (auto-detected):
   imagefolder   SRC/<class>/*.<any of data.wds.IMAGE_EXTS> in any letter case; if SRC/train (and
@@ -138,6 +140,8 @@ def _done(split_dir: str, name: str, job_hash: str) -> dict | None:
     tar = os.path.join(split_dir, name)
     if part.get("job") != job_hash:
         return None
+    if part.get("uploaded"):
+        return part  # in a bucket: data.upload checks the object is there, as uploaded
     if rec.get("samples") and not (os.path.exists(tar) and os.path.getsize(tar) == rec.get("bytes")
                                    and os.path.exists(index_path_for(tar))):
         return None
@@ -191,9 +195,10 @@ class Progress:
 
 
 def write_split_parallel(items: list[Item], split_dir: str, classes: list[str], split: str, shard_size: int,
-                         extra: dict, workers: int | None) -> tuple[dict, list[tuple[str, str]], int]:
+                         extra: dict, workers: int | None, upload=None) -> tuple[dict, list[tuple[str, str]], int]:
     """Every shard of a split, `workers` at a time; shards a killed build finished are kept.
-    (info, rejected, shards reused)."""
+    `upload(split_dir, part)`: each finished shard's upload (`--out s3://...`), while the
+    workers write the next ones. (info, rejected, shards reused)."""
     os.makedirs(os.path.join(split_dir, PARTS), exist_ok=True)
     for stray in glob.glob(os.path.join(split_dir, "*.tar.tmp*")) + glob.glob(os.path.join(split_dir, "*.idx.tmp*")) + \
             glob.glob(os.path.join(split_dir, PARTS, "*.json.tmp*")):
@@ -204,6 +209,8 @@ def write_split_parallel(items: list[Item], split_dir: str, classes: list[str], 
     bar = Progress(len(items), split)
     try:
         for part in pool.imap(write_job, jobs, workers):
+            if upload is not None:
+                part = upload(split_dir, part)
             records.append(dict(sorted(part["record"].items())))  # as a kept record reads back
             rejected += [tuple(r) for r in part["rejected"]]
             reused += bool(part.get("reused"))
@@ -215,14 +222,26 @@ def write_split_parallel(items: list[Item], split_dir: str, classes: list[str], 
         raise ShardError(f"{split_dir}: no samples to write for split {split!r}")
     info = write_info(split_dir, shards, classes, split,
                       {**extra, "rejected": len(rejected), "rejected_files": [f"{p}: {why}" for p, why in rejected[:1000]]})
+    if upload is not None:
+        upload(split_dir, None)  # _info.json last: a bucket with it is complete
     return info, rejected, reused
 
 
 def make(src: str, out: str, layout: str = "auto", shard_size: int = 1000, seed: int = 0,
-         workers: int | None = None) -> dict:
+         workers: int | None = None, staging: str = "") -> dict:
     """Shards for every split of `src` in `out`, `workers` processes (default: every core)
     writing whole shards. Run again after a kill, it keeps the shards already finished and
-    writes the rest: the result is byte-identical to an uninterrupted build."""
+    writes the rest: the result is byte-identical to an uninterrupted build. `out` may be a
+    bucket (`s3://b/p/`, `gs://b/p/`): shards are written into `staging` (default in the
+    cache) and each is uploaded when finished (data/upload.py)."""
+    from data import remote
+
+    upload = None
+    if remote.is_remote(out):
+        from data.upload import Uploader
+
+        upload = Uploader(out, staging)
+        out = upload.staging
     layout = detect_layout(src) if layout == "auto" else layout
     if layout == "tinyimagenet":
         classes, splits = tinyimagenet_splits(src)
@@ -244,15 +263,24 @@ def make(src: str, out: str, layout: str = "auto", shard_size: int = 1000, seed:
         random.Random(seed).shuffle(items)  # DALI reads tars in order: shuffle before writing
         extra = {"source": os.path.abspath(src), "layout": layout, "shuffled": True}
         info, rejected, reused = write_split_parallel(items, os.path.join(out, split), classes, split, shard_size,
-                                                      extra, workers)
+                                                      extra, workers, upload and upload.for_split(split))
         report[split] = (info, rejected)
         info["reused_shards"] = reused
+    if upload is not None:
+        upload.put(os.path.join(out, "classes.txt"), "classes.txt")
     return report
 
 
 def index_only(spec: str, index_dir: str = "", workers: int | None = None) -> str:
     """`--index-only`: the missing (or stale) indexes of a shard set, found and built the
-    way training does (data.shards: beside the tars, --index-dir, or the cache)."""
+    way training does (data.shards: beside the tars, --index-dir, or the cache). A bucket's
+    are built from the shards' bytes (streamed in parallel) and uploaded beside them."""
+    from data import remote
+
+    if remote.is_remote(spec):
+        from data.upload import index_bucket
+
+        return index_bucket(spec, index_dir, lambda s: print(s, flush=True))
     paths = resolve_shards(spec)
     t0 = time.monotonic()
     idx, _, where = ensure_indexes(paths, index_dir, workers=workers, log=lambda s: print(s, flush=True))
@@ -276,14 +304,19 @@ def main(argv: list[str] | None = None) -> int:
                                                              "else --index-dir, else the cache)")
     p.add_argument("--index-dir", default="", help="with --index-only: keep the indexes here "
                                                    "(training's --data.index_dir)")
+    p.add_argument("--staging", default="", help="OUT in a bucket: where shards are written before their upload "
+                                                 "(default: under $HVDTRAIN_CACHE); removed once uploaded")
     a = p.parse_args(argv)
+    from data import nodecache
+
     try:
         if a.index_only:
             print(index_only(a.src, a.index_dir, a.workers or None))
             return 0
         if not a.out:
             p.error("OUT is required")
-        for split, (info, rejected) in make(a.src, a.out, a.layout, a.shard_size, a.seed, a.workers or None).items():
+        for split, (info, rejected) in make(a.src, a.out, a.layout, a.shard_size, a.seed, a.workers or None,
+                                            a.staging).items():
             kept = f", {info['reused_shards']} finished shard(s) kept" if info.get("reused_shards") else ""
             print(f"{split}: {info['total']} samples, {len(info['shards'])} shard(s), "
                   f"{info['num_classes']} classes, fingerprint {info['fingerprint']}, "
@@ -293,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     except ShardError as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        nodecache.close_all()
     return 0
 
 

@@ -85,7 +85,7 @@ class NodeCache:
         return sum(e.stat().st_size for e in os.scandir(d) if e.name.endswith(".tar"))
 
     def describe(self) -> str:
-        return f"cache {self.root}, bound {self.bound / 1e9:.1f} GB"
+        return f"cache {self.root}, bound {self.bound / 1e9:.3g} GB"
 
     # ---------------------------------------------------------------- paths
     def path_of(self, obj: Obj) -> str:

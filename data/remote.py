@@ -227,6 +227,16 @@ def store_for(url: str) -> Store:
         return _STORES[scheme]
 
 
+def dali_environment() -> None:
+    """DALI's own reader (`--data.remote=direct`) reads `AWS_ENDPOINT_URL` itself; for GCS
+    it wants DALI_GCS_ENDPOINT_URL (and DALI_GCS_ANONYMOUS for an emulator): taken from
+    STORAGE_EMULATOR_HOST, the variable google-cloud-storage uses, when set."""
+    emu = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emu and not os.environ.get("DALI_GCS_ENDPOINT_URL"):
+        os.environ["DALI_GCS_ENDPOINT_URL"] = emu
+        os.environ.setdefault("DALI_GCS_ANONYMOUS", "1")
+
+
 def _forked() -> None:
     _STORES.clear()  # HTTP connection pools are not shared with a forked child
 

@@ -117,9 +117,15 @@ class ShardSet:
         return sum(self.counts)
 
     def describe(self) -> dict:
-        return {"spec": self.spec, "shards": len(self.paths), "first": self.paths[0],
-                "last": self.paths[-1], "samples": self.total, "num_classes": self.num_classes,
-                "fingerprint": self.fingerprint, "info": self.info_path, "indexes": dict(self.where)}
+        out = {"spec": self.spec, "shards": len(self.paths), "first": self.paths[0],
+               "last": self.paths[-1], "samples": self.total, "num_classes": self.num_classes,
+               "fingerprint": self.fingerprint, "info": self.info_path, "indexes": dict(self.where)}
+        if self.is_remote:  # where the bytes come from: endpoint and credential source, never a secret
+            from data.remote import store_for
+
+            out["store"] = store_for(self.spec).credential_source()
+            out["remote"] = getattr(self.remote, "mode", "cache")
+        return out
 
 
 # ---------------------------------------------------------------- one shard

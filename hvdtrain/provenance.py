@@ -96,6 +96,9 @@ def banner(code: dict, config_hash: str, data: dict, ranks: int, device: str,
     for split, d in data.items():
         lines.append(f"data    {split}: {d['spec']} -> {d['shards']} shard(s) {d['first']} .. "
                      f"{os.path.basename(d['last'])}, {d['samples']} samples, fingerprint {d['fingerprint']}")
+        if d.get("store"):
+            how = "read through the node's shard cache" if d.get("remote") == "cache" else "read directly by DALI"
+            lines.append(f"store   {split}: {d['store']}; {how}")
         if d.get("skipped") is not None:
             first = f": {d['skipped'][0]}" + (" ..." if len(d["skipped"]) > 1 else "") if d["skipped"] else ""
             lines.append(f"data    {split}: skipping {len(d['skipped'])} bad sample(s) (data.on_error=skip){first}")

@@ -38,6 +38,10 @@ class Reading:
             from data import nodecache
 
             self.cache = nodecache.get(shards.remote, log)
+        elif shards.is_remote:
+            from data.remote import dali_environment
+
+            dali_environment()  # DALI reads the bucket itself
         self._scratch = tempfile.mkdtemp(prefix=f"hvdtrain-view-r{spec.shard_id}-")
         atexit.register(shutil.rmtree, self._scratch, True)
         self._parts: dict[int, list[ShardSet]] = {}

@@ -191,6 +191,9 @@ class Run:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        from data import nodecache
+
+        nodecache.close_all()  # bucket data: this process's wants withdrawn, a fetcher here stopped
 
     def release_loaders(self) -> None:
         """Drop the loaders (val, then train) and their DALI pipelines now, then wait for the
@@ -334,6 +337,17 @@ class Run:
             gpu = self._stop_gpu()  # also when a step raised: no sampler thread or dmon left behind
         return res, gpu
 
+    def fetch_stats(self) -> dict | None:
+        """The node's fetcher counters (bucket data read through the cache), or None."""
+        d = self.train_data
+        if not d.is_remote or getattr(d.remote, "mode", "") != "cache":
+            return None
+        from data import nodecache
+
+        s = nodecache.get(d.remote).stats()
+        return {k: s.get(k, 0) for k in ("shards", "bytes", "gets", "retries", "evicted", "evicted_bytes", "failed",
+                                         "bound_bytes")} if s else None
+
     def diagnosis(self, phase_s: dict) -> dict:
         spec = getattr(self.loader, "spec", None)
         return timing.diagnose(phase_s, {"gpu": self.state.device.type == "cuda", "dali_threads": self.dali_threads,
@@ -360,6 +374,12 @@ class Run:
                    "steady_images_per_s": agg["steady_images_per_s"], "data_wait_share": agg["data_wait_share"],
                    "best_val_loss": self.best_val, **lv, "run_dir": self.dir, "ranks_at_end": dist.size(),
                    "gpu": {k: v for k, v in gpu.items() if k != "timeline"}, "breakdown": out.breakdown}
+        fetched = self.fetch_stats()
+        if fetched:
+            summary["bucket_fetch"] = fetched
+            print(f"data    fetched from the bucket on this node: {fetched['shards']} shard(s), "
+                  f"{fetched['bytes'] / 1e6:.1f} MB, {fetched['gets']} GET(s), {fetched['retries']} retried, "
+                  f"{fetched['evicted']} evicted (cache bound {fetched['bound_bytes'] / 1e9:.2f} GB)", flush=True)
         report.write_json(os.path.join(self.dir, "summary.json"), summary)
         val_txt = f", val loss {lv['val_loss']:.4f} top-1 {lv['val_top1']:.4f}" if lv else ""
         if gpu.get("util_mean_pct") is not None:

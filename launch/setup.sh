@@ -27,6 +27,9 @@
 #   HVDTRAIN_WHEELS=DIR     install offline from a folder of wheels and the horovod sdist
 #                           (launch/gpu_install.sh on a machine with no package registry)
 #   HVDTRAIN_HOROVOD_GPU    nccl | none: override the horovod GPU operations chosen above
+#   HVDTRAIN_EXTRAS         space-separated extras: remote (boto3, google-cloud-storage: s3:// and
+#                           gs:// data), test (remote + the moto S3 server and the GCS emulator
+#                           the tests run); `make setup EXTRAS=remote`, and `make test` adds both
 #   HVDTRAIN_SETUP_DRY_RUN  1 = print the choices, pip commands and horovod flags; install nothing
 #   PYTHON_BOOTSTRAP        interpreter that creates the venv (default python3)
 #   HVDTRAIN_CACHE          where the horovod wheel is cached (~/.cache/hvdtrain)
@@ -233,6 +236,26 @@ else
     "$PY" -c "import torch, horovod.torch, nvidia.dali, webdataset, hvdtrain" \
         || die "the environment does not import; see the messages above"
     touch "$STAMP"
+fi
+# ---- extras (HVDTRAIN_EXTRAS, `make setup EXTRAS=remote`): bucket data and the test servers
+EXTRAS=${HVDTRAIN_EXTRAS:-}
+EXTRA_PKGS=()
+for extra in $EXTRAS; do
+    case "$extra" in
+        remote) EXTRA_PKGS+=(boto3 google-cloud-storage) ;;
+        test)   EXTRA_PKGS+=(boto3 google-cloud-storage "moto[server]" gcp-storage-emulator) ;;
+        *) die "HVDTRAIN_EXTRAS: unknown extra '$extra' (remote, test)" ;;
+    esac
+done
+if ((${#EXTRA_PKGS[@]})); then
+    EXTRA_STAMP=$VENV/.hvdtrain-extras-$( { echo "${EXTRA_PKGS[*]}"; cat constraints.txt; } | sha256sum | cut -c1-16)
+    if [[ "$DRY" == 1 ]]; then
+        pip_install -c constraints.txt "${EXTRA_PKGS[@]}"
+    elif [[ ! -f "$EXTRA_STAMP" ]]; then
+        say "extras ($EXTRAS): ${EXTRA_PKGS[*]}"
+        pip_install -c constraints.txt "${EXTRA_PKGS[@]}" || die "pip could not install the extras: ${EXTRA_PKGS[*]}"
+        touch "$EXTRA_STAMP"
+    fi
 fi
 "$PY" -c "import torch, nvidia.dali as d, horovod; print(f'setup: torch {torch.__version__}, DALI {d.__version__}, horovod {horovod.__version__}, CUDA {torch.version.cuda or \"none\"}')"
 "$VENV/bin/horovodrun" --check-build
