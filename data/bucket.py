@@ -75,11 +75,11 @@ def _index_from_bucket(tar: Obj, idx: Obj, out: str) -> str | None:
 
 
 def _plan(tars: list[Obj], beside: dict[str, Obj], index_dir: str, want_meta: bool, log):
-    """(index paths, objects to stream, {place: count}): indexes found now, and the shards
-    that need a walk of their bytes (no usable index, or no label record)."""
+    """(index paths, objects to stream, where each index is): indexes found now, and the
+    shards that need a walk of their bytes (no usable index, or no label record)."""
     from data.shards import META_VERSION
 
-    idx, stream, where = [], [], {}
+    idx, stream, where = [], [], []
     for t in tars:
         name = t.name[:-4] + ".idx"
         cached = cache.path("indexes", f"{t.sig}.idx")
@@ -99,9 +99,9 @@ def _plan(tars: list[Obj], beside: dict[str, Obj], index_dir: str, want_meta: bo
                 log(f"data: {beside[name].url} does not fit its shard ({why}): indexing the shard's bytes instead")
         if place is None or not have_meta:
             stream.append(t)
-            p, place = cached, place or "built"
+            p, place = cached, "built"
         idx.append(p)
-        where[place] = where.get(place, 0) + 1
+        where.append(place)
     return idx, stream, where
 
 
@@ -165,9 +165,13 @@ def open_remote(spec: str, index_dir: str = "", options: nodecache.Options | Non
     if stream:
         key = hashlib.sha256("\n".join(t.sig for t in tars).encode()).hexdigest()[:16]
         with cache.lock(f"index-{key}", log, f"indexing {len(stream)} shard(s) from the bucket"):
-            idx, stream, where = _plan(tars, beside, index_dir, not whole, log)
-            if stream:
-                _walk_streamed(stream, options, log)
+            # another process may have built some while this one waited: plan those again
+            again, stream2, where2 = _plan(stream, beside, index_dir, not whole, log)
+            if stream2:
+                _walk_streamed(stream2, options, log)
+        at = {t.sig: i for i, t in enumerate(tars)}
+        for t, p, w in zip(stream, again, where2):
+            idx[at[t.sig]], where[at[t.sig]] = p, w
     metas = [cache.read_json(cache.path("shards", f"{t.sig}.json")) for t in tars] if not whole else None
     counts = [m["samples"] for m in metas] if metas else [read_index_count(i) for i in idx]
     urls = [t.url for t in tars]
@@ -185,7 +189,8 @@ def open_remote(spec: str, index_dir: str = "", options: nodecache.Options | Non
     else:
         fingerprint = quick_fingerprint(urls, metas, [t.size for t in tars])
     unlabeled = sum(m["unlabeled"] for m in metas) if metas and info is None else 0
-    return ShardSet(spec, urls, idx, counts, num_classes, classes, fingerprint, info_url, shuffled, metas, where,
+    places = {w: where.count(w) for w in sorted(set(where))}
+    return ShardSet(spec, urls, idx, counts, num_classes, classes, fingerprint, info_url, shuffled, metas, places,
                     unlabeled, objects={t.url: t for t in tars}, remote=options)
 
 

@@ -142,7 +142,7 @@ class S3Store(Store):
         r = self.client(reads=True).get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
                                                IfMatch=obj.etag)
         pos = start
-        for chunk in r["Body"].iter_chunks(1 << 20):
+        for chunk in r["Body"].iter_chunks(256 << 10):
             sink(pos, chunk)
             pos += len(chunk)
             COUNTERS.add(nbytes=len(chunk))

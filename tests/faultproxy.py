@@ -89,6 +89,7 @@ def _serve(conn: socket.socket, st: State) -> None:
                 conn.sendall(body[:st.reset_after])
                 with st.lock:
                     st.stats["resets"] += 1
+                time.sleep(0.2)  # as on a network: the bytes sent arrive and are read before the reset
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 return  # closed with a reset, mid-body
             conn.sendall(body)
@@ -124,6 +125,7 @@ class DataPort:
 
     def __init__(self, st: State):
         self.st, self.sock, self.port = st, None, 0
+        self.conns: set[socket.socket] = set()
         self.open()
 
     def open(self) -> None:
@@ -140,11 +142,33 @@ class DataPort:
                 conn, _ = s.accept()
             except OSError:
                 return  # closed: the store is gone
-            threading.Thread(target=_serve, args=(conn, self.st), daemon=True).start()
+            with self.st.lock:
+                self.conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            _serve(conn, self.st)
+        finally:
+            with self.st.lock:
+                self.conns.discard(conn)
 
     def down(self, seconds: float) -> None:
+        """Gone: the port closed, and the connections clients keep alive reset."""
         self.st.stats["down_since"] = time.time()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept(): a bare close() leaves the port listening
+        except OSError:
+            pass
         self.sock.close()
+        with self.st.lock:
+            live, self.conns = list(self.conns), set()
+        for c in live:
+            try:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if seconds >= 0:
             def back():
                 time.sleep(seconds)
