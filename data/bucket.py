@@ -21,7 +21,8 @@ import os
 import time
 
 from data import cache, nodecache, remote
-from data.remote import Obj, RemoteError
+from data.records import META_VERSION, quick_fingerprint, shard_meta
+from data.store import Obj, RemoteError, retrying
 from data.tarindex import ShardError, index_problem, index_text, read_index_count, walk, write_atomic
 from data.wds import INFO_FORMAT, INFO_NAME, LABEL_EXT
 
@@ -44,7 +45,7 @@ class RangeFile:
             store = remote.store_for(self.obj.url)
             if end > self.pos:
                 start = self.pos
-                remote.retrying(lambda: store.read(self.obj, start + sum(map(len, got.values())), end,
+                retrying(store, lambda: store.read(self.obj, start + sum(map(len, got.values())), end,
                                                    lambda off, b: got.__setitem__(off, b)),
                                 self.obj.url, "GET", progress=lambda: sum(map(len, got.values())))
             self._buf, self._at = b"".join(got[k] for k in sorted(got)), self.pos
@@ -77,8 +78,6 @@ def _index_from_bucket(tar: Obj, idx: Obj, out: str) -> str | None:
 def _plan(tars: list[Obj], beside: dict[str, Obj], index_dir: str, want_meta: bool, log):
     """(index paths, objects to stream, where each index is): indexes found now, and the
     shards that need a walk of their bytes (no usable index, or no label record)."""
-    from data.shards import META_VERSION
-
     idx, stream, where = [], [], []
     for t in tars:
         name = t.name[:-4] + ".idx"
@@ -108,8 +107,6 @@ def _plan(tars: list[Obj], beside: dict[str, Obj], index_dir: str, want_meta: bo
 def _walk_streamed(objs: list[Obj], options: nodecache.Options, log) -> None:
     """Stream `objs` into the node's cache (the fetcher's parallel ranged GETs) and index
     each local copy as it arrives: the `.idx` and the per-shard label record, in the cache."""
-    from data.shards import META_VERSION, shard_meta
-
     nc = nodecache.get(options, log)
     nc.want("index", objs)
     t0, nbytes = time.monotonic(), 0
@@ -140,7 +137,7 @@ def _walk_streamed(objs: list[Obj], options: nodecache.Options, log) -> None:
         nc.close_channel("index")
 
 
-def _info(tars: list[Obj], beside: dict[str, Obj]) -> tuple[str, dict] | None:
+def read_info(tars: list[Obj], beside: dict[str, Obj]) -> tuple[str, dict] | None:
     folders = {t.url.rsplit("/", 1)[0] for t in tars}
     if len(folders) != 1 or INFO_NAME not in beside:
         return None
@@ -152,13 +149,11 @@ def _info(tars: list[Obj], beside: dict[str, Obj]) -> tuple[str, dict] | None:
     return (o.url, data) if data.get("format") == INFO_FORMAT else None
 
 
-def open_remote(spec: str, index_dir: str = "", options: nodecache.Options | None = None, log=None):
-    """The ShardSet of a bucket spec (see the module docstring)."""
-    from data.shards import ShardSet, quick_fingerprint
-
+def open_remote(spec: str, index_dir: str = "", options: nodecache.Options | None = None, log=None) -> dict:
+    """The fields of a bucket spec's `data.shards.ShardSet` (see the module docstring)."""
     options = options or nodecache.Options()
     tars, beside = remote.resolve(spec)
-    info = _info(tars, beside)
+    info = read_info(tars, beside)
     by_name = {s["name"]: s for s in info[1].get("shards", [])} if info else {}
     whole = bool(by_name) and len(by_name) == len(tars) and all(t.name in by_name for t in tars)
     idx, stream, where = _plan(tars, beside, index_dir, not whole, log)
@@ -190,8 +185,9 @@ def open_remote(spec: str, index_dir: str = "", options: nodecache.Options | Non
         fingerprint = quick_fingerprint(urls, metas, [t.size for t in tars])
     unlabeled = sum(m["unlabeled"] for m in metas) if metas and info is None else 0
     places = {w: where.count(w) for w in sorted(set(where))}
-    return ShardSet(spec, urls, idx, counts, num_classes, classes, fingerprint, info_url, shuffled, metas, places,
-                    unlabeled, objects={t.url: t for t in tars}, remote=options)
+    return dict(spec=spec, paths=urls, index_paths=idx, counts=counts, num_classes=num_classes, classes=classes,
+                fingerprint=fingerprint, info_path=info_url, shuffled=shuffled, meta=metas, where=places,
+                unlabeled=unlabeled, objects={t.url: t for t in tars}, remote=options)
 
 
 def describe_source(spec: str) -> str:

@@ -20,8 +20,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from data import remote
-from data.remote import Obj, RemoteError
+from data import remote, store
+from data.store import Obj, RemoteError
 
 TICK_S = 0.05
 TOO_SMALL_S = 10.0   # a process blocked this long on objects the pins leave no room for: "cache too small"
@@ -103,16 +103,16 @@ class Fetcher:
         if not force and now - self._last_stats < 1.0:
             return
         self._last_stats = now
-        c = remote.COUNTERS.snapshot()
+        c = store.COUNTERS.snapshot()
         out = {**self.stats, "gets": self.stats["gets"] + c["gets"] - self._gets0,
                "retries": self.stats["retries"] + c["retries"] - self._retries0, "time": time.time(),
                "fetcher_pid": os.getpid(), "bound_bytes": self.cache.bound,
                "held_bytes": sum(self.have.values())}
-        remote.write_json_atomic(os.path.join(self.cache.root, "stats.json"), out)
+        store.write_json_atomic(os.path.join(self.cache.root, "stats.json"), out)
 
     # ---------------------------------------------------------------- the loop
     def _run(self) -> None:
-        c = remote.COUNTERS.snapshot()
+        c = store.COUNTERS.snapshot()
         self._gets0, self._retries0 = c["gets"], c["retries"]
         while not self._stop.is_set():
             try:
@@ -272,8 +272,8 @@ class Fetcher:
             pos[0] = off + len(data)
         try:
             if end > start:
-                store = remote.store_for(job.obj.url)
-                remote.retrying(lambda: store.read(job.obj, pos[0], end, sink), job.obj.url, "GET",
+                st = remote.store_for(job.obj.url)
+                store.retrying(st, lambda: st.read(job.obj, pos[0], end, sink), job.obj.url, "GET",
                                 self.opts.retry_s, self._log, progress=lambda: pos[0])
         except RemoteError as e:
             with job.lock:
@@ -303,7 +303,7 @@ class Fetcher:
         os.fdatasync(job.fd)
         os.close(job.fd)
         job.fd = -1
-        if size != o.size or not remote.md5_matches(job.path, o):
+        if size != o.size or not store.md5_matches(job.path, o):
             self._drop_part(job)
             why = f"{size} bytes for {o.size} listed" if size != o.size else "its MD5 differs from the store's"
             self._fail(o, RemoteError(f"{o.url}: the copy does not match the object the run listed ({why}): it was "
@@ -330,7 +330,7 @@ class Fetcher:
     def _fail(self, o: Obj, e: RemoteError) -> None:
         self.stats["failed"] += 1
         self._log(f"data: the fetcher gave up: {e}")
-        remote.write_json_atomic(self._err(o), {"url": o.url, "message": str(e), "kind": e.kind, "time": time.time()})
+        store.write_json_atomic(self._err(o), {"url": o.url, "message": str(e), "kind": e.kind, "time": time.time()})
 
 
 def gb(n: float) -> str:

@@ -240,7 +240,7 @@ def make(src: str, out: str, layout: str = "auto", shard_size: int = 1000, seed:
     if remote.is_remote(out):
         from data.upload import Uploader
 
-        upload = Uploader(out, staging)
+        upload = Uploader(out, staging, _part_path)
         out = upload.staging
     layout = detect_layout(src) if layout == "auto" else layout
     if layout == "tinyimagenet":

@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from data.remote import Obj, RemoteError
+from data.store import Obj, RemoteError
 from data.tarindex import write_atomic
 
 DEFAULT_BOUND_GB = 100.0

@@ -30,31 +30,11 @@ import time
 from dataclasses import dataclass, field
 
 from data import cache
+from data.records import META_VERSION, expand_braces, quick_fingerprint, shard_meta  # noqa: F401 (expand_braces)
 from data.tarindex import (ShardError, compressed_error, compression_of_name, index_problem, index_text,
                            read_index_count, split_name, walk, write_atomic)
 from data.wds import INFO_FORMAT, INFO_NAME, LABEL_EXT, LABEL_WIDTH, index_path_for, is_image_ext
 
-META_VERSION = 1
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """`a-{000..002}.tar` -> 3 names (zero padding kept); `{a,b}` -> 2 names."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    body = m.group(1)
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") else 0
-        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        items = body.split(",")
-    out: list[str] = []
-    for item in items:
-        out.extend(expand_braces(pattern[:m.start()] + item + pattern[m.end():]))
-    return out
 
 
 def resolve_shards(spec: str) -> list[str]:
@@ -129,43 +109,6 @@ class ShardSet:
 
 
 # ---------------------------------------------------------------- one shard
-def shard_meta(w, idx_path: str) -> dict:
-    """The per-shard record of a header walk: counts, labels, the first odd samples."""
-    rec = {"v": META_VERSION, "samples": len(w.samples), "labels": 0, "min": None, "max": None, "max_key": None,
-           "bad_label": None, "unlabeled": 0, "unlabeled_first": None, "noimage": 0, "noimage_first": None,
-           "index_sha": None, "exts": {}}
-    kinds: dict[tuple, bool] = {}  # the extensions of a sample -> has an image (most samples share one)
-    values = []
-    for comps, raw in zip(w.samples, w.labels):
-        exts = tuple(c[0] for c in comps)
-        has_image = kinds.get(exts)
-        if has_image is None:
-            has_image = kinds[exts] = any(is_image_ext(e) for e in exts)
-        if not has_image:
-            rec["noimage"] += 1
-            rec["noimage_first"] = rec["noimage_first"] or [split_name(comps[0][3])[0], sorted(exts)]
-        if raw is None:
-            rec["unlabeled"] += 1
-            rec["unlabeled_first"] = rec["unlabeled_first"] or [split_name(comps[0][3])[0], sorted(exts)]
-            values.append(-1)
-            continue
-        text = raw.strip()
-        if not text.isdigit() or len(raw) >= LABEL_WIDTH:
-            rec["bad_label"] = rec["bad_label"] or [split_name(comps[0][3])[0], raw[:20].decode(errors="replace")]
-            values.append(-1)
-            continue
-        values.append(int(text))
-    counts = collections.Counter(c[0].lower() for comps in w.samples for c in comps)
-    rec["exts"] = dict(sorted(counts.items()))
-    good = [v for v in values if v >= 0]
-    if good:
-        rec["labels"], rec["min"], rec["max"] = len(good), min(good), max(good)
-        rec["max_key"] = split_name(w.samples[values.index(rec["max"])][0][3])[0]
-    with open(idx_path, "rb") as f:
-        rec["index_sha"] = hashlib.sha256(f.read()).hexdigest()[:32]
-    return rec
-
-
 def build_one(job: tuple[str, str, bool, str | None]) -> tuple[str, int, dict | None]:
     """Pool work for one tar: (tar, where its index goes or lies, write it?, where its record
     goes or None) -> (tar, samples, record). One header walk serves both."""
@@ -317,17 +260,6 @@ def find_info(paths: list[str]) -> tuple[str, dict] | None:
     return path, data
 
 
-def quick_fingerprint(paths: list[str], metas: list[dict], sizes: list[int] | None = None) -> str:
-    """For shards without `_info.json`: names, sizes and index contents (their sha256, in the
-    per-shard records) — no tar is read again, and it changes when the layout changes. The
-    same shards give the same fingerprint in a folder and in a bucket (`sizes`: listed)."""
-    h = hashlib.sha256()
-    sizes = sizes or [os.path.getsize(p) for p in paths]
-    for p, m, n in zip(paths, metas, sizes):
-        h.update(f"{p.rsplit('/', 1)[-1]} {n} {m['index_sha']}\n".encode())
-    return "q" + h.hexdigest()[:15]
-
-
 def open_shards(spec: str, build_missing_index: bool = True, check_fit: bool = True, index_dir: str = "",
                 workers: int | None = None, log=None, remote=None) -> ShardSet:
     """Resolve `spec`, find or build the index of each tar, read `_info.json` (or, for
@@ -339,7 +271,7 @@ def open_shards(spec: str, build_missing_index: bool = True, check_fit: bool = T
     if R.is_remote(spec):
         from data.bucket import open_remote
 
-        return open_remote(spec, index_dir, remote, log)
+        return ShardSet(**open_remote(spec, index_dir, remote, log))
     R.refuse_credentials_in(spec, "--data")
     paths = resolve_shards(spec)
     info = find_info(paths)

@@ -12,7 +12,7 @@ import base64
 import os
 import threading
 
-from data.remote import Obj, RemoteError, Store, Transient, missing_client, split_url
+from data.store import COUNTERS, Obj, RemoteError, Store, Transient, missing_client, retrying, split_url
 
 CHUNK_BYTES = 64 << 20
 
@@ -27,7 +27,6 @@ class _Sink:
         b = bytes(b)
         self.sink(self.pos, b)
         self.pos += len(b)
-        from data.remote import COUNTERS
         COUNTERS.add(nbytes=len(b))
         return len(b)
 
@@ -136,18 +135,14 @@ class GCSStore(Store):
         return Obj(f"gs://{bucket}/{blob.name}", int(blob.size or 0), str(blob.generation), blob.md5_hash or "")
 
     def list(self, url: str) -> list[Obj]:
-        from data.remote import retrying
-
         _, bucket, prefix = split_url(url)
 
         def listing():
             blobs = self.client().list_blobs(bucket, prefix=prefix, delimiter="/")
             return [self._obj(bucket, b) for b in blobs]
-        return retrying(listing, url, "LIST")
+        return retrying(self, listing, url, "LIST")
 
     def head(self, url: str) -> Obj:
-        from data.remote import retrying
-
         _, bucket, key = split_url(url)
 
         def get():
@@ -156,11 +151,9 @@ class GCSStore(Store):
                 raise RemoteError(f"{url}: HEAD: not found (no such bucket or object); {self.credential_source()}",
                                   kind="missing")
             return self._obj(bucket, blob)
-        return retrying(get, url, "HEAD")
+        return retrying(self, get, url, "HEAD")
 
     def read(self, obj: Obj, start: int, end: int, sink) -> None:
-        from data.remote import COUNTERS
-
         _, bucket, key = split_url(obj.url)
         COUNTERS.add(gets=1)
         out = _Sink(sink, start)
@@ -171,8 +164,6 @@ class GCSStore(Store):
             raise Transient("short read", f"{out.pos - start} of {end - start} bytes")
 
     def put_file(self, path: str, url: str, metadata: dict | None = None) -> Obj:
-        from data.remote import retrying
-
         _, bucket, key = split_url(url)
 
         def put():
@@ -180,7 +171,7 @@ class GCSStore(Store):
             if metadata:
                 blob.metadata = metadata
             blob.upload_from_filename(path)
-        retrying(put, url, "PUT")
+        retrying(self, put, url, "PUT")
         return self.head(url)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 
-from data.remote import Obj, RemoteError, Store, Transient, missing_client, split_url
+from data.store import COUNTERS, Obj, RemoteError, Store, Transient, missing_client, retrying, split_url
 
 PART_BYTES = 64 << 20
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
@@ -107,8 +107,6 @@ class S3Store(Store):
     # ---------------------------------------------------------------- the calls
     def list(self, url: str) -> list[Obj]:
         """Objects directly under the folder `url` (ends with /), not below it."""
-        from data.remote import retrying
-
         _, bucket, prefix = split_url(url)
         out = []
 
@@ -119,24 +117,20 @@ class S3Store(Store):
             return self.client().list_objects_v2(**kw)
         token = None
         while True:
-            r = retrying(lambda: page(token), url, "LIST")
+            r = retrying(self, lambda: page(token), url, "LIST")
             out += [Obj(f"s3://{bucket}/{c['Key']}", int(c["Size"]), c["ETag"]) for c in r.get("Contents", [])]
             token = r.get("NextContinuationToken")
             if not r.get("IsTruncated") or not token:
                 return out
 
     def head(self, url: str) -> Obj:
-        from data.remote import retrying
-
         _, bucket, key = split_url(url)
-        r = retrying(lambda: self.client().head_object(Bucket=bucket, Key=key), url, "HEAD")
+        r = retrying(self, lambda: self.client().head_object(Bucket=bucket, Key=key), url, "HEAD")
         return Obj(url, int(r["ContentLength"]), r["ETag"])
 
     def read(self, obj: Obj, start: int, end: int, sink) -> None:
         """Bytes [start, end) into `sink(offset, chunk)`, as they arrive: a retry resumes
         from the byte reached."""
-        from data.remote import COUNTERS
-
         _, bucket, key = split_url(obj.url)
         COUNTERS.add(gets=1)
         r = self.client(reads=True).get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
@@ -152,10 +146,8 @@ class S3Store(Store):
     def put_file(self, path: str, url: str, metadata: dict | None = None) -> Obj:
         from boto3.s3.transfer import TransferConfig
 
-        from data.remote import retrying
-
         _, bucket, key = split_url(url)
         cfg = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=8)
         extra = {"Metadata": metadata} if metadata else None
-        retrying(lambda: self.client().upload_file(path, bucket, key, ExtraArgs=extra, Config=cfg), url, "PUT")
+        retrying(self, lambda: self.client().upload_file(path, bucket, key, ExtraArgs=extra, Config=cfg), url, "PUT")
         return self.head(url)

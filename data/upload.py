@@ -17,14 +17,16 @@ import json
 import os
 
 from data import cache, remote
-from data.remote import RemoteError
+from data.store import RemoteError
 from data.tarindex import write_atomic
 from data.wds import INFO_NAME, index_path_for
 
 
 class Uploader:
-    def __init__(self, out: str, staging: str = ""):
+    def __init__(self, out: str, staging: str = "", part_path=None):
+        """`part_path(split_dir, name)`: where make_shards keeps a finished shard's record."""
         self.out = out if out.endswith("/") else out + "/"
+        self.part_path = part_path
         remote.split_url(self.out)
         self.store = remote.store_for(self.out)
         key = hashlib.sha256(self.out.encode()).hexdigest()[:16]
@@ -57,17 +59,13 @@ class Uploader:
             return part
         tar = os.path.join(split_dir, name)
         if not os.path.exists(tar):
-            from data.make_shards import _part_path, write_job
-
-            os.remove(_part_path(split_dir, name))  # recorded as uploaded, but not in the bucket as it was
+            os.remove(self.part_path(split_dir, name))  # recorded as uploaded, but not in the bucket as it was
             raise RemoteError(f"{self.out}{split}/{name}: recorded as uploaded but the bucket does not hold it as "
                               f"uploaded; run the build again to write and upload it anew", kind="missing")
         obj = self.store.put_file(tar, f"{self.out}{split}/{name}", {"sha256": rec.get("sha256", "")})
         self.put(index_path_for(tar), f"{split}/{name[:-4]}.idx")
         part = {**part, "uploaded": {"etag": obj.etag, "url": obj.url}}
-        from data.make_shards import _part_path
-
-        write_atomic(_part_path(split_dir, name), json.dumps(part, sort_keys=True).encode())
+        write_atomic(self.part_path(split_dir, name), json.dumps(part, sort_keys=True).encode())
         for p in (tar, index_path_for(tar)):
             os.remove(p)
         self.uploaded += 1
@@ -83,10 +81,10 @@ def index_bucket(spec: str, index_dir: str = "", log=None) -> str:
     otherwise they stay in the cache (HVDTRAIN_CACHE), where runs on this machine find them."""
     import time
 
-    from data.bucket import open_remote
+    from data.shards import open_shards
 
     t0 = time.monotonic()
-    shards = open_remote(spec, index_dir, log=log)
+    shards = open_shards(spec, index_dir=index_dir, log=log)
     built, where = time.monotonic() - t0, dict(shards.where)
     _, beside = remote.resolve(spec)
     up = denied = 0

@@ -262,10 +262,10 @@ def _listing(spec: str, options) -> tuple[list[str], str | None, dict | None, li
         info = json.load(open(info_path)) if os.path.exists(info_path) else None
         return paths, info_path, info, [() for _ in paths]
     from data import nodecache
-    from data.bucket import _info
+    from data.bucket import read_info
 
     tars, beside = remote.resolve(spec)
-    found = _info(tars, beside)
+    found = read_info(tars, beside)
     opts = dataclasses.asdict(options or nodecache.Options())
     nodecache.get(options or nodecache.Options()).want("verify", tars)  # the fetcher streams them in order
     extra = [({"obj": t.to_dict(), "options": opts,
