@@ -50,10 +50,10 @@ setup(
     version=version(),
     description="DALI on WebDataset shards + Horovod data-parallel training, with honest SLO reports",
     long_description=open(os.path.join(HERE, "README.md")).read().split("\n\n")[1],
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib reads the presets (hvdtrain/presets/*.toml)
     packages=find_packages(include=["hvdtrain", "hvdtrain.*", "data", "data.*", "bench", "bench.*", "launch",
                                     "launch.*", "kernels", "kernels.*"]),
-    package_data={"launch": ["*.sh", "*.sbatch"]},
+    package_data={"launch": ["*.sh", "*.sbatch"], "hvdtrain": ["presets/*.toml"]},
     install_requires=REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": [f"{k}={v}" for k, v in COMMANDS.items()]},
