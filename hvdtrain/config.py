@@ -47,7 +47,8 @@ class DataConfig:
     hw_decoder_load: float = 0.99  # mixed decode: share of images for the hardware JPEG decoder (the rest
                              # entropy-decode on the CPU threads); MLPerf's H100 ResNet-50 setting. Unmeasured
                              # here: `bench.loader --hw-decoder-load 0,0.65,0.9,0.99` on a GPU picks it
-    loader: str = "dali"     # dali | torch (DataLoader + PIL, the baseline) behind the same loop
+    loader: str = "dali"     # dali | torch (DataLoader + PIL, the baseline) | synthetic (random batches made
+                             # on the device, no reader; num_classes 0 = 1000: hvdtrain/synthetic.py)
     shuffle_buffer: int = 1024  # DALI initial_fill: samples in the shuffle buffer
     normalize: str = "auto"  # auto | dali | kernel (uint8 out of DALI, kernels.normalize on the
                              # training device); auto = kernel for decode=cpu feeding a GPU (a quarter
@@ -305,7 +306,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.data.hw_decoder_load <= 1:
         raise ConfigError("data.hw_decoder_load must be in [0, 1]")
     choices = {"model.name": (cfg.model.name, model.names()),
-               "data.loader": (cfg.data.loader, ("dali", "torch")),
+               "data.loader": (cfg.data.loader, ("dali", "torch", "synthetic")),
                "data.shard_shuffle": (cfg.data.shard_shuffle, ("auto", "on", "off")),
                "model.norm": (cfg.model.norm, ("bn", "gn")),
                "train.amp": (t.amp, ("auto", "off", "bf16", "fp16")),
@@ -314,6 +315,9 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+    if cfg.data.loader == "synthetic" and (cfg.data.train or cfg.data.val):
+        raise ConfigError(f"data.loader=synthetic reads no data, but data.train={cfg.data.train!r} / "
+                          f"data.val={cfg.data.val!r} were given: drop them, or choose data.loader=dali")
     if cfg.model.gather_negatives and t.task != "contrastive":
         raise ConfigError("model.gather_negatives needs train.task=contrastive")
 
