@@ -36,6 +36,7 @@ EXTRAS = {
 COMMANDS = {
     "hvdtrain-sanity": "hvdtrain.sanity:main",
     "hvdtrain-train": "hvdtrain.train:main",
+    "hvdtrain-evaluate": "hvdtrain.evaluate:main",
     "hvdtrain-synth": "data.synth:main",
     "hvdtrain-make-shards": "data.make_shards:main",
     "hvdtrain-verify": "data.verify:main",

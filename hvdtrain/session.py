@@ -32,7 +32,8 @@ from data.tarindex import ShardError
 import kernels
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
-from hvdtrain import dist, evaluate as E, optim, provenance, report
+from hvdtrain import dist, optim, provenance, report
+from hvdtrain import valpass as E
 from hvdtrain import preempt as P
 from hvdtrain import loader as L
 from hvdtrain import model as M
@@ -95,7 +96,8 @@ class Run:
             raise Refused(str(e)) from e
         code = provenance.code_state()
         self.prov = {**code, "config_hash": C.config_hash(cfg),
-                     "data_fingerprint": {k: d["fingerprint"] for k, d in self.data.items()}}
+                     "data_fingerprint": {k: d["fingerprint"] for k, d in self.data.items()},
+                     "classes": self.train_data.classes}  # names, where _info.json has them (evaluate checks them)
         if self.joined:  # the run folder, resume point and lock are the running job's
             self.info, payload = self.joined["info"], None
         else:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hvdtrain import config as C
-from hvdtrain import dist, evaluate as E
+from hvdtrain import dist
+from hvdtrain import valpass as E
 from hvdtrain import loader as L
 from hvdtrain import model as M
 from hvdtrain import step as T

@@ -243,7 +243,7 @@ def test_non_finite_tensors_are_named():
 
 
 def test_a_nan_val_loss_stops_the_run_even_with_the_bound_off():
-    from hvdtrain.evaluate import val_loss_problem
+    from hvdtrain.valpass import val_loss_problem
     assert val_loss_problem(1.0, 15.9, 3.0, 200) is None
     assert "above the bound 15.9 (3.0 x ln(200)" in val_loss_problem(16.0, 15.9, 3.0, 200)
     assert val_loss_problem(float("nan"), 15.9, 3.0, 200) == "is not finite"  # nan > bound is False
