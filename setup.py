@@ -25,7 +25,8 @@ def version() -> str:
 
 
 # names only: constraints.txt pins every one of them (tests/unit/test_packaging.py checks)
-REQUIRES = ["numpy", "pillow", "webdataset", "nvidia-ml-py", "tqdm", "matplotlib", "tensorboard", "psutil"]
+REQUIRES = ["numpy", "pillow", "webdataset", "nvidia-ml-py", "tqdm", "matplotlib", "tensorboard", "psutil",
+            "safetensors"]
 EXTRAS = {
     "cuda12": ["nvidia-dali-cuda120"],   # DALI for CUDA 12 drivers, and the CPU backend on machines with no GPU
     "cuda13": ["nvidia-dali-cuda130"],   # DALI for CUDA 13 drivers
@@ -37,6 +38,7 @@ COMMANDS = {
     "hvdtrain-sanity": "hvdtrain.sanity:main",
     "hvdtrain-train": "hvdtrain.train:main",
     "hvdtrain-evaluate": "hvdtrain.evaluate:main",
+    "hvdtrain-export": "hvdtrain.export:main",
     "hvdtrain-synth": "data.synth:main",
     "hvdtrain-make-shards": "data.make_shards:main",
     "hvdtrain-verify": "data.verify:main",

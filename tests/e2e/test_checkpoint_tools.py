@@ -1,16 +1,22 @@
-"""What users do with a finished run: `hvdtrain.evaluate` (under real horovodrun), on
-checkpoints of real 2-rank runs over real shards."""
+"""What users do with a finished run: `hvdtrain.evaluate` (under real horovodrun) and
+`hvdtrain.export`, on checkpoints of real 2-rank runs over real shards."""
 import json
+import os
 import sys
 
 import pytest
+import torch
 import webdataset as wds
 
 from data.wds import Sample, write_split
+from hvdtrain import checkpoint as ckpt
+from hvdtrain import config as C
+from hvdtrain import model as M
 from tests.conftest import jpeg
-from tests.e2e.harness import CI, HOROVODRUN, TRAIN, run
+from tests.e2e.harness import CI, HOROVODRUN, TRAIN, hvd, run
 
 EVALUATE = [sys.executable, "-m", "hvdtrain.evaluate"]
+EXPORT = [sys.executable, "-m", "hvdtrain.export"]
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +83,69 @@ def test_evaluate_refuses_classes_that_do_not_fit_naming_both(classified, tmp_pa
         assert "EVAL_JSON" not in r.stdout
     r = run(EVALUATE + ["--checkpoint", str(classified), "--optim.lr=1"], timeout=60)
     assert r.returncode == 2 and "the model, task and input size come from the checkpoint" in r.stderr
+
+
+# ---------------------------------------------------------------- export
+def checkpoint_model(path) -> tuple[torch.nn.Module, dict]:
+    payload = ckpt.load(str(path))
+    cfg = C.from_dict(payload["config"])
+    model = M.build(cfg.model, payload["num_classes"] if cfg.train.task == "classify" else None)
+    model.load_state_dict(payload["model"])
+    return model.eval(), payload
+
+
+@pytest.mark.parametrize("out,flag", [("model.safetensors", None), ("model.bin", "pt")])
+def test_export_classify_loads_into_hvdtrain_model_with_bit_equal_outputs(classified, tmp_path, out, flag):
+    from hvdtrain.export import load, read_weights
+
+    r = run(EXPORT + ["--checkpoint", str(classified), "--out", str(tmp_path / out)] + (["--format", flag] if flag
+                                                                                      else []), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.load(open(tmp_path / "model.json"))
+    original, payload = checkpoint_model(classified / "best.pt")
+    assert doc["weights"]["format"] == (flag or "safetensors") and doc["encoder"] is None
+    assert doc["num_classes"] == 10 and doc["classes"] == [f"class{c:03d}" for c in range(10)]
+    assert doc["provenance"]["git_sha"] == payload["provenance"]["git_sha"] and doc["checkpoint"]["step"] == 8
+    assert doc["input"]["size"] == 32 and doc["model"]["name"] == "convnet"
+    rebuilt = M.build(C.ModelConfig(**doc["model"]), doc["num_classes"])  # what a user does with the JSON
+    rebuilt.load_state_dict(read_weights(str(tmp_path / out)))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = original(x)
+        assert torch.equal(rebuilt.eval()(x), want) and torch.equal(load(str(tmp_path / out))(x), want)
+
+
+def test_export_contrastive_writes_the_encoder_alone_too(tmp_path, synth_data):
+    """A 1-step contrastive ResNet-18 (a projection head over the encoder), on one rank."""
+    r = run(hvd(1) + TRAIN + ["--preset", "ci", "--run.progress=False", "--run.tensorboard=False",
+                              f"--data.train={synth_data}/train", "--train.steps=1", "--train.grad_accum_steps=1",
+                              "--model.name=resnet18", "--model.small_stem=True", "--data.size=16",
+                              f"--run.dir={tmp_path}/run"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    r = run(EXPORT + ["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "r18.safetensors")], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the run folder's newest checkpoint; it has no best.pt" in r.stdout
+    from hvdtrain.export import load, read_weights
+
+    doc = json.load(open(tmp_path / "r18.json"))
+    assert doc["task"] == "contrastive" and doc["num_classes"] is None and doc["encoder"]["module"] == "ResNet"
+    original, _ = checkpoint_model(tmp_path / "run" / "ckpt-00000001.pt")
+    enc = read_weights(str(tmp_path / "r18.encoder.safetensors"))
+    whole = read_weights(str(tmp_path / "r18.safetensors"))
+    assert set(whole) == {f"encoder.{k}" for k in enc} | {k for k in whole if k.startswith("head.")}
+    assert all(torch.equal(enc[k], whole[f"encoder.{k}"]) for k in enc)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load(str(tmp_path / "r18.encoder.safetensors"))(x), original.encoder(x))
+        assert torch.equal(load(str(tmp_path / "r18.safetensors"))(x), original(x))
+
+
+def test_export_refuses_a_suffix_and_a_format_that_disagree(tmp_path):
+    from hvdtrain.export import ExportError, choose_format
+
+    assert choose_format("a.safetensors", None) == "safetensors" and choose_format("a.pth", None) == "pt"
+    with pytest.raises(ExportError, match="says safetensors but --format pt"):
+        choose_format("a.safetensors", "pt")
+    with pytest.raises(ExportError, match="no format from its suffix"):
+        choose_format("a.bin", None)
+    assert not os.path.exists(tmp_path / "a.json")

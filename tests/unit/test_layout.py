@@ -80,7 +80,7 @@ def test_no_floor_imports_a_floor_above_it():
 
 
 def test_entry_points_document_their_command():
-    for mod in ("hvdtrain/sanity.py", "hvdtrain/train.py", "hvdtrain/evaluate.py",
+    for mod in ("hvdtrain/sanity.py", "hvdtrain/train.py", "hvdtrain/evaluate.py", "hvdtrain/export.py",
                 "hvdtrain/synthetic.py", "bench/loader.py", "bench/train.py", "bench/tune.py", "data/synth.py",
                 "data/make_shards.py"):
         doc = open(os.path.join(ROOT, mod)).read().split('"""')[1]

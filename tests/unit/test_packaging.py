@@ -71,7 +71,7 @@ def test_install_and_run_a_console_script(tmp_path):
     assert r.stdout.strip() == "40", r.stdout + r.stderr  # a preset read from the installed package data
 
 
-@pytest.mark.parametrize("script", ["hvdtrain-sanity", "hvdtrain-bench-loader", "hvdtrain-evaluate"])
+@pytest.mark.parametrize("script", ["hvdtrain-sanity", "hvdtrain-bench-loader", "hvdtrain-evaluate", "hvdtrain-export"])
 def test_commands_map_to_entry_points_that_exist(script):
     import importlib
 
