@@ -156,7 +156,8 @@ def run(path: str, overrides: list[tuple[str, str]]) -> dict:
             "loss_warning": warning, "data": data["train"], "loader": val.describe(),
             "trained": {"git_sha": trained.get("git_sha"), "git_dirty": trained.get("git_dirty"),
                         "config_hash": trained.get("config_hash"), "preset": cfg.preset,
-                        "data_fingerprint": trained.get("data_fingerprint"), "data_train": meta["config"]["data"]["train"],
+                        "data_fingerprint": trained.get("data_fingerprint"),
+                        "data_train": meta["config"]["data"]["train"],
                         "data_val": meta["config"]["data"]["val"], "ranks": meta["world_size"],
                         "saved_at": meta["saved_at"]},
             "code": provenance.code_state(), "versions": provenance.versions()}
@@ -173,7 +174,7 @@ def table(r: dict) -> str:
         f"(preset {t['preset']}, {r['task']}, {r['model']}), {t['ranks']} rank(s), saved {t['saved_at']}",
         f"  trained on " + "; ".join(f"{s}: {t['data_' + s] or '-'} (fingerprint {fp})" for s, fp in fps.items()),
         f"  evaluated  {r['data']['spec']}: {d['samples']} samples, fingerprint {d['fingerprint']}"
-        + (f" (the run's own {' and '.join(same)} data)" if same else " (not data the run was trained or validated on)"),
+        + (f" (the run's own {' and '.join(same)} data)" if same else " (data the run neither trained nor validated on)"),
         f"  ranks      {r['ranks']} x {r['device']}, {r['loader']}, code {r['code']['git_sha']}",
         "",
         f"{'metric':<20} {'value':>10}",
@@ -181,7 +182,8 @@ def table(r: dict) -> str:
         f"{what + 'top-5':<20} {r['top5']:>10.4f}",
         f"{'loss':<20} {r['loss']:>10.4f}",
         f"{'images/s':<20} {r['images_per_s']:>10.1f}   ({r['samples']} images in {r['seconds']:.2f} s, all ranks)",
-    ] + ([f"warning: the loss {r['loss']:.4g} {r['loss_warning']}: wrong data or labels?"] if r["loss_warning"] else []))
+    ] + ([f"warning: the loss {r['loss']:.4g} {r['loss_warning']}: wrong data or labels?"]
+         if r["loss_warning"] else []))
 
 
 def main(argv: list[str] | None = None) -> int:
