@@ -26,7 +26,6 @@ sample while reading, 2 refused (usage, checkpoint, classes, data), 3 another ra
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
