@@ -57,8 +57,8 @@ def settings(a) -> list[tuple[str, int, float | None]]:
     out = []
     for t in sweep:
         for n in names:
-            if n == "pil-decode" and t != sweep[0]:
-                continue  # one core whatever the thread count: measured once
+            if n in ("pil-decode", "synthetic") and t != sweep[0]:
+                continue  # no threads to sweep (one core; no reader): measured once
             if n == "ceiling":
                 out.append(("ceiling-cpu", t, None))
                 out += [("ceiling-gpu", t, h) for h in loads]
