@@ -65,12 +65,13 @@ def test_a_synthetic_run_says_so_in_its_banner_config_checkpoint_and_summary(hvd
     cfg = synthetic_cfg(**{"train.steps": 4, "run.dir": str(tmp_path / "run")})
     with session.Run(cfg) as run:
         assert run.val_loader is None and M.head_classes(run.state.model) == DEFAULT_CLASSES
+        assert all(b.views[0].device == b.labels.device == hvd.device() for b in run.loader.batches)  # made there
         result = run.train()
     out = capsys.readouterr().out
     fp = "synthetic-8x1x3x32x32-c1000-seed1337"
     assert f"data    train: SYNTHETIC, no reader: 1 view(s) of 8x3x32x32 random images per micro-batch, labels " \
            f"uniform over 1000 classes (seed 1337); fingerprint {fp}" in out
-    assert "input   SYNTHETIC batches made on cpu" in out and "done: step 4 on SYNTHETIC data," in out
+    assert f"input   SYNTHETIC batches made on {hvd.device()}" in out and "done: step 4 on SYNTHETIC data," in out
     saved = json.load(open(tmp_path / "run" / "config.json"))
     assert saved["config"]["data"]["loader"] == "synthetic" and saved["data_fingerprint"] == {"train": fp}
     assert saved["data"]["train"]["synthetic"] is True and saved["data"]["train"]["view_shape"] == [8, 3, 32, 32]
