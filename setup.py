@@ -25,7 +25,8 @@ def version() -> str:
 
 
 # names only: constraints.txt pins every one of them (tests/unit/test_packaging.py checks)
-REQUIRES = ["numpy", "pillow", "webdataset", "nvidia-ml-py", "tqdm", "matplotlib", "tensorboard", "psutil"]
+REQUIRES = ["numpy", "pillow", "webdataset", "nvidia-ml-py", "tqdm", "matplotlib", "tensorboard", "psutil",
+            "safetensors"]
 EXTRAS = {
     "cuda12": ["nvidia-dali-cuda120"],   # DALI for CUDA 12 drivers, and the CPU backend on machines with no GPU
     "cuda13": ["nvidia-dali-cuda130"],   # DALI for CUDA 13 drivers
@@ -37,6 +38,8 @@ EXTRAS = {
 COMMANDS = {
     "hvdtrain-sanity": "hvdtrain.sanity:main",
     "hvdtrain-train": "hvdtrain.train:main",
+    "hvdtrain-evaluate": "hvdtrain.evaluate:main",
+    "hvdtrain-export": "hvdtrain.export:main",
     "hvdtrain-synth": "data.synth:main",
     "hvdtrain-make-shards": "data.make_shards:main",
     "hvdtrain-verify": "data.verify:main",
@@ -51,10 +54,10 @@ setup(
     version=version(),
     description="DALI on WebDataset shards + Horovod data-parallel training, with honest SLO reports",
     long_description=open(os.path.join(HERE, "README.md")).read().split("\n\n")[1],
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib reads the presets (hvdtrain/presets/*.toml)
     packages=find_packages(include=["hvdtrain", "hvdtrain.*", "data", "data.*", "bench", "bench.*", "launch",
                                     "launch.*", "kernels", "kernels.*"]),
-    package_data={"launch": ["*.sh", "*.sbatch"]},
+    package_data={"launch": ["*.sh", "*.sbatch"], "hvdtrain": ["presets/*.toml"]},
     install_requires=REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": [f"{k}={v}" for k, v in COMMANDS.items()]},

@@ -16,7 +16,9 @@ decode on a GPU; skipped with no GPU), `torch` (DataLoader + PIL, `--workers` or
 the same device: the same reader and the same decoder call with the same random crops,
 its output dropped inside the pipeline; no resize, no normalize, no transfer; measured
 beside every loader at its setting, asked for or not), `pil-decode` (PIL's bare full decode, one core, bytes in
-memory: the cross-machine anchor). Each loader is reported as a fraction of its
+memory: the cross-machine anchor), `synthetic` (`--data.loader=synthetic`'s loader: random
+batches of the same shape made once on the training device and cycled, no reader: the
+loop's input with no data work, a bound no real loader reaches). Each loader is reported as a fraction of its
 device's ceiling at the same setting: at most 1 by construction, so a value above 1.05
 is flagged as a bench bug. Images/s is the median of --windows timed windows after
 --warmup batches (each window's rate is printed; `*` marks a window a pipeline rebuild
@@ -41,7 +43,7 @@ from data.tarindex import ShardError
 from hvdtrain import exitmark
 from hvdtrain import slo as S
 
-LOADERS = ("dali-cpu", "dali-gpu", "torch", "ceiling", "pil-decode")
+LOADERS = ("dali-cpu", "dali-gpu", "torch", "ceiling", "pil-decode", "synthetic")
 ABOVE_CEILING = 1.05  # a loader this far above its ceiling means the bench measured something wrong
 
 
@@ -55,8 +57,8 @@ def settings(a) -> list[tuple[str, int, float | None]]:
     out = []
     for t in sweep:
         for n in names:
-            if n == "pil-decode" and t != sweep[0]:
-                continue  # one core whatever the thread count: measured once
+            if n in ("pil-decode", "synthetic") and t != sweep[0]:
+                continue  # no threads to sweep (one core; no reader): measured once
             if n == "ceiling":
                 out.append(("ceiling-cpu", t, None))
                 out += [("ceiling-gpu", t, h) for h in loads]

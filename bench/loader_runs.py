@@ -16,6 +16,7 @@ from data.wds import Sample, write_split
 from hvdtrain import config as C
 from hvdtrain import pipeline
 from hvdtrain.loader import DaliLoader
+from hvdtrain.synthetic import SyntheticLoader
 
 
 def make_imagenet_like(out: str, n: int, seed: int = 0) -> str:
@@ -101,10 +102,13 @@ def make_iter(name: str, shards, a, threads: int, hw_load=None, prefetch=None):
         return "no GPU"
     if name == "pil-decode":
         return pil_decode_batches(shards, a.batch_size), no_rebuilds
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # where training runs
+    if name == "synthetic":
+        loader = SyntheticLoader(bench_config(a, threads, False), shards.num_classes, 0, device)
+        return (b.views[0] for b in loader.forever()), no_rebuilds
     spec = spec_for(a, shards, threads, gpu, hw_load, prefetch)
     if name.startswith("ceiling"):
         return ceiling_batches(shards, spec), no_rebuilds
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # where training runs
     if name == "torch":
         from hvdtrain.torch_loader import TorchLoader
 

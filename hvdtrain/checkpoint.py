@@ -120,6 +120,19 @@ def load(path: str) -> dict:
     return payload
 
 
+def resolve(path: str) -> tuple[str, str]:
+    """(checkpoint file, why that one) for what a user named: a file as given, or a run
+    folder's best.pt (the lowest val loss), else its newest ckpt-*.pt."""
+    if not os.path.isdir(path):
+        return path, "the file given"
+    if os.path.exists(os.path.join(path, "best.pt")):
+        return os.path.join(path, "best.pt"), "the run folder's best.pt: the lowest val loss"
+    newest = latest_path(path)
+    if newest is None:
+        raise CheckpointError(f"run folder {path} holds no checkpoint (no best.pt, no ckpt-*.pt)")
+    return newest, "the run folder's newest checkpoint; it has no best.pt"
+
+
 def find_resume(run_dir: str, log=print) -> tuple[str, dict] | None:
     """The newest checkpoint in `run_dir` that loads; unreadable ones are reported and skipped."""
     for path in reversed(list_checkpoints(run_dir)):

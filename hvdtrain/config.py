@@ -1,7 +1,12 @@
 """One config tree, named presets, and `--section.key=value` overrides.
 
     python -m hvdtrain.sanity --preset ci --train.steps=20 --data.train=/data/train
+    python -m hvdtrain.train --preset path/to/mine.toml --optim.lr=0.1
 
+A preset is a TOML file holding only what differs from the dataclass defaults below:
+the packaged ones are `hvdtrain/presets/<name>.toml` (sanity, ci, tinyimagenet,
+resnet50), and `--preset` also takes a path to a user's own file. Its keys are checked
+as overrides are (unknown keys and wrong types refused, naming the file).
 Overrides are parsed with `ast.literal_eval` (a bare word that is not a Python literal
 is taken as a string) and type-checked against the dataclass field; an unknown key is
 an error. The resolved config is written as JSON into the run folder, and its hash
@@ -13,8 +18,11 @@ import ast
 import dataclasses
 import hashlib
 import json
+import os
+import tomllib
 import typing
 import zlib
+from importlib import resources
 from dataclasses import dataclass, field
 
 
@@ -39,7 +47,8 @@ class DataConfig:
     hw_decoder_load: float = 0.99  # mixed decode: share of images for the hardware JPEG decoder (the rest
                              # entropy-decode on the CPU threads); MLPerf's H100 ResNet-50 setting. Unmeasured
                              # here: `bench.loader --hw-decoder-load 0,0.65,0.9,0.99` on a GPU picks it
-    loader: str = "dali"     # dali | torch (DataLoader + PIL, the baseline) behind the same loop
+    loader: str = "dali"     # dali | torch (DataLoader + PIL, the baseline) | synthetic (random batches made
+                             # on the device, no reader; num_classes 0 = 1000: hvdtrain/synthetic.py)
     shuffle_buffer: int = 1024  # DALI initial_fill: samples in the shuffle buffer
     normalize: str = "auto"  # auto | dali | kernel (uint8 out of DALI, kernels.normalize on the
                              # training device); auto = kernel for decode=cpu feeding a GPU (a quarter
@@ -154,96 +163,48 @@ class Config:
 
 
 # ---------------------------------------------------------------- presets
-def sanity() -> Config:
-    """The seed's Day-2 GO/NO-GO configuration (batch 16 x accum 8, lr 5e-4, embed 256)."""
-    cfg = Config(preset="sanity")
-    cfg.data.size = 48  # crops of the 64 px synthetic images: 200 steps fit in ~5 min on 2 CPU cores
-    cfg.run.name = "sanity"
+PRESET_DIR = "presets"  # hvdtrain/presets/<name>.toml, shipped as package data (setup.py)
+
+
+def preset_names() -> list[str]:
+    """The packaged presets: sanity, ci, tinyimagenet, resnet50."""
+    return sorted(p.name[:-5] for p in resources.files("hvdtrain").joinpath(PRESET_DIR).iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def preset(name: str) -> Config:
+    """The config of a packaged preset (`ci`) or of a user's TOML file (`path/to/mine.toml`:
+    any name ending in .toml or holding a /). A file holds only what differs from the
+    dataclass defaults, as `[section]` tables of `key = value`; unknown keys and values of
+    the wrong type are refused, naming the file."""
+    if name.endswith(".toml") or os.sep in name or "/" in name:
+        where, label = name, os.path.basename(name)
+        try:
+            with open(name, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise ConfigError(f"--preset {name}: cannot read it ({e.strerror or e})") from None
+    else:
+        if name not in preset_names():
+            raise ConfigError(f"unknown preset {name!r}; choose from {preset_names()} or give a .toml file")
+        res = resources.files("hvdtrain").joinpath(PRESET_DIR, f"{name}.toml")
+        where, label, raw = str(res), name, res.read_bytes()
+    try:
+        doc = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: not valid TOML: {e}") from None
+    cfg = Config(preset=label)
+    for key, value in doc.items():
+        if key == "preset":
+            raise ConfigError(f"{where}: 'preset' cannot be set in a preset file (the file's name is the preset)")
+        for sub, v in value.items() if isinstance(value, dict) else [(None, value)]:
+            full = key if sub is None else f"{key}.{sub}"
+            try:
+                set_value(cfg, full, v, full)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
     return cfg
 
-
-def ci() -> Config:
-    """Seconds-long: for tests. Same model and step, fewer and smaller everything."""
-    cfg = Config(preset="ci")
-    cfg.data.size = 32
-    cfg.data.threads = 1
-    cfg.data.shuffle_buffer = 64
-    cfg.model.width = 8
-    cfg.model.embed_dim = 32
-    cfg.train.steps = 40  # 20 left first10 - last10 to chance (0.08 to 0.68 over seeds); 40: 0.54 to 0.97
-    cfg.train.batch_size = 8
-    cfg.train.grad_accum_steps = 2
-    cfg.train.log_every = 2
-    cfg.optim.lr = 0.002
-    cfg.run.name = "ci"
-    return cfg
-
-
-def tinyimagenet() -> Config:
-    """200 classes at 64x64 from `data.make_shards` Tiny-ImageNet shards: ResNet-18 with a
-    small stem, SGD + nesterov, 0.2 per 256 images, 2 warm-up epochs' worth of steps, cosine.
-
-        horovodrun -np 2 python -m hvdtrain.train --preset tinyimagenet \
-            --data.train=shards/tiny/train --data.val=shards/tiny/val
-    """
-    cfg = Config(preset="tinyimagenet")
-    cfg.data.size = 64
-    cfg.data.min_scale = 0.35
-    cfg.data.threads = 8
-    cfg.model.name = "resnet18"
-    cfg.model.small_stem = True
-    cfg.train.task = "classify"
-    cfg.train.batch_size = 128
-    cfg.train.grad_accum_steps = 1
-    cfg.train.steps = 30_000          # ~77 epochs of 100k images at a global batch of 256
-    cfg.train.log_every = 50
-    cfg.train.eval_every = 2_000
-    cfg.train.ckpt_every = 2_000
-    cfg.aug.label_smoothing = 0.1
-    o = cfg.optim
-    o.name, o.lr, o.lr_ref_batch, o.momentum, o.nesterov = "sgd", 0.2, 256, 0.9, True
-    o.weight_decay, o.schedule, o.warmup_steps = 5e-4, "cosine", 800
-    cfg.run.name = "tinyimagenet"
-    return cfg
-
-
-def resnet50() -> Config:
-    """The ImageNet recipe (Goyal et al.; NVIDIA DeepLearningExamples): ResNet-50 at 224 px,
-    AMP, channels_last, SGD 0.1 per 256 images scaled with the global batch, 5 warm-up
-    epochs, cosine, label smoothing 0.1, no weight decay on norms and biases.
-
-        horovodrun -np 4 python -m hvdtrain.train --preset resnet50 \
-            --data.train=/data/imagenet/train --data.val=/data/imagenet/val
-
-    The step counts assume 4 ranks (global batch 4 x 256 = 1024: 1,251 steps per epoch of
-    1.28M images). With N ranks, scale --train.steps, --train.eval_every,
-    --train.ckpt_every and --optim.warmup_steps by 4/N; the lr follows the global batch
-    by itself (lr_ref_batch).
-    """
-    cfg = Config(preset="resnet50")
-    cfg.data.size = 224
-    cfg.data.min_scale = 0.08
-    cfg.data.threads = 8
-    cfg.data.channels_last = True
-    cfg.model.name = "resnet50"
-    cfg.train.task = "classify"
-    cfg.train.batch_size = 256
-    cfg.train.grad_accum_steps = 1
-    cfg.train.steps = 90 * 5005 // 4   # 90 epochs at a global batch of 1024 (5005 steps/epoch at 256)
-    cfg.train.log_every = 100
-    cfg.train.eval_every = 5005        # every 4 epochs at 1024
-    cfg.train.ckpt_every = 5005
-    cfg.train.amp = "auto"
-    cfg.aug.label_smoothing = 0.1
-    o = cfg.optim
-    o.name, o.lr, o.lr_ref_batch, o.momentum, o.nesterov = "sgd", 0.1, 256, 0.9, False
-    o.weight_decay, o.schedule, o.warmup_steps = 1e-4, "cosine", 5 * 1250  # 5 epochs at 1024
-    cfg.run.name = "resnet50"
-    return cfg
-
-
-PRESETS: dict[str, typing.Callable[[], Config]] = {"sanity": sanity, "ci": ci, "tinyimagenet": tinyimagenet,
-                                                   "resnet50": resnet50}
 
 # short flags a user types, mapped to config keys; None = a switch (no value)
 ALIASES: dict[str, tuple[str, str | None]] = {
@@ -254,38 +215,43 @@ ALIASES: dict[str, tuple[str, str | None]] = {
 
 
 # ---------------------------------------------------------------- overrides
-def _coerce(value: typing.Any, typ: typing.Any, key: str) -> typing.Any:
+def _coerce(value: typing.Any, typ: typing.Any, label: str) -> typing.Any:
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is str and not isinstance(value, str):
         return str(value)
     if typ in (int, float, bool, str) and type(value) is not typ:
-        raise ConfigError(f"--{key}: expected {typ.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{label}: expected {typ.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
 
-def set_key(cfg: Config, key: str, raw: str) -> None:
-    """Set `section.key` (or a top-level `key`) from its command-line text."""
+def set_value(cfg: Config, key: str, value: typing.Any, label: str) -> None:
+    """Set `section.key` (or a top-level `key`) to a Python value, type-checked against the
+    dataclass field. `label`: how messages name the key (`--train.steps`, `train.steps`)."""
     parts = key.split(".")
     obj: typing.Any = cfg
     for i, part in enumerate(parts):
         names = {f.name: f for f in dataclasses.fields(obj)}
         if part not in names:
             where = ".".join(parts[:i]) or "the top level"
-            raise ConfigError(f"unknown config key --{key}: {where} has {sorted(names)}")
+            raise ConfigError(f"unknown config key {label}: {where} has {sorted(names)}")
         if i < len(parts) - 1:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"--{key}: {'.'.join(parts[:i + 1])} is not a section")
-    hints = typing.get_type_hints(type(obj))
-    typ = hints[parts[-1]]
+                raise ConfigError(f"{label}: {'.'.join(parts[:i + 1])} is not a section")
+    typ = typing.get_type_hints(type(obj))[parts[-1]]
     if dataclasses.is_dataclass(typ):
-        raise ConfigError(f"--{key} is a section; set one of its keys")
+        raise ConfigError(f"{label} is a section; set one of its keys")
+    setattr(obj, parts[-1], _coerce(value, typ, label))
+
+
+def set_key(cfg: Config, key: str, raw: str) -> None:
+    """Set `section.key` (or a top-level `key`) from its command-line text."""
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw  # a bare word: a string
-    setattr(obj, parts[-1], _coerce(value, typ, key))
+    set_value(cfg, key, value, f"--{key}")
 
 
 def parse_args(argv: list[str], default_preset: str = "sanity", extra_flags: tuple[str, ...] = (),
@@ -297,7 +263,7 @@ def parse_args(argv: list[str], default_preset: str = "sanity", extra_flags: tup
     command's own overrides of the preset (`{"train.steps": "20"}` for bench.train),
     applied before the user's, so any spelling of the user's flag wins.
     """
-    preset = default_preset
+    preset_name = default_preset
     overrides: list[tuple[str, str]] = []
     extras: dict[str, str] = {}
     it = iter(argv)
@@ -314,14 +280,12 @@ def parse_args(argv: list[str], default_preset: str = "sanity", extra_flags: tup
             if value is None:
                 raise ConfigError(f"--{key} needs a value")
         if key == "preset":
-            preset = value
+            preset_name = value
         elif key in extra_flags:
             extras[key] = value
         else:
             overrides.append((key, value))
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    cfg = PRESETS[preset]()
+    cfg = preset(preset_name)
     for key, value in list((defaults or {}).items()) + overrides:
         set_key(cfg, key, value)
     validate(cfg)
@@ -358,7 +322,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.data.hw_decoder_load <= 1:
         raise ConfigError("data.hw_decoder_load must be in [0, 1]")
     choices = {"model.name": (cfg.model.name, model.names()),
-               "data.loader": (cfg.data.loader, ("dali", "torch")),
+               "data.loader": (cfg.data.loader, ("dali", "torch", "synthetic")),
                "data.shard_shuffle": (cfg.data.shard_shuffle, ("auto", "on", "off")),
                "model.norm": (cfg.model.norm, ("bn", "gn")),
                "train.amp": (t.amp, ("auto", "off", "bf16", "fp16")),
@@ -368,6 +332,9 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+    if cfg.data.loader == "synthetic" and (cfg.data.train or cfg.data.val):
+        raise ConfigError(f"data.loader=synthetic reads no data, but data.train={cfg.data.train!r} / "
+                          f"data.val={cfg.data.val!r} were given: drop them, or choose data.loader=dali")
     if cfg.model.gather_negatives and t.task != "contrastive":
         raise ConfigError("model.gather_negatives needs train.task=contrastive")
 

@@ -7,15 +7,15 @@ Every loader (`Loader`) yields `Batch` objects, counts epochs, remembers which s
 member its last batch came from (so a data error can name it) and can checkpoint its
 position. `DaliLoader` turns DALI outputs into torch tensors and integer labels;
 `TorchLoader` (hvdtrain/torch_loader.py, `--data.loader=torch`) is the DataLoader + PIL
-baseline behind the same loop; `InMemoryLoader` cycles batches already in memory
-(`bench.train`'s "no data work" reference). To change what a loader does, change the
+baseline behind the same loop; `SyntheticLoader` (hvdtrain/synthetic.py,
+`--data.loader=synthetic`) cycles random batches of the same shapes made on the device,
+with no reader (the "no data work" reference). To change what a loader does, change the
 `PipeSpec` that `pipeline.spec_from_config` builds and the code that reads it.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
-import itertools
 import json
 import math
 import threading
@@ -312,33 +312,17 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]) & 0x7FFFFFFF
 
 
-class InMemoryLoader:
-    """Cycles through batches already in memory: the loop's input with no data work
-    (`bench.train`'s synthetic reference: same shapes, dtypes and devices as real ones)."""
-
-    def __init__(self, batches: list[Batch]):
-        self.batches, self.epoch, self.last_source = batches, 0, "(synthetic, in memory)"
-
-    def epoch_batches(self) -> Iterator[Batch]:
-        yield from self.batches
-        self.epoch += 1
-
-    def forever(self) -> Iterator[Batch]:
-        return itertools.cycle(self.batches)
-
-    def checkpoint(self) -> None:
-        return None
-
-    def describe(self) -> str:
-        return f"in memory ({len(self.batches)} batches)"
-
-
 def from_config(cfg, shards: ShardSet, split: str = "train", threads: int = 1, checkpoint=None,
                 epoch: int = 0) -> Loader:
     """The loader `cfg` asks for on this rank: shard_id = global rank, device_id = local
-    rank. split="val": the whole set once per pass, partial last batch kept."""
+    rank. split="val": the whole set once per pass, partial last batch kept.
+    `--data.loader=synthetic`: `shards` is hvdtrain.synthetic's stand-in, and there is no val."""
     from hvdtrain import dist
 
+    if cfg.data.loader == "synthetic":
+        from hvdtrain.synthetic import SyntheticLoader
+
+        return SyntheticLoader(cfg, shards.num_classes, dist.rank(), dist.device())
     gpu = torch.cuda.is_available()
     spec = pipeline.spec_from_config(cfg, split, rank=dist.rank(), size=dist.size(),
                                      device_id=dist.local_rank() if gpu else None, threads=threads,

@@ -94,6 +94,9 @@ def banner(code: dict, config_hash: str, data: dict, ranks: int, device: str,
         lines.append(f"slurm   job {job['slurm_job_id']} ({job['slurm_job_name']}) on {job['slurm_job_nodelist']}, "
                      f"{job['slurm_ntasks']} task(s)")
     for split, d in data.items():
+        if d.get("synthetic"):
+            lines.append(f"data    {split}: {d['banner']}")
+            continue
         lines.append(f"data    {split}: {d['spec']} -> {d['shards']} shard(s) {d['first']} .. "
                      f"{os.path.basename(d['last'])}, {d['samples']} samples, fingerprint {d['fingerprint']}")
         if d.get("store"):

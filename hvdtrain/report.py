@@ -80,15 +80,16 @@ def sanity_table(r: dict) -> str:
         util += f"; nvidia-smi dmon sm {dmon['sm_mean_pct']:.1f}% ({dmon['samples']} rows)"
     c = r["config"]
     lines = [
-        f"hvdtrain sanity: {r['verdict']}",
+        f"hvdtrain sanity: {r['verdict']}" + (" on SYNTHETIC data (no reader: the loader is not measured)"
+                                               if r.get("synthetic") else ""),
         f"  code      {r['git_sha']}{' (dirty)' if r['git_dirty'] else ''}",
         f"  config    {r['config_hash']}  preset {c['preset']}, batch {c['train']['batch_size']}/rank x "
         f"accum {c['train']['grad_accum_steps']} x {r['ranks']} ranks, lr {c['optim']['lr']}, "
         f"embed {c['model']['embed_dim']}, seed {c['seed']}, {c['train']['steps']} steps",
         f"  data      {r['data']['train']['spec']} ({r['data']['train']['samples']} samples, "
         f"fingerprint {r['data']['train']['fingerprint']})",
-        f"  loader    {r['loader_img_s']:.1f} img/s ({r['loader']}, {r['dali_threads']} thread(s)/rank, "
-        f"all ranks)",
+        f"  loader    {r['loader_img_s']:.1f} img/s ({r['loader']}, {r['dali_threads']} thread(s)/rank, all ranks)"
+        if r["loader_img_s"] is not None else f"  loader    not measured: {r['loader']}",
         f"  loss      step1 {r['loss_step1']:.4f} (ln {c['train']['batch_size']} = {r['ln_batch']:.4f})"
         f"  first10 {r['loss_first10']:.4f}  last10 {r['loss_last10']:.4f}  reduction {r['loss_reduction']:.4f}",
         f"  time      {r['wall_time_s']:.1f} s ({r['wall_time_s'] / 60:.2f} min)  train "
@@ -99,14 +100,16 @@ def sanity_table(r: dict) -> str:
         "",
         S.table(r["slos"], S.load(r.get("slo_file"))),
         "",
-        f"verdict: {r['verdict']}" + (f": {r['why']}" if r.get("why") else ""),
+        f"verdict: {r['verdict']}" + (" (on SYNTHETIC data)" if r.get("synthetic") else "")
+        + (f": {r['why']}" if r.get("why") else ""),
     ]
     return "\n".join(lines)
 
 
 def sanity_markdown(r: dict) -> str:
     body = sanity_table(r)
-    return (f"# hvdtrain sanity — {r['verdict']}\n\n"
+    syn = " on SYNTHETIC data" if r.get("synthetic") else ""
+    return (f"# hvdtrain sanity — {r['verdict']}{syn}\n\n"
             f"Run `{r['run_dir']}`, code `{r['git_sha']}`{' (dirty: ' + ', '.join(r['git_changed']) + ')' if r['git_dirty'] else ''}, "
             f"config hash `{r['config_hash']}`, data fingerprint `{r['data']['train']['fingerprint']}`.\n\n"
             f"```\n{body}\n```\n\n![loss per step](loss.png)\n\n"

@@ -32,12 +32,14 @@ from data.tarindex import ShardError
 import kernels
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
-from hvdtrain import dist, evaluate as E, optim, provenance, report
+from hvdtrain import dist, optim, provenance, report
+from hvdtrain import valpass as E
 from hvdtrain import preempt as P
 from hvdtrain import loader as L
 from hvdtrain import model as M
 from hvdtrain import resume as R
 from hvdtrain import step as S
+from hvdtrain import synthetic
 from hvdtrain import task as TK
 from hvdtrain import timing
 from hvdtrain.gpumon import GpuMonitor, not_evaluated
@@ -50,6 +52,8 @@ def open_data(cfg: C.Config, alone: bool = False) -> tuple[ShardSet, ShardSet | 
     """This rank's data (data.dataset.open_data): refusals become `Refused`. `alone`: an
     elastic joiner, with no peers to share on_error=skip's findings with: it reads the
     records the job's ranks left in the verify cache (a shard with none ends it)."""
+    if cfg.data.loader == "synthetic":  # no reader, nothing to open: hvdtrain/synthetic.py
+        return synthetic.open_data(cfg, dist.size())
     gather = (lambda obj, name=None: [obj]) if alone else dist.allgather_object
     try:
         return dataset.open_data(cfg, dist.rank(), dist.size(), gather, log=_log0,
@@ -92,7 +96,8 @@ class Run:
             raise Refused(str(e)) from e
         code = provenance.code_state()
         self.prov = {**code, "config_hash": C.config_hash(cfg),
-                     "data_fingerprint": {k: d["fingerprint"] for k, d in self.data.items()}}
+                     "data_fingerprint": {k: d["fingerprint"] for k, d in self.data.items()},
+                     "classes": self.train_data.classes}  # names, where _info.json has them (evaluate checks them)
         if self.joined:  # the run folder, resume point and lock are the running job's
             self.info, payload = self.joined["info"], None
         else:
@@ -209,7 +214,7 @@ class Run:
             if loader is None:
                 continue
             close = getattr(loader, "close", None)
-            if close is not None:  # DaliLoader (its pipelines), TorchLoader; InMemoryLoader holds none
+            if close is not None:  # DaliLoader (its pipelines), TorchLoader; a SyntheticLoader holds none
                 close()
             setattr(self, name, None)
         gc.collect()  # a DALI pipeline can sit in a reference cycle (its iterator, a generator)
@@ -373,6 +378,7 @@ class Run:
         summary = {"steps": self.state.step, "images": agg["images"], "images_per_s": agg["images_per_s"],
                    "steady_images_per_s": agg["steady_images_per_s"], "data_wait_share": agg["data_wait_share"],
                    "best_val_loss": self.best_val, **lv, "run_dir": self.dir, "ranks_at_end": dist.size(),
+                   "data_fingerprint": prov["data_fingerprint"],
                    "gpu": {k: v for k, v in gpu.items() if k != "timeline"}, "breakdown": out.breakdown}
         fetched = self.fetch_stats()
         if fetched:
@@ -385,8 +391,9 @@ class Run:
         if gpu.get("util_mean_pct") is not None:
             val_txt += f"; GPU util {gpu['util_mean_pct']:.1f} % mean (rank 0, {gpu.get('samples')} NVML samples)"
         print(f"time    {timing.describe(out.breakdown)}", flush=True)
-        print(f"done: step {self.state.step}, {agg['images']} images this session, {agg['images_per_s']:.1f} img/s "
-              f"(all ranks){val_txt}; run folder {self.dir}", flush=True)
+        syn = " on SYNTHETIC data" if cfg.data.loader == "synthetic" else ""
+        print(f"done: step {self.state.step}{syn}, {agg['images']} images this session, {agg['images_per_s']:.1f} "
+              f"img/s (all ranks){val_txt}; run folder {self.dir}", flush=True)
         return out
 
 

@@ -38,6 +38,7 @@ WHEELS=(
     "nvidia-libnvcomp-cu13==5.3.0.16"            # DALI's exact pin
     "astunparse>=1.6.0,<=1.6.3" "gast>=0.3.3,<=0.7.0" optree makefun "libcst~=1.8" nvtx
     "$(pin webdataset)" braceexpand
+    "$(pin safetensors)"                          # hvdtrain.export (abi3: any CPython)
 )
 HOROVOD=$(pin horovod)
 

@@ -88,7 +88,7 @@ HVD_GPU=${HVDTRAIN_HOROVOD_GPU:-$HVD_GPU}
 say "horovod: Gloo$([[ "$HVD_GPU" == nccl ]] && echo " + NCCL" || true)"
 grep -q "^$DALI_PKG==" constraints.txt || die "constraints.txt has no pin for $DALI_PKG"
 BUILD_TOOLS=(setuptools wheel packaging cloudpickle psutil pyyaml)
-DEPS=("$DALI_PKG" webdataset numpy pillow nvidia-ml-py pytest pytest-timeout tqdm matplotlib tensorboard)
+DEPS=("$DALI_PKG" webdataset numpy pillow nvidia-ml-py pytest pytest-timeout tqdm matplotlib tensorboard safetensors)
 
 # ---- system mode: the names among "$@" that the bootstrap Python (or .venv) lacks
 missing_in() {

@@ -109,6 +109,8 @@ def test_bench_loader_prints_table_and_bench_json_last(tmp_path, synth_data):
     # the ceiling bounds what it is compared with (error would name the loader above it)
     assert j["error"] is None and 0 < res["dali-cpu"]["vs_ceiling"] <= 1.05 and 0 < res["torch"]["vs_ceiling"] <= 1.05
     assert res["dali-cpu"]["cpu_cores_used"] > 0
+    # --data.loader=synthetic's loader: no reader, so far above any loader that decodes
+    assert res["synthetic"]["img_s"] > 10 * res["dali-cpu"]["img_s"] and res["synthetic"].get("ceiling_key") is None
     assert j["slos"][0]["name"] == "loader_img_s" and len(j["git_sha"]) == 40
     assert "dali-cpu" in r.stdout and "vs ceiling" in r.stdout
     assert "| dali-cpu | 1 |" in (tmp_path / "bench-loader.md").read_text()
@@ -184,6 +186,7 @@ def test_bench_train_real_vs_synthetic_two_ranks(tmp_path, synth_data):
     assert all(0 <= j[k]["data_wait_share"] <= 1 for k in ("real", "synthetic"))  # shares, not timings to judge
     assert j["real_over_synthetic"] == pytest.approx(j["real"]["steady_images_per_s"] / j["synthetic"]["steady_images_per_s"])
     assert "loader overhead ratio real/synthetic" in r.stdout and "NOT EVALUATED (no GPU)" in r.stdout
+    assert "synthetic, no reader" in r.stdout and j["data"]["train"]["samples"] == 256  # the real row read shards
     assert j["slos"][0]["name"] == "gpu_util_pct" and j["slos"][0]["passed"] is None
     assert j["breakdown"]["bound"].endswith("-bound") and "step time (real)" in r.stdout
     with Image.open(tmp_path / "bench-train.png") as png:

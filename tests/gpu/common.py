@@ -29,7 +29,7 @@ def small_cfg(task: str = "classify", amp: str = "off", accum: int = 2, clip: fl
               channels_last: bool = False, mixup: float = 0.0, cutmix: float = 0.0, optim: str = "adamw",
               lr: float = 0.002) -> C.Config:
     """The ci preset (32 px, batch 8, width 8) with the knobs a GPU test turns."""
-    cfg = C.ci()
+    cfg = C.preset("ci")
     cfg.train.task, cfg.train.amp, cfg.train.grad_accum_steps = task, amp, accum
     cfg.train.clip_grad_norm, cfg.data.channels_last = clip, channels_last
     cfg.model.name, cfg.model.small_stem = model, model.startswith("resnet")

@@ -18,7 +18,8 @@ import torch
 
 from hvdtrain import pipeline
 from hvdtrain import step as S
-from hvdtrain.loader import DaliLoader, InMemoryLoader
+from hvdtrain.loader import DaliLoader
+from hvdtrain.synthetic import InMemoryLoader
 from tests.gpu.common import CLASSES, GPU, device_batches, params, small_cfg
 
 pytestmark = GPU

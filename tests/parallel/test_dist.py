@@ -45,7 +45,7 @@ def test_ranks_read_disjoint_samples_and_take_equal_steps(shared_dir, n, kind):
 
 def test_parameters_identical_on_all_ranks_after_training(shared_dir):
     shards = make_data(shared_dir, "train_small", 96, shard_size=50)
-    cfg = C.ci()
+    cfg = C.preset("ci")
     cfg.train.steps = 3
     _, dali_threads = T.configure_threads(cfg)
     state = T.make_state(cfg, shards.num_classes)
@@ -74,7 +74,7 @@ def test_accumulated_micro_batches_equal_one_large_batch():
     for steps, batches in ((accum, [Batch([x[i * micro:(i + 1) * micro]], y[i * micro:(i + 1) * micro],
                                           torch.zeros(micro, 1, dtype=torch.uint8)) for i in range(accum)]),
                            (1, [Batch([x], y, torch.zeros(len(y), 1, dtype=torch.uint8))])):
-        cfg = C.ci()
+        cfg = C.preset("ci")
         cfg.train.task, cfg.train.grad_accum_steps = "classify", steps
         cfg.optim.name, cfg.optim.lr, cfg.optim.momentum = "sgd", 0.5, 0.0
         state = T.make_state(cfg, num_classes=5)

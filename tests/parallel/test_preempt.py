@@ -23,7 +23,7 @@ def shards(shared_dir):
 def test_one_ranks_request_stops_every_rank_at_the_same_step(shared_dir, shards, preempt_handlers, how):
     run_dir = os.path.join(shared_dir, f"run-{how.split()[0]}")
     os.makedirs(run_dir, exist_ok=True)
-    cfg = C.ci()
+    cfg = C.preset("ci")
     cfg.train.task = "classify"
     state = S.make_state(cfg, shards.num_classes)
     loader = L.from_config(cfg, shards, "train", threads=1)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hvdtrain import config as C
-from hvdtrain import dist, evaluate as E
+from hvdtrain import dist
+from hvdtrain import valpass as E
 from hvdtrain import loader as L
 from hvdtrain import model as M
 from hvdtrain import step as T
@@ -19,7 +20,7 @@ from tests.parallel.harness import make_data, param_vector
 def test_val_pass_counts_every_sample_exactly_once(shared_dir, n):
     """205 = not divisible by ranks x batch (2 x 8); one allreduce reduces the sums."""
     shards = make_data(shared_dir, f"val{n}", n, shard_size=70)
-    cfg = C.ci()
+    cfg = C.preset("ci")
     cfg.train.task = "classify"
     state = T.make_state(cfg, shards.num_classes)
     loader = L.from_config(cfg, shards, "val", threads=1)
@@ -37,7 +38,7 @@ def test_val_pass_counts_every_sample_exactly_once(shared_dir, n):
 def test_clipping_bounds_the_update_and_keeps_ranks_identical():
     """SGD without momentum: |update| = lr x |clipped global gradient| <= lr x clip, with
     4 backward passes per step (clip after synchronize(), step under skip_synchronize())."""
-    cfg = C.ci()
+    cfg = C.preset("ci")
     cfg.train.task, cfg.train.grad_accum_steps, cfg.train.clip_grad_norm = "classify", 4, 1e-3
     cfg.optim.name, cfg.optim.lr, cfg.optim.momentum = "sgd", 0.5, 0.0
     state = T.make_state(cfg, num_classes=5)
@@ -70,7 +71,7 @@ def test_gathered_negatives_use_every_ranks_batch_and_carry_gradients():
 
 def test_resume_state_loaded_on_rank0_reaches_every_rank():
     """make_state(ckpt) on rank 0 only: parameters, optimizer state and step arrive everywhere."""
-    cfg = C.ci()
+    cfg = C.preset("ci")
     cfg.train.task, cfg.optim.name = "classify", "adamw"
     cfg.optim.weight_decay = 0.1  # Horovod's zero-gradient state init would move non-root params
     src = T.make_state(cfg, num_classes=5)
@@ -96,7 +97,7 @@ def test_channels_last_inputs_train_under_horovod():
     """`data.channels_last`: the inputs are NHWC, the weights and so the gradients stay
     contiguous (Horovod 0.28 refuses non-contiguous tensors: 'Tensor is required to be
     contiguous'), and ranks stay identical."""
-    cfg = C.ci()
+    cfg = C.preset("ci")
     cfg.train.task, cfg.data.channels_last, cfg.model.name, cfg.model.small_stem = "classify", True, "resnet18", True
     state = T.make_state(cfg, num_classes=5)
     g = torch.Generator().manual_seed(11 + dist.rank())
@@ -112,7 +113,7 @@ def test_the_amp_order_with_a_grad_scaler_and_fp16_wire_compression():
     """The GPU step's order, run on the CPU: bf16 autocast, GradScaler, clipping and
     Horovod's fp16 compression: synchronize() -> unscale_ -> clip -> step() under
     skip_synchronize() -> update(). Ranks stay identical and the update is bounded."""
-    cfg = C.ci()
+    cfg = C.preset("ci")
     cfg.train.task, cfg.train.clip_grad_norm, cfg.train.fp16_allreduce = "classify", 1e-3, True
     cfg.optim.name, cfg.optim.lr, cfg.optim.momentum = "sgd", 0.5, 0.0
     state = T.make_state(cfg, num_classes=5)

@@ -23,6 +23,7 @@ def test_every_dali_setting_is_measured_beside_its_ceiling():
     assert gpu == [(t, h) for n, t, h in plan if n == "ceiling-gpu"] == [(4, 0.0), (4, 0.99), (8, 0.0), (8, 0.99)]
     assert [t for n, t, _ in plan if n == "ceiling-cpu"] == [4, 8]
     assert [n for n, *_ in plan].count("pil-decode") == 1  # one core whatever the thread count
+    assert [n for n, *_ in plan].count("synthetic") == 1  # no reader, no threads: once
     # a single loader still gets its ceiling, at its own setting (torch: its worker count)
     one = argparse.Namespace(loader="dali-cpu", threads="2", hw_decoder_load="", workers=0)
     assert settings(one) == [("dali-cpu", 2, None), ("ceiling-cpu", 2, None)]

@@ -13,7 +13,7 @@ def test_presets_and_overrides():
 
 
 def test_sanity_preset_is_the_seed_configuration():
-    cfg = C.sanity()
+    cfg = C.preset("sanity")
     assert (cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.data.threads) == (16, 8, 24)
     assert (cfg.optim.lr, cfg.model.embed_dim, cfg.seed, cfg.train.steps) == (0.0005, 256, 1337, 200)
 

@@ -51,6 +51,8 @@ def test_install_and_run_a_console_script(tmp_path):
     for cmd in setup_metadata()["COMMANDS"]:
         assert (target / "bin" / cmd).exists(), cmd
     assert (target / "launch" / "slurm_run.sh").exists()
+    assert sorted(p.name for p in (target / "hvdtrain" / "presets").glob("*.toml")) == [
+        "ci.toml", "resnet50.toml", "sanity.toml", "tinyimagenet.toml"]
     env = {**os.environ, "PYTHONPATH": str(target)}
     work = tmp_path / "elsewhere"
     work.mkdir()
@@ -64,9 +66,12 @@ def test_install_and_run_a_console_script(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import data.synth; print(data.synth.__file__)"], cwd=work, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.strip().startswith(str(target)), r.stdout  # the installed copy, not the checkout
+    r = subprocess.run([sys.executable, "-c", "from hvdtrain import config as C; print(C.preset('ci').train.steps)"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "40", r.stdout + r.stderr  # a preset read from the installed package data
 
 
-@pytest.mark.parametrize("script", ["hvdtrain-sanity", "hvdtrain-bench-loader"])
+@pytest.mark.parametrize("script", ["hvdtrain-sanity", "hvdtrain-bench-loader", "hvdtrain-evaluate", "hvdtrain-export"])
 def test_commands_map_to_entry_points_that_exist(script):
     import importlib
 

@@ -110,7 +110,7 @@ def test_a_signal_on_this_rank_is_a_request(hvd, preempt_handlers, tmp_path):
 
 @pytest.fixture(scope="module")
 def small_loader(hvd, synth_data):
-    cfg = C.ci()
+    cfg = C.preset("ci")
     cfg.train.task, cfg.train.log_every = "classify", 4
     shards = open_shards(f"{synth_data}/train")
     return cfg, shards, L.from_config(cfg, shards, "train", threads=1)

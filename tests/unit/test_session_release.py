@@ -21,7 +21,7 @@ def hvd():
 
 
 def test_leaving_a_run_releases_its_loaders_and_every_pipeline(hvd, synth_data, tmp_path):
-    cfg = C.ci()
+    cfg = C.preset("ci")
     cfg.data.train, cfg.data.val = os.path.join(synth_data, "train"), os.path.join(synth_data, "val")
     cfg.data.shard_shuffle = "on"  # a new pipeline per epoch, built ahead in a thread
     cfg.run.dir, cfg.run.progress, cfg.run.tensorboard = str(tmp_path / "run"), False, False

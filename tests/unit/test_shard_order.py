@@ -102,7 +102,7 @@ def test_auto_interleaves_only_shards_not_written_shuffled(by_class, tmp_path):
     synth.make(str(tmp_path), classes=3, train=12, val=0, size=16, seed=1)
     ours = open_shards(str(tmp_path / "train"))
     assert ours.shuffled is True and by_class.shuffled is False  # write_split alone claims nothing
-    cfg = C.ci()
+    cfg = C.preset("ci")
     on = {m: spec_from_config(C.parse_args(["--preset", "ci", f"--data.shard_shuffle={m}"])[0], "train",
                               written_shuffled=w).shard_shuffle
           for m, w in (("auto", None), ("off", None), ("on", True))}

@@ -62,7 +62,7 @@ def test_a_new_model_is_one_registered_function():
 
 # ---------------------------------------------------------------- optimisation
 def cfg_with(**optim_kw) -> C.Config:
-    cfg = C.ci()
+    cfg = C.preset("ci")
     cfg.train.steps = 100
     for k, v in optim_kw.items():
         setattr(cfg.optim, k, v)
@@ -114,14 +114,14 @@ def test_no_weight_decay_on_norms_and_biases():
 def test_user_flags_and_presets():
     cfg, _ = C.parse_args(["--preset", "ci", "--task", "classify", "--resume", "auto", "--resume-anyway"])
     assert cfg.train.task == "classify" and cfg.run.resume == "auto" and cfg.run.resume_anyway is True
-    r50 = C.PRESETS["resnet50"]()
+    r50 = C.preset("resnet50")
     assert (r50.model.name, r50.data.size, r50.data.channels_last, r50.optim.lr, r50.optim.lr_ref_batch) == \
         ("resnet50", 224, True, 0.1, 256)
-    tiny = C.PRESETS["tinyimagenet"]()
+    tiny = C.preset("tinyimagenet")
     assert (tiny.model.name, tiny.data.size, tiny.train.task) == ("resnet18", 64, "classify")
     with pytest.raises(C.ConfigError, match="model.name must be one of"):
         C.parse_args(["--model.name=vgg"])
-    a, b = C.ci(), C.ci()
+    a, b = C.preset("ci"), C.preset("ci")
     b.run.resume, b.data.train = "auto", "/elsewhere"
     assert C.config_hash(a) == C.config_hash(b)  # resuming or moving the data keeps the hash
     b.train.eval_every, b.train.ckpt_every, b.data.on_error = 7, 9, "skip"  # cadence, not maths
@@ -243,7 +243,7 @@ def test_non_finite_tensors_are_named():
 
 
 def test_a_nan_val_loss_stops_the_run_even_with_the_bound_off():
-    from hvdtrain.evaluate import val_loss_problem
+    from hvdtrain.valpass import val_loss_problem
     assert val_loss_problem(1.0, 15.9, 3.0, 200) is None
     assert "above the bound 15.9 (3.0 x ln(200)" in val_loss_problem(16.0, 15.9, 3.0, 200)
     assert val_loss_problem(float("nan"), 15.9, 3.0, 200) == "is not finite"  # nan > bound is False
