@@ -6,6 +6,7 @@
     python -m bench.loader --hw-decoder-load 0,0.65,0.9,0.99 --threads 4,8,16    # a GPU sweep
     python -m bench.loader --tune [--tune-seconds 60]       # pick threads / prefetch (/ hw load)
     python -m bench.loader --make-data DIR [--images 1024]  # only write the synthetic set, for --data DIR
+    python -m bench.loader --data s3://bucket/prefix/ --loader dali-cpu [--remote direct] [--cache-gb 50]
 
 Loaders, each built from the same config the training uses (`pipeline.spec_from_config`:
 single-view random-resized crop + flip, normalize as training does it):
@@ -164,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--make-data", metavar="DIR", default="",
                    help="only write --images synthetic 500x375 JPEGs into DIR (for --data DIR) and exit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window-shards", type=int, default=0, help="reader windows of N shards (training's "
+                                                                "--data.window_shards; 0: 8 for bucket data)")
+    p.add_argument("--remote", default="cache", choices=["cache", "direct"], help="bucket data: through the node "
+                                                                                  "cache, or read by DALI itself")
+    p.add_argument("--cache-dir", default="", help="bucket data: the node's shard cache (--data.cache_dir)")
+    p.add_argument("--cache-gb", type=float, default=0.0, help="bucket data: its bound, GB (--data.cache_gb)")
     p.add_argument("--slo", help="JSON/TOML file overriding SLO thresholds")
     p.add_argument("--tune", action="store_true", help="try threads, prefetch (and hw load on a GPU); print the "
                                                        "best as config overrides (bench/tune.py)")
@@ -184,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             tmp = tempfile.TemporaryDirectory(prefix="hvdtrain-bench-")
             print(f"making {a.images} synthetic 500x375 JPEGs (quality 90) in {tmp.name} ...", flush=True)
             a.data = make_imagenet_like(tmp.name, a.images, a.seed)
-        shards = open_shards(a.data)
+        from data import nodecache
+
+        shards = open_shards(a.data, remote=nodecache.Options(mode=a.remote, cache_dir=a.cache_dir,
+                                                              cache_gb=a.cache_gb))
     except ShardError as e:
         print(f"bench.loader: data error: {e}", file=sys.stderr)
         return 2

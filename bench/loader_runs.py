@@ -19,8 +19,9 @@ from hvdtrain.loader import DaliLoader
 from hvdtrain.synthetic import SyntheticLoader
 
 
-def make_imagenet_like(out: str, n: int, seed: int = 0) -> str:
-    """n JPEGs of 500x375 (quality 90) with smooth structure plus noise: ImageNet-sized."""
+def make_imagenet_like(out: str, n: int, seed: int = 0, shard_size: int = 256) -> str:
+    """n JPEGs of 500x375 (quality 90) with smooth structure plus noise: ImageNet-sized,
+    in shards of `shard_size`."""
     from PIL import Image
 
     from data.synth import jpeg_bytes
@@ -35,7 +36,7 @@ def make_imagenet_like(out: str, n: int, seed: int = 0) -> str:
             img += rng.normal(0, 20, img.shape)
             yield Sample(f"img{i:06d}", jpeg_bytes(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), 90),
                          int(rng.integers(0, 1000)))
-    write_split(gen(), out, [str(i) for i in range(1000)], "bench", shard_size=256,
+    write_split(gen(), out, [str(i) for i in range(1000)], "bench", shard_size=shard_size,
                 extra={"source": "bench.loader synthetic 500x375", "shuffled": True})  # random labels
     return out
 
@@ -47,6 +48,7 @@ def bench_config(a, threads: int, gpu: bool, hw_load: float | None = None, prefe
     d = cfg.data
     d.size, d.min_scale, d.threads, d.shuffle_buffer = a.size, a.min_scale, threads, 256
     d.decode, d.prefetch = ("mixed" if gpu else "cpu"), (prefetch or a.prefetch)
+    d.window_shards = getattr(a, "window_shards", 0)
     if hw_load is not None:
         d.hw_decoder_load = hw_load
     return cfg
@@ -60,7 +62,8 @@ def spec_for(a, shards, threads: int, gpu: bool, hw_load=None, prefetch=None) ->
     shuffled, and rebuild the pipeline at every epoch end, inside the timed windows."""
     device_id = 0 if (gpu or torch.cuda.is_available()) else None
     return pipeline.spec_from_config(bench_config(a, threads, gpu, hw_load, prefetch), "train",
-                                     device_id=device_id, threads=threads, written_shuffled=shards.shuffled)
+                                     device_id=device_id, threads=threads, written_shuffled=shards.shuffled,
+                                     remote=shards.is_remote)
 
 
 def pil_decode_batches(shards, batch_size: int):

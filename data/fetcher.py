@@ -142,10 +142,14 @@ class Fetcher:
                     obj = Obj(**o)
                     pinned.add(obj.sig)
                     best[obj.sig] = (-1.0, obj)
-                for i, o in enumerate(ch["want"]):
+                # positions count the channel's pinned objects too: a reader that has pinned its
+                # next window is no nearer to the one after than a reader that has not yet
+                ahead = len(ch["pinned"])
+                held = {Obj(**o).sig for o in ch["pinned"]}
+                for i, o in enumerate(x for x in ch["want"] if Obj(**x).sig not in held):
                     obj = Obj(**o)
-                    if obj.sig not in best or best[obj.sig][0] > i:
-                        best[obj.sig] = (float(i), obj)
+                    if obj.sig not in best or best[obj.sig][0] > i + ahead:
+                        best[obj.sig] = (float(i + ahead), obj)
                 waiting.update(ch["waiting"])
         return [o for _, o in sorted(best.values(), key=lambda x: x[0])], pinned, waiting
 
@@ -163,14 +167,19 @@ class Fetcher:
     def _tick(self) -> None:
         self._reap()
         order, pinned, waiting = self._wants()
-        keep, total = [], 0
+        # what may stay: the soonest-needed that fit the bound; what is fetched: those that fit
+        # one object's size less, so an object at the edge is not fetched, evicted and fetched
+        # again as the readers' windows turn (pins come and go by a shard or two)
+        margin = max((o.size for o in order), default=0)
+        keep, total, fetch_n = [], 0, 0
         for o in order:
             if total + o.size > self.cache.bound and o.sig not in pinned:
                 break
             keep.append(o)
             total += o.size
+            fetch_n += total <= self.cache.bound - margin or o.sig in pinned
         keep_sigs = {o.sig for o in keep}
-        for o in keep:
+        for o in keep[:max(fetch_n, 1)]:
             if o.sig in self.have or o.sig in self.jobs or os.path.exists(self._err(o)):
                 if o.sig in pinned:
                     self.done_at[o.sig] = time.time()

@@ -148,7 +148,8 @@ class NodeCache:
                 n, _ = c["pinned"].get(o.sig, (0, None))
                 c["pinned"][o.sig] = (n + 1, o)
             self._clear_stale_errors(objs)
-            c["waiting"] = [o.sig for o in objs if not os.path.exists(self.path_of(o))]
+            waiting = [o.sig for o in objs if not os.path.exists(self.path_of(o))]
+            c["waiting"] = c["waiting"] + waiting
             self._publish()
         try:
             self._wait(objs, beat)
@@ -157,7 +158,9 @@ class NodeCache:
             raise
         finally:
             with self._lock:
-                self._channel(channel)["waiting"] = []
+                c = self._channel(channel)
+                for sig in waiting:
+                    c["waiting"].remove(sig)
                 self._publish()
         return [self.path_of(o) for o in objs]
 

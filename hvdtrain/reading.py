@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import os
 import shutil
 import tempfile
@@ -27,10 +28,13 @@ import threading
 from data.dataset import rank_view, rank_windows, window_samples
 from data.shards import ShardSet
 
+_READERS = itertools.count()
+
 
 class Reading:
     def __init__(self, shards: ShardSet, spec, drop_last: bool, channel: str, log=None):
-        self.shards, self.spec, self.drop_last, self.channel = shards, spec, drop_last, channel
+        self.shards, self.spec, self.drop_last = shards, spec, drop_last
+        self.channel = f"{channel}-{next(_READERS)}"  # a process may hold several loaders (a bench: two ranks)
         self.windowed = spec.window_shards > 0
         self.window = window_samples(shards, spec.window_shards, spec.batch_size) if self.windowed else 0
         self.cache = None
@@ -103,11 +107,12 @@ class Reading:
             self.cache.release(self.channel, [self.shards.objects[self._names[p]] for p in dict.fromkeys(local.paths)])
 
     def announce(self, epoch: int, w: int) -> None:
-        """Tell the node's fetcher what this rank reads after part `w` of `epoch`: the rest
-        of the epoch, then the next one, soonest first."""
+        """Tell the node's fetcher what this rank reads from part `w` of `epoch` on (the part
+        about to be fetched included: until it is pinned nothing may evict it), the rest of
+        the epoch, then the next one, soonest first."""
         if self.cache is None:
             return
-        views = self.parts(epoch)[w + 1:] + self.parts(epoch + 1)
+        views = self.parts(epoch)[w:] + self.parts(epoch + 1)
         self.cache.want(self.channel, [o for v in views for o in self.objects(v)])
 
     def url_of(self, text: str) -> str:

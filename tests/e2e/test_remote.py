@@ -108,6 +108,8 @@ def test_training_from_s3_equals_training_from_local_copies_despite_503s_and_res
     fetched = val_of(s3_run["dir"])["bucket_fetch"]
     assert fetched["retries"] >= f["slowdowns"] + f["resets"] - 2 and fetched["shards"] == 18, fetched
     assert "retrying" in out and "data    fetched from the bucket on this node: 18 shard(s)" in out
+    print(f"503s and resets: {f['slowdowns']} SlowDown(s), {f['resets']} reset(s); {fetched['retries']} retries; "
+          f"losses equal to the local run's")
     assert "store   train: endpoint http://127.0.0.1:" in out and "credentials from the environment" in out
 
 
@@ -180,6 +182,7 @@ def test_the_store_gone_for_20_s_mid_epoch_then_back_training_goes_on(world, tmp
     assert p.returncode == 0, (out + err)[-3000:]
     assert sorted(losses(tmp_path / "run")) == list(range(1, 25)) and took >= 15, took
     assert "EndpointConnectionError; retrying" in out, out[-3000:]
+    print(f"store gone for 20 s mid-epoch: exit 0, the run ended {took:.1f} s after the store went")
     evicted = val_of(tmp_path / "run")["bucket_fetch"]["evicted"]
     assert evicted > 0  # the cache was smaller than the data set: shards were fetched during the outage's epoch
 
@@ -221,12 +224,14 @@ def test_an_object_replaced_during_the_run_is_refused_by_name(world, tmp_path):
                          text=True, start_new_session=True,
                          env=env_with(world["s3"].env(), HVDTRAIN_CACHE=str(tmp_path / "cache")))
     wait_for("step 2 logged", lambda: metrics.exists() and "\"step\": 2," in metrics.read_text(), 120, p)
+    t0 = time.monotonic()
     for name in names:
         c.upload_file(str(world["root"] / "val" / "part-000000.tar"), "hvd-train", f"swap/{name}")
     out, err = finish(p, 120)
     assert p.returncode != 0
     assert "s3://hvd-train/swap/part-0000" in err and ".tar was replaced while this run read it" in err, \
         (out + err)[-3000:]
+    print(f"replaced objects: the job ended {time.monotonic() - t0:.1f} s after the replacement, exit {p.returncode}")
 
 
 @pytest.mark.parametrize("case", ["wrong-key", "no-bucket", "empty-prefix", "gs-no-credentials"])
@@ -262,6 +267,7 @@ def test_bad_credentials_and_missing_data_stop_every_rank_with_exit_2(world, tmp
               "gs-no-credentials": ["gs://hvd-train/tiny/train/", "Application Default Credentials: none found"]}
     for text in expect[case]:
         assert text in out, (text, out[-3000:])
+    print(f"{case}: every rank exited 2, {took:.1f} s after the launch")
 
 
 def test_dali_reads_the_bucket_itself_with_remote_direct(world, tmp_path):
