@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 
 EXIT_PREEMPTED = 4
@@ -46,6 +47,19 @@ def install() -> None:
     for sig in SIGNALS:
         signal.signal(sig, _on_signal)
         signal.siginterrupt(sig, False)
+
+
+def leave(rc: int) -> None:
+    """End the process with `rc`. A refusal (2) leaves at once, stdio flushed: it wrote
+    nothing to tear down, and under horovodrun the first rank to exit makes the launcher
+    SIGTERM the others, which would otherwise die of it in interpreter shutdown (exit 143)
+    after deciding on 2 themselves."""
+    retire()
+    if rc == 2:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.exit(rc)
 
 
 def retire() -> None:

@@ -159,6 +159,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    rc = exitmark.mark(main())
-    preempt.retire()  # a late USR1 must not turn a finished check into a killed one
-    sys.exit(rc)
+    preempt.leave(exitmark.mark(main()))  # a late USR1 must not turn a finished check into a killed one

@@ -35,6 +35,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
-    preempt.retire()  # a late USR1 must not turn a finished run into a killed one
-    sys.exit(rc)
+    preempt.leave(main())  # a late USR1 must not turn a finished run into a killed one
