@@ -90,13 +90,40 @@ def loader_line(spec: str, a, cache_gb: float, remote_mode: str = "cache", gets_
                               "--window-batches", "8", "--warmup", "4", "--data", spec,
                               "--window-shards", str(a.window_shards if window_shards is None else window_shards)])
     g0, c0 = log_gets(gets_log), COUNTERS.snapshot()["gets"]
+    server = server_process(spec)
+    s0, t0 = cpu_s(server), time.monotonic()
     r = run_one("dali-cpu", shards, la, a.threads)
+    server_cores = (cpu_s(server) - s0) / (time.monotonic() - t0) if server else None
     read = (la.warmup + la.windows * la.window_batches) * la.batch_size
-    server = log_gets(gets_log)
-    gets = (server - g0) if server is not None else COUNTERS.snapshot()["gets"] - c0
+    logged = log_gets(gets_log)
+    gets = (logged - g0) if logged is not None else COUNTERS.snapshot()["gets"] - c0
     nodecache.close_all()
     return {"img_s": r.get("img_s"), "windows": r.get("windows"), "error": r.get("error"), "samples_read": read,
-            "gets": gets, "gets_per_sample": gets / read, "gets_from": "server log" if server is not None else "client"}
+            "gets": gets, "gets_per_sample": gets / read, "gets_from": "server log" if logged is not None else "client",
+            "cpu_cores_used": r.get("cpu_cores_used"), "server_cores_used": server_cores}
+
+
+def server_process(spec: str):
+    """The local process serving the bucket's endpoint (a loopback server), or None."""
+    import psutil
+
+    if not spec.startswith(("s3://", "gs://")):
+        return None
+    url = os.environ.get("AWS_ENDPOINT_URL" if spec.startswith("s3://") else "STORAGE_EMULATOR_HOST", "")
+    port = url.rsplit(":", 1)[-1].strip("/")
+    if not port.isdigit():
+        return None
+    for c in psutil.net_connections("tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == int(port) and c.pid:
+            return psutil.Process(c.pid)
+    return None
+
+
+def cpu_s(p) -> float:
+    if p is None:
+        return 0.0
+    t = p.cpu_times()
+    return t.user + t.system
 
 
 def alternated(rounds: int, **lines) -> dict:
@@ -338,8 +365,10 @@ def table(res: dict) -> str:
              f"{res['set']['bytes'] / 1e6:.0f} MB"]
     for k, r in res.get("loader", {}).items():
         img = f"{r['img_s']:.1f}" if r.get("img_s") else "-"
-        lines.append(f"loader {k:<10} {img:>8} img/s   GETs/sample {r['gets_per_sample']:.3f} ({r['gets']} GETs, "
-                     f"{r['samples_read']} samples, {r['gets_from']}){'  ERROR ' + r['error'] if r.get('error') else ''}")
+        srv = f", server {r['server_cores_used']:.2f} cores" if r.get("server_cores_used") is not None else ""
+        lines.append(f"loader {k:<14} {img:>8} img/s   loader {r.get('cpu_cores_used') or 0:.2f} cores{srv}   "
+                     f"GETs/sample {r['gets_per_sample']:.3f} ({r['gets']} GETs, {r['samples_read']} samples, "
+                     f"{r['gets_from']}){'  ERROR ' + r['error'] if r.get('error') else ''}")
     for k, ep in res.get("epochs", {}).items():
         cells = ", ".join(f"{e['fetched_bytes'] / 1e6:.1f} MB / {e['read_bytes'] / 1e6:.1f} MB"
                           + (f" ({e['gets']} GETs)" if e.get("gets") is not None else "") for e in ep["epochs"])
