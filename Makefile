@@ -15,7 +15,7 @@ TIMEOUT ?= 1200
 # EXTRAS=remote: the clients for s3:// and gs:// data; `make test` adds the test servers too
 EXTRAS  ?=
 setup:
-	@HVDTRAIN_EXTRAS="$(EXTRAS)" launch/setup.sh
+	@HVDTRAIN_EXTRAS="$(EXTRAS)" install/setup.sh
 
 ## set-up, the embedded synthetic data set, then the 2-rank GO/NO-GO run (seed config);
 ## horovodrun's "[rank]<stdout>:" prefixes (also after a progress bar's \r) are taken off so the report reads as it is
@@ -48,7 +48,7 @@ test-slurm:
 ifeq ($(HVDTRAIN_SKIP_SLURM),1)
 	@echo "test-slurm: SKIPPED (HVDTRAIN_SKIP_SLURM=1): the sbatch scripts were not tested"
 else
-	launch/install_slurm.sh
+	tests/clusters/install_slurm.sh
 	$(PY) -m pytest -q tests/slurm
 endif
 
@@ -58,7 +58,7 @@ bench:
 ## is this GPU node healthy and fast? GPU tests, sanity, loader, train and kernel figures
 ## against their targets in runs/gpu-check-<id>/ (exit 2 with no GPU; ARGS=--dry-run: the plan)
 gpu-check: setup
-	$(PY) -m bench.gpu_check $(ARGS)
+	$(PY) -m gpucheck $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

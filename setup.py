@@ -1,6 +1,6 @@
 """hvdtrain's package metadata: the one place for names, version, packages, extras and
 the commands users type. Dependency versions live in constraints.txt (the one place for
-pins), which `make setup` (launch/setup.sh) installs with.
+pins), which `make setup` (install/setup.sh) installs with.
 
     make setup                     # what a newcomer runs: .venv with every pin and horovod
     pip install -e . -c constraints.txt        # into an environment you manage
@@ -8,13 +8,13 @@ pins), which `make setup` (launch/setup.sh) installs with.
 
 torch and horovod are deliberately not dependencies: an unpinned torch on a CPU machine
 pulls GBs of CUDA packages, and horovod must be built against the torch that is
-installed, with a C++17 patch (launch/install_horovod.sh). DALI comes in an extra per
+installed, with a C++17 patch (install/horovod.sh). DALI comes in an extra per
 CUDA major version (`cuda12` also serves CPU-only machines through its CPU backend).
 """
 import os
 import re
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,13 +40,13 @@ COMMANDS = {
     "hvdtrain-train": "hvdtrain.train:main",
     "hvdtrain-evaluate": "hvdtrain.evaluate:main",
     "hvdtrain-export": "hvdtrain.export:main",
-    "hvdtrain-synth": "data.synth:main",
-    "hvdtrain-make-shards": "data.make_shards:main",
-    "hvdtrain-verify": "data.verify:main",
-    "hvdtrain-bench-loader": "bench.loader:main",
-    "hvdtrain-bench-train": "bench.train:main",
-    "hvdtrain-bench-allreduce": "bench.allreduce:main",
-    "hvdtrain-bench-kernels": "bench.kernels:main",
+    "hvdtrain-synth": "hvdtrain.data.synth:main",
+    "hvdtrain-make-shards": "hvdtrain.data.make_shards:main",
+    "hvdtrain-verify": "hvdtrain.data.verify:main",
+    "hvdtrain-bench-loader": "hvdtrain.bench.loader:main",
+    "hvdtrain-bench-throughput": "hvdtrain.bench.throughput:main",
+    "hvdtrain-bench-allreduce": "hvdtrain.bench.allreduce:main",
+    "hvdtrain-bench-kernels": "hvdtrain.bench.kernels:main",
 }
 
 setup(
@@ -55,9 +55,14 @@ setup(
     description="DALI on WebDataset shards + Horovod data-parallel training, with honest SLO reports",
     long_description=open(os.path.join(HERE, "README.md")).read().split("\n\n")[1],
     python_requires=">=3.11",  # tomllib reads the presets (hvdtrain/presets/*.toml)
-    packages=find_packages(include=["hvdtrain", "hvdtrain.*", "data", "data.*", "bench", "bench.*", "launch",
-                                    "launch.*", "kernels", "kernels.*"]),
-    package_data={"launch": ["*.sh", "*.sbatch"], "hvdtrain": ["presets/*.toml"]},
+    # one namespace: the repository's data/, kernels/ and bench/ install as hvdtrain.data,
+    # hvdtrain.kernels and hvdtrain.bench (from a checkout, `python -m data.make_shards` still
+    # works: its modules import hvdtrain.data.*). launch/, install/, gpucheck/ and tests/ stay in
+    # the checkout: an installed hvdtrain claims no other top-level name.
+    packages=["hvdtrain", "hvdtrain.data", "hvdtrain.kernels", "hvdtrain.bench"],
+    package_dir={"hvdtrain": "hvdtrain", "hvdtrain.data": "data", "hvdtrain.kernels": "kernels",
+                 "hvdtrain.bench": "bench"},
+    package_data={"hvdtrain": ["presets/*.toml"]},
     install_requires=REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": [f"{k}={v}" for k, v in COMMANDS.items()]},

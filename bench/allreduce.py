@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench import report
+from hvdtrain.bench import report
 from hvdtrain import dist
 
 

@@ -27,9 +27,9 @@ if not GPU:
 
 from hvdtrain import exitmark, provenance  # noqa: E402
 from hvdtrain.pipeline import MEAN, STD  # noqa: E402
-from kernels.mixup import (mix_ref, mix_triton, sample_params, soft_cross_entropy_ref,  # noqa: E402
+from hvdtrain.kernels.mixup import (mix_ref, mix_triton, sample_params, soft_cross_entropy_ref,  # noqa: E402
                            soft_cross_entropy_triton)
-from kernels.normalize import normalize_ref, normalize_triton  # noqa: E402
+from hvdtrain.kernels.normalize import normalize_ref, normalize_triton  # noqa: E402
 
 
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:

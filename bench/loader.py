@@ -37,10 +37,10 @@ import os
 import sys
 import tempfile
 
-from bench import report
-from bench.loader_runs import make_imagenet_like, run_one
-from data.shards import open_shards
-from data.tarindex import ShardError
+from hvdtrain.bench import report
+from hvdtrain.bench.loader_runs import make_imagenet_like, run_one
+from hvdtrain.data.shards import open_shards
+from hvdtrain.data.tarindex import ShardError
 from hvdtrain import exitmark
 from hvdtrain import slo as S
 
@@ -93,7 +93,7 @@ def compare(results: dict) -> str | None:
 
 
 def measure_all(shards, a) -> tuple[dict, str | None]:
-    """Every setting of the sweep; on KeyboardInterrupt (SIGINT: bench.gpu_check's step
+    """Every setting of the sweep; on KeyboardInterrupt (SIGINT: gpucheck's step
     timeout) the ones measured so far, with the interruption as the error."""
     plan = settings(a)
     multi = len({t for _, t, _ in plan}) > 1 or len({h for _, _, h in plan if h is not None}) > 1
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp = tempfile.TemporaryDirectory(prefix="hvdtrain-bench-")
             print(f"making {a.images} synthetic 500x375 JPEGs (quality 90) in {tmp.name} ...", flush=True)
             a.data = make_imagenet_like(tmp.name, a.images, a.seed)
-        from data import nodecache
+        from hvdtrain.data import nodecache
 
         shards = open_shards(a.data, remote=nodecache.Options(mode=a.remote, cache_dir=a.cache_dir,
                                                               cache_gb=a.cache_gb))
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if a.tune:
-            from bench import tune
+            from hvdtrain.bench import tune
 
             return tune.main(shards, a)
         return report_all(shards, a, slos)

@@ -21,10 +21,10 @@ import time
 
 import psutil
 
-from bench import report
-from bench.loader_runs import bench_config, make_imagenet_like
-from data.shards import open_shards
-from data.wds import LABEL_WIDTH
+from hvdtrain.bench import report
+from hvdtrain.bench.loader_runs import bench_config, make_imagenet_like
+from hvdtrain.data.shards import open_shards
+from hvdtrain.data.wds import LABEL_WIDTH
 from hvdtrain import pipeline
 from hvdtrain.loader import DaliLoader
 

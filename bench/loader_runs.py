@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import torch
 
-from data.wds import Sample, write_split
+from hvdtrain.data.wds import Sample, write_split
 from hvdtrain import config as C
 from hvdtrain import pipeline
 from hvdtrain.loader import DaliLoader
@@ -24,7 +24,7 @@ def make_imagenet_like(out: str, n: int, seed: int = 0, shard_size: int = 256) -
     in shards of `shard_size`."""
     from PIL import Image
 
-    from data.synth import jpeg_bytes
+    from hvdtrain.data.synth import jpeg_bytes
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
@@ -70,7 +70,7 @@ def pil_decode_batches(shards, batch_size: int):
     """Bare full decode with PIL, one core, bytes already in memory: no I/O, no augmentation."""
     from PIL import Image
 
-    from data.wds import iter_samples
+    from hvdtrain.data.wds import iter_samples
 
     blobs = [c[e] for p in shards.paths[:2] for _, c in iter_samples(p) for e in c if e != "cls"]
     i = 0

@@ -4,7 +4,7 @@
                            [--images 1024] [--launch-shards 1024 --launch-per-shard 1251] [--skip launch,...]
 
 It uploads (once) what it measures: `--images` 500x375 JPEGs (bench.loader's set) in
-shards of `--shard-size`, and bench.data's ImageNet-shaped set of `--launch-shards` tars,
+shards of `--shard-size`, and bench.datascale's ImageNet-shaped set of `--launch-shards` tars,
 then measures:
 
 - **loader**: dali-cpu img/s (bench.loader's timing: median of windows after a warm-up)
@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 
-from bench import report
+from hvdtrain.bench import report
 
 TARGETS = {"cache_vs_local": 0.9, "gets_per_sample": 0.01, "launch_vs_local": 1.2, "fetched_vs_read": 1.05}
 
@@ -61,7 +61,7 @@ def log_gets(path: str | None) -> int | None:
 
 def upload_folder(folder: str, url: str) -> None:
     """Put the folder's files under `url` unless the bucket has them (same size)."""
-    from data import remote
+    from hvdtrain.data import remote
 
     store = remote.store_for(url)
     try:
@@ -77,11 +77,11 @@ def upload_folder(folder: str, url: str) -> None:
 def loader_line(spec: str, a, cache_gb: float, remote_mode: str = "cache", gets_log=None,
                 window_shards: int | None = None, windows: int | None = None) -> dict:
     """dali-cpu img/s on `spec`, and GETs per sample read (server log, else client count)."""
-    from bench.loader import parser
-    from bench.loader_runs import run_one
-    from data import nodecache
-    from data.shards import open_shards
-    from data.store import COUNTERS
+    from hvdtrain.bench.loader import parser
+    from hvdtrain.bench.loader_runs import run_one
+    from hvdtrain.data import nodecache
+    from hvdtrain.data.shards import open_shards
+    from hvdtrain.data.store import COUNTERS
 
     opts = nodecache.Options(mode=remote_mode, cache_dir=tempfile.mkdtemp(prefix="bench-remote-cache-"),
                              cache_gb=cache_gb)
@@ -166,9 +166,9 @@ def epochs_bytes(spec: str, cache_gb: float, epochs: int, gets_log: str | None =
     """Two ranks' DALI loaders (rank 0 and 1 of 2, one process, one node cache) read
     `epochs` epochs in step; per epoch: bytes the node fetched, and the bytes of the
     shard ranges their samples lie in (each sample: its first header to its last byte)."""
-    from data import nodecache
-    from data.shards import open_shards
-    from data.tarindex import read_index
+    from hvdtrain.data import nodecache
+    from hvdtrain.data.shards import open_shards
+    from hvdtrain.data.tarindex import read_index
     from hvdtrain import config as C
     from hvdtrain import pipeline
     from hvdtrain.loader import DaliLoader
@@ -216,7 +216,7 @@ def clients(spec: str, folder: str) -> dict:
     """Seconds to download every shard of the set with each client (8 at a time)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from data import nodecache, remote
+    from hvdtrain.data import nodecache, remote
 
     objs, _ = remote.resolve(spec)
     total = sum(o.size for o in objs)
@@ -266,10 +266,10 @@ def clients(spec: str, folder: str) -> dict:
 
 
 def launches(a, work: str) -> dict:
-    """1-step, 1-rank runs on bench.data's set, local and in the bucket (indexes cached),
+    """1-step, 1-rank runs on bench.datascale's set, local and in the bucket (indexes cached),
     alternated `a.repeats` times: the median seconds from start to the first step."""
-    from bench.data import launch, make_set
-    from data import shards
+    from hvdtrain.bench.datascale import launch, make_set
+    from hvdtrain.data import shards
 
     folder = os.path.join(work, "imagenet")
     paths = make_set(folder, a.launch_shards, a.launch_per_shard)
@@ -289,7 +289,7 @@ def launches(a, work: str) -> dict:
 
 
 def run(a) -> dict:
-    from bench.loader_runs import make_imagenet_like
+    from hvdtrain.bench.loader_runs import make_imagenet_like
 
     work = a.work or tempfile.mkdtemp(prefix="bench-remote-")
     os.environ.setdefault("HVDTRAIN_CACHE", os.path.join(work, "cache"))

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from bench import report
-from bench.loader_runs import run_one
+from hvdtrain.bench import report
+from hvdtrain.bench.loader_runs import run_one
 
 TIE = 0.03  # within 3 % of the best img/s, fewer CPU cores is better
 

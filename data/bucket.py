@@ -20,11 +20,11 @@ import json
 import os
 import time
 
-from data import cache, nodecache, remote
-from data.records import META_VERSION, quick_fingerprint, shard_meta
-from data.store import Obj, RemoteError, retrying
-from data.tarindex import ShardError, index_problem, index_text, read_index_count, walk, write_atomic
-from data.wds import INFO_FORMAT, INFO_NAME, LABEL_EXT
+from hvdtrain.data import cache, nodecache, remote
+from hvdtrain.data.records import META_VERSION, quick_fingerprint, shard_meta
+from hvdtrain.data.store import Obj, RemoteError, retrying
+from hvdtrain.data.tarindex import ShardError, index_problem, index_text, read_index_count, walk, write_atomic
+from hvdtrain.data.wds import INFO_FORMAT, INFO_NAME, LABEL_EXT
 
 READ_AHEAD = 64 << 10
 

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-from data.tarindex import write_atomic
+from hvdtrain.data.tarindex import write_atomic
 
 VERSION = "v1"
 KINDS = ("indexes", "shards", "verify", "skip")  # records; `prune` also clears old `jobs` specs
@@ -53,7 +53,7 @@ def signature(tar: str) -> str:
     Remembered per (path, size, mtime, inode) for the life of the process. A tar in a
     bucket is keyed by its URL, size and ETag/generation as listed (`data.remote.Obj.sig`)."""
     if tar.startswith(("s3://", "gs://")):
-        from data import remote
+        from hvdtrain.data import remote
 
         return remote.known(tar).sig
     st = os.stat(tar)

@@ -28,10 +28,10 @@ import os
 
 import numpy as np
 
-from data import cache
-from data.nodecache import local_copy
-from data.shards import ShardSet, open_shards
-from data.tarindex import ShardError, index_text, walk
+from hvdtrain.data import cache
+from hvdtrain.data.nodecache import local_copy
+from hvdtrain.data.shards import ShardSet, open_shards
+from hvdtrain.data.tarindex import ShardError, index_text, walk
 
 MAX_CHUNKS = 8192  # auto chunk size: about this many chunks per epoch (index files written per rank)
 
@@ -237,7 +237,7 @@ def settle_classes(shards: ShardSet, wanted: int, needs: bool, on_error: str, tr
 
 def remote_options(d):
     """How this node caches bucket data, from a run's DataConfig."""
-    from data.nodecache import Options
+    from hvdtrain.data.nodecache import Options
 
     return Options(mode=d.remote, cache_dir=d.cache_dir, cache_gb=d.cache_gb, workers=d.fetch_workers,
                    retry_s=d.remote_retry_s)
@@ -278,7 +278,7 @@ def skip_bad(shards: ShardSet, num_classes: int | None, rank: int = 0, size: int
     ranks between them (shard i on rank i % size: each image decoded once, the record kept
     in the cache by the shard's content); the ranks share only the bad rows (one allgather).
     Each rank then lists the good samples of a damaged shard in an index in the cache."""
-    from data import verify
+    from hvdtrain.data import verify
 
     mine, optional = {}, num_classes is None
     for i, tar in enumerate(shards.paths):

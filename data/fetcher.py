@@ -20,8 +20,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from data import remote, store
-from data.store import Obj, RemoteError
+from hvdtrain.data import remote, store
+from hvdtrain.data.store import Obj, RemoteError
 
 TICK_S = 0.05
 TOO_SMALL_S = 10.0   # a process blocked this long on objects the pins leave no room for: "cache too small"

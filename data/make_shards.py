@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from PIL import Image
 from tqdm import tqdm
 
-from data import pool
-from data.shards import ensure_indexes, resolve_shards
-from data.tarindex import ShardError, read_index_count, write_atomic
-from data.wds import IMAGE_EXTS, PIL_FORMATS, Sample, index_path_for, shard_name, write_info, write_shard
+from hvdtrain.data import pool
+from hvdtrain.data.shards import ensure_indexes, resolve_shards
+from hvdtrain.data.tarindex import ShardError, read_index_count, write_atomic
+from hvdtrain.data.wds import IMAGE_EXTS, PIL_FORMATS, Sample, index_path_for, shard_name, write_info, write_shard
 
 
 @dataclass
@@ -234,11 +234,11 @@ def make(src: str, out: str, layout: str = "auto", shard_size: int = 1000, seed:
     writes the rest: the result is byte-identical to an uninterrupted build. `out` may be a
     bucket (`s3://b/p/`, `gs://b/p/`): shards are written into `staging` (default in the
     cache) and each is uploaded when finished (data/upload.py)."""
-    from data import remote
+    from hvdtrain.data import remote
 
     upload = None
     if remote.is_remote(out):
-        from data.upload import Uploader
+        from hvdtrain.data.upload import Uploader
 
         upload = Uploader(out, staging, _part_path)
         out = upload.staging
@@ -275,10 +275,10 @@ def index_only(spec: str, index_dir: str = "", workers: int | None = None) -> st
     """`--index-only`: the missing (or stale) indexes of a shard set, found and built the
     way training does (data.shards: beside the tars, --index-dir, or the cache). A bucket's
     are built from the shards' bytes (streamed in parallel) and uploaded beside them."""
-    from data import remote
+    from hvdtrain.data import remote
 
     if remote.is_remote(spec):
-        from data.upload import index_bucket
+        from hvdtrain.data.upload import index_bucket
 
         return index_bucket(spec, index_dir, lambda s: print(s, flush=True))
     paths = resolve_shards(spec)
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--staging", default="", help="OUT in a bucket: where shards are written before their upload "
                                                  "(default: under $HVDTRAIN_CACHE); removed once uploaded")
     a = p.parse_args(argv)
-    from data import nodecache
+    from hvdtrain.data import nodecache
 
     try:
         if a.index_only:

@@ -33,8 +33,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from data.store import Obj, RemoteError
-from data.tarindex import write_atomic
+from hvdtrain.data.store import Obj, RemoteError
+from hvdtrain.data.tarindex import write_atomic
 
 DEFAULT_BOUND_GB = 100.0
 WAIT_POLL_S = 0.02
@@ -212,7 +212,7 @@ class NodeCache:
         except BlockingIOError:
             os.close(fd)
             return
-        from data.fetcher import Fetcher
+        from hvdtrain.data.fetcher import Fetcher
 
         self._fetcher = Fetcher(self, fd)
         self._fetcher.start()
@@ -248,7 +248,7 @@ def local_copy(tar: str, options: Options | None = None):
     """`tar` at a local path: itself, or (a bucket URL) its complete copy in the node's
     cache, pinned while the block runs. `options`: default, the ones bucket data was last
     opened with in this process."""
-    from data import remote
+    from hvdtrain.data import remote
 
     if not remote.is_remote(tar):
         yield tar

@@ -10,8 +10,8 @@ import hashlib
 import os
 import re
 
-from data.tarindex import split_name
-from data.wds import LABEL_WIDTH, is_image_ext
+from hvdtrain.data.tarindex import split_name
+from hvdtrain.data.wds import LABEL_WIDTH, is_image_ext
 
 META_VERSION = 1
 _BRACE = re.compile(r"\{([^{}]*)\}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import threading
 
-from data.store import (COUNTERS, Obj, RemoteError, Store, Transient, redact, refuse_credentials_in,  # noqa: F401
+from hvdtrain.data.store import (COUNTERS, Obj, RemoteError, Store, Transient, redact, refuse_credentials_in,  # noqa: F401
                         retrying, split_url)
 
 SCHEMES = ("s3://", "gs://")
@@ -66,10 +66,10 @@ def store_for(url: str) -> Store:
         if scheme not in _STORES:
             check_environment()
             if scheme == "s3":
-                from data.store_s3 import S3Store
+                from hvdtrain.data.store_s3 import S3Store
                 _STORES[scheme] = S3Store()
             elif scheme == "gs":
-                from data.store_gcs import GCSStore
+                from hvdtrain.data.store_gcs import GCSStore
                 _STORES[scheme] = GCSStore()
             else:
                 raise RemoteError(f"{redact(url)}: unsupported scheme (hvdtrain reads s3:// and gs://)", kind="usage")
@@ -98,8 +98,8 @@ def resolve(spec: str) -> tuple[list[Obj], dict[str, Obj]]:
     """(tar objects in name order, {name: Obj} of the other objects beside them) for a
     prefix (`s3://b/p/`: every *.tar directly under it), one tar, or a brace pattern.
     An empty prefix, a missing shard or a compressed one is an error naming the URL."""
-    from data.records import expand_braces
-    from data.tarindex import compressed_error, compression_of_name
+    from hvdtrain.data.records import expand_braces
+    from hvdtrain.data.tarindex import compressed_error, compression_of_name
 
     split_url(spec)
     store = store_for(spec)

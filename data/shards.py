@@ -29,11 +29,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from data import cache
-from data.records import META_VERSION, expand_braces, quick_fingerprint, shard_meta  # noqa: F401 (expand_braces)
-from data.tarindex import (ShardError, compressed_error, compression_of_name, index_problem, index_text,
+from hvdtrain.data import cache
+from hvdtrain.data.records import META_VERSION, expand_braces, quick_fingerprint, shard_meta  # noqa: F401 (expand_braces)
+from hvdtrain.data.tarindex import (ShardError, compressed_error, compression_of_name, index_problem, index_text,
                            read_index_count, split_name, walk, write_atomic)
-from data.wds import INFO_FORMAT, INFO_NAME, LABEL_EXT, LABEL_WIDTH, index_path_for, is_image_ext
+from hvdtrain.data.wds import INFO_FORMAT, INFO_NAME, LABEL_EXT, LABEL_WIDTH, index_path_for, is_image_ext
 
 
 
@@ -101,7 +101,7 @@ class ShardSet:
                "last": self.paths[-1], "samples": self.total, "num_classes": self.num_classes,
                "fingerprint": self.fingerprint, "info": self.info_path, "indexes": dict(self.where)}
         if self.is_remote:  # where the bytes come from: endpoint and credential source, never a secret
-            from data.remote import store_for
+            from hvdtrain.data.remote import store_for
 
             out["store"] = store_for(self.spec).credential_source()
             out["remote"] = getattr(self.remote, "mode", "cache")
@@ -216,7 +216,7 @@ def run_jobs(jobs: list, workers: int | None, log=None) -> None:
     """Index builds across processes. A process with threads (a training rank: torch,
     Horovod, DALI) runs them in a fresh `python -m data.shards` process: forking it is not
     safe (a forked pool hangs on a lock another thread held)."""
-    from data import pool
+    from hvdtrain.data import pool
 
     workers = workers or pool.cores()
     if workers > 1 and len(jobs) > 1 and (threading.active_count() > 1 or "torch" in sys.modules):
@@ -224,7 +224,7 @@ def run_jobs(jobs: list, workers: int | None, log=None) -> None:
         spec = cache.path("jobs", f"{os.getpid()}-{time.monotonic_ns()}.json")
         cache.write_json(spec, {"jobs": jobs})
         try:
-            r = subprocess.run([sys.executable, "-m", "data.shards", "build", spec, str(workers)],
+            r = subprocess.run([sys.executable, "-m", "hvdtrain.data.shards", "build", spec, str(workers)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         finally:
@@ -266,10 +266,10 @@ def open_shards(spec: str, build_missing_index: bool = True, check_fit: bool = T
     shards from other tools, the per-shard records). `check_fit=False` leaves truncated tars
     to the caller (`--data.on_error=skip` drops the samples they lost). A bucket URL
     (`s3://`, `gs://`) opens through `data.bucket`; `remote`: its data.nodecache.Options."""
-    from data import remote as R
+    from hvdtrain.data import remote as R
 
     if R.is_remote(spec):
-        from data.bucket import open_remote
+        from hvdtrain.data.bucket import open_remote
 
         return ShardSet(**open_remote(spec, index_dir, remote, log))
     R.refuse_credentials_in(spec, "--data")
@@ -306,7 +306,7 @@ def open_shards(spec: str, build_missing_index: bool = True, check_fit: bool = T
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m data.shards build JOBS.json WORKERS`: the index builds of a training rank."""
-    from data import pool
+    from hvdtrain.data import pool
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3 or argv[0] != "build":

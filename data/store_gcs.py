@@ -12,7 +12,7 @@ import base64
 import os
 import threading
 
-from data.store import COUNTERS, Obj, RemoteError, Store, Transient, missing_client, retrying, split_url
+from hvdtrain.data.store import COUNTERS, Obj, RemoteError, Store, Transient, missing_client, retrying, split_url
 
 CHUNK_BYTES = 64 << 20
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 
-from data.store import COUNTERS, Obj, RemoteError, Store, Transient, missing_client, retrying, split_url
+from hvdtrain.data.store import COUNTERS, Obj, RemoteError, Store, Transient, missing_client, retrying, split_url
 
 PART_BYTES = 64 << 20
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.wds import Sample, write_split
+from hvdtrain.data.wds import Sample, write_split
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "diamond",
           "checker", "dots")

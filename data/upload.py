@@ -16,10 +16,10 @@ import hashlib
 import json
 import os
 
-from data import cache, remote
-from data.store import RemoteError
-from data.tarindex import write_atomic
-from data.wds import INFO_NAME, index_path_for
+from hvdtrain.data import cache, remote
+from hvdtrain.data.store import RemoteError
+from hvdtrain.data.tarindex import write_atomic
+from hvdtrain.data.wds import INFO_NAME, index_path_for
 
 
 class Uploader:
@@ -81,7 +81,7 @@ def index_bucket(spec: str, index_dir: str = "", log=None) -> str:
     otherwise they stay in the cache (HVDTRAIN_CACHE), where runs on this machine find them."""
     import time
 
-    from data.shards import open_shards
+    from hvdtrain.data.shards import open_shards
 
     t0 = time.monotonic()
     shards = open_shards(spec, index_dir=index_dir, log=log)

@@ -26,11 +26,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from data import cache, pool
-from data.nodecache import local_copy
-from data.shards import ShardSet, locate_index, resolve_shards
-from data.tarindex import ShardError, index_problem, read_index, split_name, walk
-from data.wds import IMAGE_EXTS, INFO_NAME, LABEL_EXT, LABEL_WIDTH, file_sha256, index_path_for, is_image_ext
+from hvdtrain.data import cache, pool
+from hvdtrain.data.nodecache import local_copy
+from hvdtrain.data.shards import ShardSet, locate_index, resolve_shards
+from hvdtrain.data.tarindex import ShardError, index_problem, read_index, split_name, walk
+from hvdtrain.data.wds import IMAGE_EXTS, INFO_NAME, LABEL_EXT, LABEL_WIDTH, file_sha256, index_path_for, is_image_ext
 
 
 @dataclass
@@ -178,8 +178,8 @@ def remote_index_problems(tar: str, index_dir: str, beside: dict | None, rec: di
     `.idx` object beside it) must list the samples of the tar's bytes; the answer is kept
     in the tar's record, so an unchanged pair is not read again. No index at all is no
     problem: training builds one from the bytes as the shard streams in."""
-    from data import remote
-    from data.remote import Obj
+    from hvdtrain.data import remote
+    from hvdtrain.data.remote import Obj
 
     name = tar.rsplit("/", 1)[-1][:-4] + ".idx"
     local = [p for p in ([os.path.join(index_dir, name)] if index_dir else []) +
@@ -224,7 +224,7 @@ def _shard_job(job: tuple) -> dict:
     checked, its sha256 (kept) when `_info.json` has one to compare. A tar in a bucket
     comes with its listing (object, `.idx` object beside, node cache options) and is read
     from its copy in the node's cache, only when its kept record does not answer."""
-    from data import nodecache, remote
+    from hvdtrain.data import nodecache, remote
 
     tar, num_classes, decode, index_dir, want_sha = job[:5]
     listing = job[5] if len(job) > 5 else None
@@ -254,15 +254,15 @@ def check_shard(tar: str, num_classes: int | None, decode: bool = True, index_di
 
 def _listing(spec: str, options) -> tuple[list[str], str | None, dict | None, list]:
     """(tar paths, _info.json path or URL, its content, per-tar extra job items) of a split."""
-    from data import remote
+    from hvdtrain.data import remote
 
     if not remote.is_remote(spec):
         paths = resolve_shards(spec)
         info_path = os.path.join(os.path.dirname(os.path.abspath(paths[0])), INFO_NAME)
         info = json.load(open(info_path)) if os.path.exists(info_path) else None
         return paths, info_path, info, [() for _ in paths]
-    from data import nodecache
-    from data.bucket import read_info
+    from hvdtrain.data import nodecache
+    from hvdtrain.data.bucket import read_info
 
     tars, beside = remote.resolve(spec)
     found = read_info(tars, beside)
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-gb", type=float, default=0.0, help="bucket data: its bound, GB (training's --data.cache_gb)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    from data import nodecache
+    from hvdtrain.data import nodecache
 
     opts = nodecache.Options(cache_dir=a.cache_dir, cache_gb=a.cache_gb)
     try:

@@ -21,7 +21,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from data.tarindex import ShardError, split_name, write_atomic, write_index_rows, walk  # noqa: F401 (ShardError)
+from hvdtrain.data.tarindex import ShardError, split_name, write_atomic, write_index_rows, walk  # noqa: F401 (ShardError)
 
 INFO_NAME = "_info.json"
 INFO_FORMAT = "hvdtrain-shards-v1"

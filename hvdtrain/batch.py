@@ -105,7 +105,7 @@ def to_model_input(v: torch.Tensor, flip: torch.Tensor | None, device: torch.dev
     """uint8 NHWC (a quarter of float32's PCIe bytes) -> normalized NCHW on `device`, flipped
     per sample: Triton on CUDA, the torch reference elsewhere (kernels.normalize). The
     crops reach a GPU through a torch-pinned buffer (`to_device`)."""
-    from kernels.normalize import normalize
+    from hvdtrain.kernels.normalize import normalize
 
     v = to_device(v, device)
     if flip is not None:

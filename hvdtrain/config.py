@@ -260,7 +260,7 @@ def parse_args(argv: list[str], default_preset: str = "sanity", extra_flags: tup
 
     `extra_flags` names plain `--flag=value` / `--flag value` options a command adds
     (for example `--slo`); everything else must be a config key. `defaults` are a
-    command's own overrides of the preset (`{"train.steps": "20"}` for bench.train),
+    command's own overrides of the preset (`{"train.steps": "20"}` for bench.throughput),
     applied before the user's, so any spelling of the user's flag wins.
     """
     preset_name = default_preset

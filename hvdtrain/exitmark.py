@@ -3,10 +3,10 @@
     if __name__ == "__main__":
         sys.exit(exitmark.mark(main()))
 
-With HVDTRAIN_EXIT_MARK=1 (set by bench.gpu_check for its steps) the line is printed and
+With HVDTRAIN_EXIT_MARK=1 (set by gpucheck for its steps) the line is printed and
 flushed after the report is written, so a crash at interpreter shutdown after it (DALI's
 abort with CUDA, `cudaErrorDeviceUninitialized`, NVIDIA/DALI#6166) is told apart from a
-failed run: bench.steprun.crash_at_exit keeps such a step's results and names the crash.
+failed run: gpucheck.runner.crash_at_exit keeps such a step's results and names the crash.
 Off by default: a bench's last line stays its BENCH_JSON.
 """
 from __future__ import annotations

@@ -26,8 +26,8 @@ import numpy as np
 
 import torch
 
-from data.shards import ShardSet
-from data.tarindex import ShardError
+from hvdtrain.data.shards import ShardSet
+from hvdtrain.data.tarindex import ShardError
 from hvdtrain import pipeline
 from hvdtrain.batch import (Batch, DataError, check_label_range, dali_reason, decode_source,  # noqa: F401
                             parse_labels, to_model_input)
@@ -236,8 +236,8 @@ class DaliLoader:
         """DALI's error does not name the sample: scan this rank's part of the data for it
         (the part being read, default the current one). A remote fetch that failed is
         named as it is."""
-        from data import verify
-        from data.remote import RemoteError, is_remote
+        from hvdtrain.data import verify
+        from hvdtrain.data.remote import RemoteError, is_remote
 
         epoch = self.epoch if epoch is None else epoch
         if isinstance(e, RemoteError):

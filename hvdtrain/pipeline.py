@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from nvidia.dali import fn, pipeline_def, types
 
-from data.shards import ShardSet
-from data.wds import IMAGE_EXTS, LABEL_WIDTH
+from hvdtrain.data.shards import ShardSet
+from hvdtrain.data.wds import IMAGE_EXTS, LABEL_WIDTH
 from hvdtrain import task as TK
 from hvdtrain.config import derive_seed
 

@@ -25,8 +25,8 @@ import shutil
 import tempfile
 import threading
 
-from data.dataset import rank_view, rank_windows, window_samples
-from data.shards import ShardSet
+from hvdtrain.data.dataset import rank_view, rank_windows, window_samples
+from hvdtrain.data.shards import ShardSet
 
 _READERS = itertools.count()
 
@@ -39,11 +39,11 @@ class Reading:
         self.window = window_samples(shards, spec.window_shards, spec.batch_size) if self.windowed else 0
         self.cache = None
         if shards.is_remote and shards.remote is not None and shards.remote.mode == "cache":
-            from data import nodecache
+            from hvdtrain.data import nodecache
 
             self.cache = nodecache.get(shards.remote, log)
         elif shards.is_remote:
-            from data.remote import dali_environment
+            from hvdtrain.data.remote import dali_environment
 
             dali_environment()  # DALI reads the bucket itself
         self._scratch = tempfile.mkdtemp(prefix=f"hvdtrain-view-r{spec.shard_id}-")

@@ -32,8 +32,7 @@ import time
 
 import torch
 
-from data import synth
-from data.wds import INFO_NAME
+from hvdtrain.data import embedded
 from hvdtrain import config as C
 from hvdtrain import dist, exitmark, preempt, provenance, report, session
 from hvdtrain import slo as S
@@ -42,16 +41,6 @@ from hvdtrain.loader import DataError
 
 LOADER_PROBE_BATCHES = 24  # per rank, after 4 warm-up batches: a few seconds on 2 CPU cores
 EXPLAINED = ("loader_img_s", "gpu_util_pct")  # SLOs whose failure the step-time breakdown explains
-
-
-def embedded_data(cfg: C.Config) -> str:
-    """The embedded synthetic set (10 classes, 64 px), built once by rank 0."""
-    root = os.path.join("runs", "data", f"synth-c10-s64-seed{cfg.seed}")
-    if dist.is_primary() and not os.path.exists(os.path.join(root, "train", INFO_NAME)):
-        print(f"building the embedded synthetic data set under {root} ...", flush=True)
-        synth.make(root, classes=10, train=4096, val=1024, size=64, seed=cfg.seed)
-    dist.barrier()
-    return os.path.join(root, "train")
 
 
 def probe_loader(loader) -> float:
@@ -86,7 +75,7 @@ def run(cfg: C.Config, slo_file: str | None) -> dict:
     t_start = time.perf_counter()
     synthetic = cfg.data.loader == "synthetic"
     if not cfg.data.train and not synthetic:
-        cfg.data.train = embedded_data(cfg)
+        cfg.data.train = embedded.ensure(cfg.seed, log=lambda s: dist.is_primary() and print(s, flush=True))
     with session.Run(cfg, checkpoints=False) as r:
         loader_img_s = None if synthetic else probe_loader(r.loader)  # no reader to measure
         result = r.train()

@@ -1,5 +1,5 @@
 """One run, and its one home: `python -m hvdtrain.train`, `hvdtrain.sanity` and
-`bench.train` all build a `Run` and drive the step and loop of `hvdtrain.step` with it.
+`bench.throughput` all build a `Run` and drive the step and loop of `hvdtrain.step` with it.
 
     with Run(cfg) as run:          # data, banner, folder + lock, resume, state, loaders, logs
         result = run.train()       # the loop, validation, checkpoints; summary.json, curves.png
@@ -26,10 +26,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from data import dataset
-from data.shards import ShardSet
-from data.tarindex import ShardError
-import kernels
+from hvdtrain.data import dataset
+from hvdtrain.data.shards import ShardSet
+from hvdtrain.data.tarindex import ShardError
+from hvdtrain import kernels
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
 from hvdtrain import dist, optim, provenance, report
@@ -196,7 +196,7 @@ class Run:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-        from data import nodecache
+        from hvdtrain.data import nodecache
 
         nodecache.close_all()  # bucket data: this process's wants withdrawn, a fetcher here stopped
 
@@ -347,7 +347,7 @@ class Run:
         d = self.train_data
         if not d.is_remote or getattr(d.remote, "mode", "") != "cache":
             return None
-        from data import nodecache
+        from hvdtrain.data import nodecache
 
         s = nodecache.get(d.remote).stats()
         return {k: s.get(k, 0) for k in ("shards", "bytes", "gets", "retries", "evicted", "evicted_bytes", "failed",

@@ -2,11 +2,11 @@
 
     horovodrun -np 2 python -m hvdtrain.train --data.loader=synthetic [--data.num_classes=1000]
     horovodrun -np 2 python -m hvdtrain.sanity --data.loader=synthetic
-    horovodrun -np 2 python -m bench.train --data.loader=synthetic
+    horovodrun -np 2 python -m bench.throughput --data.loader=synthetic
 
 The step then runs with data costing nothing (DeepLearningExamples' `--data-backend
 synthetic`, Horovod's synthetic benchmark): the same run on real shards beside it says
-whether data or compute limits the run (`bench.train` sets the two side by side).
+whether data or compute limits the run (`bench.throughput` sets the two side by side).
 
 Each rank makes `POOL_BATCHES` micro-batches once, on its training device (no host to
 device copy per step, no decode), and cycles through them: each view is [batch, 3, size,

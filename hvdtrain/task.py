@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hvdtrain import model as M
-from kernels import mixup
+from hvdtrain.kernels import mixup
 
 
 class Classify:

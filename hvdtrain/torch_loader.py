@@ -26,10 +26,10 @@ import random
 import numpy as np
 import torch
 
-from data.dataset import rank_range
-from data.shards import ShardSet
-from data.tarindex import read_index, split_name
-from data.wds import IMAGE_EXTS
+from hvdtrain.data.dataset import rank_range
+from hvdtrain.data.shards import ShardSet
+from hvdtrain.data.tarindex import read_index, split_name
+from hvdtrain.data.wds import IMAGE_EXTS
 from hvdtrain.batch import Batch, DataError, check_label_range, decode_source, to_model_input
 from hvdtrain.pipeline import MEAN, STD, PipeSpec
 

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from data.shards import ShardSet
+from hvdtrain.data.shards import ShardSet
 from hvdtrain import dist
 from hvdtrain import task as TK
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
-from kernels.normalize import triton_cdiv
+from hvdtrain import kernels
+from hvdtrain.kernels.normalize import triton_cdiv
 
 
 @dataclass(frozen=True)

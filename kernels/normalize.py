@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+from hvdtrain import kernels
 
 
 def normalize_ref(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, flip: torch.Tensor | None,

@@ -132,7 +132,7 @@ def horovod_hosts(alloc: list[tuple[str, int]]) -> str:
 
 def horovodrun_command(alloc, python: str, module: str, args: list[str], horovodrun: str = "horovodrun",
                        extra: str = "") -> list[str]:
-    # --gloo: hvdtrain's Horovod is built with Gloo (launch/install_horovod.sh); without it
+    # --gloo: hvdtrain's Horovod is built with Gloo (install/horovod.sh); without it
     # horovodrun first imports torch in a child process to ask whether MPI is built (~3 s)
     return [horovodrun, "--gloo", *shlex.split(extra), "-np", str(sum(k for _, k in alloc)), "-H", horovod_hosts(alloc),
             python, "-m", module, *args]

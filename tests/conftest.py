@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data import synth  # noqa: E402
-from data.wds import Sample, write_split  # noqa: E402
+from hvdtrain.data import synth  # noqa: E402
+from hvdtrain.data.wds import Sample, write_split  # noqa: E402
 
 
 def jpeg(seed: int, size: int = 32) -> bytes:

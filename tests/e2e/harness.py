@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bench.steprun import kill_tree
+from hvdtrain.procs import kill_tree
 from tests.conftest import ROOT
 
 BIN = os.path.dirname(sys.executable)
@@ -90,6 +90,6 @@ def kill_job(pid: int) -> None:
     """SIGKILL a launcher and every process below it, at once. killpg is not enough:
     horovodrun starts each rank in a session of its own (its middleman calls setsid), and
     a rank that outlives its launcher sees SIGTERM or a broken stdout pipe and may clean
-    up, which is not what a kill -9 of the job tests. (bench.steprun.kill_tree: the same
+    up, which is not what a kill -9 of the job tests. (hvdtrain.procs.kill_tree: the same
     for make gpu-check's steps.)"""
     kill_tree(pid)

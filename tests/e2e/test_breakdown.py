@@ -4,7 +4,7 @@ the dominant cause with its share and the next thing to try."""
 import json
 import sys
 
-from bench.loader_runs import make_imagenet_like
+from hvdtrain.bench.loader_runs import make_imagenet_like
 from tests.e2e.harness import HOROVODRUN, TRAIN, hvd, run
 
 QUIET = ["--run.progress=False", "--run.tensorboard=False", "--task", "classify", "--train.grad_accum_steps=1",

@@ -8,7 +8,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from data.wds import Sample, write_split
+from hvdtrain.data.wds import Sample, write_split
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
 from hvdtrain import model as M

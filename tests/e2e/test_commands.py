@@ -178,7 +178,7 @@ def test_bench_allreduce_two_ranks(tmp_path):
 
 
 def test_bench_train_real_vs_synthetic_two_ranks(tmp_path, synth_data):
-    r = run(HOROVODRUN + [sys.executable, "-m", "bench.train", "--preset", "ci", "--train.steps=3", "--warmup=1",
+    r = run(HOROVODRUN + [sys.executable, "-m", "bench.throughput", "--preset", "ci", "--train.steps=3", "--warmup=1",
                           f"--data.train={synth_data}/train", f"--run-dir={tmp_path}"])
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     j = json.load(open(tmp_path / "bench-train.json"))

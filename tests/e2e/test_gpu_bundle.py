@@ -1,4 +1,4 @@
-"""launch/gpu_bundle.sh packs and splits; launch/gpu_install.sh joins, checks and hands the
+"""install/offline_bundle.sh packs and splits; install/offline_install.sh joins, checks and hands the
 wheels to set-up, on the CPU, with a small bundle of real (tiny) wheels and a fake
 `nvidia-smi` for a CUDA 13 driver. No network: the bundle is packed from a folder
 (HVDTRAIN_BUNDLE_FROM) and set-up runs dry."""
@@ -138,7 +138,7 @@ def test_a_damaged_part_fails_the_checksum(bundle):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_the_last_call_sets_up_then_checks_in_one_flat_folder(bundle):
-    """launch/gpu_setup_check.sh: set-up's log and gpu-check's report land in $OUT; a set-up
+    """install/offline_check.sh: set-up's log and gpu-check's report land in $OUT; a set-up
     that fails stops there, with its log's tail; with no GPU gpu-check exits 2."""
     out, _, tmp_path = bundle
     dest = tmp_path / "out"
@@ -155,4 +155,4 @@ def test_a_manifest_of_the_old_format_is_named(tmp_path):
     (tmp_path / "b" / "p00").mkdir(parents=True)
     (tmp_path / "b" / "p00" / "bundle.manifest").write_text("parts 1\nsha256 abc\n")
     r = install(tmp_path, tmp_path / "b", "--horovod")
-    assert r.returncode == 1 and "is not a bundle manifest of launch/gpu_bundle.sh" in r.stderr
+    assert r.returncode == 1 and "is not a bundle manifest of install/offline_bundle.sh" in r.stderr

@@ -12,8 +12,8 @@ import psutil
 import pytest
 import torch
 
-from bench import gpu_check as G
-from bench.steprun import Figure, Step, dry_check
+from hvdtrain.bench import gpu_check as G
+from gpucheck.runner import Figure, Step, dry_check
 from tests.conftest import ROOT
 from tests.e2e.harness import run
 
@@ -23,7 +23,7 @@ PY = sys.executable
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_no_gpu_says_so_and_exits_2_at_once():
     t0 = time.monotonic()
-    r = run([PY, "-m", "bench.gpu_check"], timeout=60)
+    r = run([PY, "-m", "gpucheck"], timeout=60)
     assert r.returncode == 2 and r.stdout.strip() == "no GPU: nothing to check", r.stdout + r.stderr
     assert time.monotonic() - t0 < 30
     assert not any(d.startswith("gpu-check-") for d in os.listdir(os.path.join(ROOT, "runs")))
@@ -33,13 +33,13 @@ def test_no_gpu_says_so_and_exits_2_at_once():
 def test_the_plans_commands_parse(step, tmp_path):
     """Each command's module exists and its parser accepts the plan's flags; horovodrun's
     flags pass horovodrun's parser; pytest collects the GPU tests. A failure names the step
-    and quotes the parser's error: fix the flag in bench/gpu_check.py's COMMANDS."""
+    and quotes the parser's error: fix the flag in gpucheck/check.py's COMMANDS."""
     ctx = {"py": PY, "horovodrun": os.path.join(os.path.dirname(PY), "horovodrun"), "gpus": 1, "dir": str(tmp_path)}
     assert dry_check(step, ctx, str(tmp_path)) == [], f"gpu-check step {step.name!r} would not run"
 
 
 def test_dry_run_prints_the_plan(tmp_path):
-    r = run([PY, "-m", "bench.gpu_check", "--dry-run", "--only", "kernels,train-data"], timeout=120)
+    r = run([PY, "-m", "gpucheck", "--dry-run", "--only", "kernels,train-data"], timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "[kernels] timeout 40 s: {py} -m bench.kernels" in r.stdout
     assert "kernels_compiled" in r.stdout and r.stdout.count("parses: yes") == 2

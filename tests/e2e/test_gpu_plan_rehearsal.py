@@ -1,4 +1,4 @@
-"""The GPU run's plan rehearsed on the CPU: bench.gpu_check's real steps (names, order,
+"""The GPU run's plan rehearsed on the CPU: gpucheck's real steps (names, order,
 outputs, figures, exit marks) with each command replaced by a stand-in that takes a known
 time, finishes, crashes at exit, hangs, or prints partial results when interrupted, under
 a budget, with the real runner on real subprocesses. What it checks is what the one GPU
@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from bench import gpu_check as G
-from bench.steprun import EXPECTED_SKIP, REPO
+from hvdtrain.bench import gpu_check as G
+from gpucheck.runner import EXPECTED_SKIP, REPO
 
 PY = sys.executable
 
@@ -201,7 +201,7 @@ def test_the_refusal_and_the_rooms_judged(tmp_path):
     unit room: a failure and a skip are listed as behaving differently on that machine. The
     parallel room as the plan runs it (the real tests/parallel, one test, 2 Horovod ranks,
     GPUs hidden): each rank writes its own JUnit XML and both are read."""
-    from bench.steprun import run_step
+    from gpucheck.runner import run_step
 
     step = {s.name: s for s in G.STEPS}
     script, room = tmp_path / "standin.py", tmp_path / "test_room.py"

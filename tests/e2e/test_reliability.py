@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.wds import file_sha256, write_index, write_info
+from hvdtrain.data.wds import file_sha256, write_index, write_info
 from tests.conftest import ROOT, jpeg
 from tests.e2e.harness import CI, HOROVODRUN, TRAIN, exit_code, finish, run, wait_for
 

@@ -1,4 +1,4 @@
-"""launch/setup.sh's GPU choices, on the CPU: a fake `nvidia-smi` on PATH says which driver
+"""install/setup.sh's GPU choices, on the CPU: a fake `nvidia-smi` on PATH says which driver
 the machine has, and the dry run (HVDTRAIN_SETUP_DRY_RUN=1) prints the packages, pip
 commands and horovod build flags it would use. Nothing is installed: .venv is read, never
 written, and no network is used."""
@@ -97,7 +97,7 @@ def test_old_driver_stops_with_a_reason(tmp_path):
 
 def test_system_torch_offline_installs_only_the_missing_wheels(tmp_path):
     """A cluster image (here: this venv's Python) keeps its packages; from a wheel folder
-    (no index: launch/gpu_install.sh) pip adds only the wheels of packages it lacks."""
+    (no index: install/offline_install.sh) pip adds only the wheels of packages it lacks."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     names = ["nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl",
@@ -154,7 +154,7 @@ def fake_sites(tmp_path, venv_init: str) -> tuple:
 def test_the_venvs_nvidia_folder_does_not_hide_the_images(tmp_path):
     """nvjpeg2k's and nvtiff's wheels ship an empty nvidia/__init__.py: where pip leaves one
     in .venv, it hides the image's nvidia/ (nvidia.nccl). setup.sh copies
-    launch/nvidia_namespace.py over it in system mode, whatever pip's order."""
+    install/nvidia_namespace.py over it in system mode, whatever pip's order."""
     probe = "import importlib.util, nvidia.dali; print(importlib.util.find_spec('nvidia.nccl') is not None)"
     for init, seen in (("", "False"), (open(os.path.join(ROOT, "launch", "nvidia_namespace.py")).read(), "True")):
         venv, image = fake_sites(tmp_path / seen, init)

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from data.wds import Sample, write_split
+from hvdtrain.data.wds import Sample, write_split
 from tests.conftest import ROOT, jpeg
 from tests.e2e.harness import CI, HOROVODRUN, TRAIN, exit_code, hvd, kill_job, losses, run, wait_for
 

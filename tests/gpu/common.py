@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.steprun import EXPECTED_SKIP
+from gpucheck.runner import EXPECTED_SKIP
 from hvdtrain import config as C
 from hvdtrain import task as TK
 from hvdtrain.batch import Batch
@@ -20,7 +20,7 @@ CLASSES = 10
 
 def skip_expected(why: str):
     """Skip for a reason that depends on the machine, not on the code (one GPU: no other
-    device order to test). bench.gpu_check counts such skips apart: they do not fail its
+    device order to test). gpucheck counts such skips apart: they do not fail its
     gpu-tests step under HVDTRAIN_REQUIRE_GPU=1; any other skip does."""
     pytest.skip(f"{EXPECTED_SKIP} {why}")
 

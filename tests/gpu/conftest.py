@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.wds import Sample, open_shards, write_split
+from hvdtrain.data.wds import Sample, open_shards, write_split
 
 
 @pytest.fixture(scope="session")

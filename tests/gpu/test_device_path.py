@@ -109,7 +109,7 @@ def test_cpu_decoded_crops_reach_the_gpu_intact_however_the_source_is_reused():
     non_blocking copy from pinned memory torch did not allocate reads the zeros."""
     from hvdtrain.batch import to_device, to_model_input
     from hvdtrain.pipeline import MEAN, STD
-    from kernels.normalize import normalize_ref
+    from hvdtrain.kernels.normalize import normalize_ref
 
     dev = torch.device("cuda", 0)
     g = torch.Generator().manual_seed(5)

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels.mixup import mix_ref, mix_triton, sample_params, soft_cross_entropy_ref, soft_cross_entropy_triton
-from kernels.normalize import normalize_ref, normalize_triton
+from hvdtrain import kernels
+from hvdtrain.kernels.mixup import mix_ref, mix_triton, sample_params, soft_cross_entropy_ref, soft_cross_entropy_triton
+from hvdtrain.kernels.normalize import normalize_ref, normalize_triton
 from hvdtrain.pipeline import MEAN, STD
 from tests.gpu.common import GPU
 from tests.unit.test_kernels import TOL, rel_err

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from data.shards import open_shards
+from hvdtrain.data.shards import open_shards
 from hvdtrain import dist
 from tests.conftest import unique_shards
 

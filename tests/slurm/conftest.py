@@ -1,5 +1,5 @@
-"""The two-node test cluster (n1, n2 on loopback: launch/testcluster.py), with names that
-resolve and an sshd on "n2" (launch/testnet.py) so horovodrun can start ranks there."""
+"""The two-node test cluster (n1, n2 on loopback: tests/clusters/testcluster.py), with names that
+resolve and an sshd on "n2" (tests/clusters/testnet.py) so horovodrun can start ranks there."""
 import os
 import tempfile
 
@@ -29,7 +29,7 @@ def two_nodes():
 
 @pytest.fixture(scope="module")
 def hosts():
-    """Three Slurm nodes h1..h3, each a network namespace of its own (launch/testhosts.py):
+    """Three Slurm nodes h1..h3, each a network namespace of its own (tests/clusters/testhosts.py):
     testhosts.up's answer. Skipped with the reason where namespaces cannot be made, unless
     HVDTRAIN_REQUIRE_NETNS=1 (.ci/run), which makes that a failure. At the end every job is
     cancelled, and the namespaces, links, /etc/hosts lines and daemons must all be gone."""

@@ -12,7 +12,7 @@ import sys
 from hvdtrain import config as C
 from hvdtrain import dist
 from hvdtrain import loader as L
-from data.shards import open_shards
+from hvdtrain.data.shards import open_shards
 
 
 def main(argv: list[str]) -> int:

@@ -1,5 +1,5 @@
 """The real launch/*.sbatch scripts, submitted with sbatch to a real one-node Slurm
-cluster (munged + slurmctld + slurmd on loopback, launch/testcluster.py). The cluster is
+cluster (munged + slurmctld + slurmd on loopback, tests/clusters/testcluster.py). The cluster is
 torn down by PID at the end, also when a test fails."""
 import json
 import os

@@ -1,5 +1,5 @@
 """Nodes that vanish, stall or come back, on Slurm nodes that are hosts with their own
-network (h1..h3: one network namespace each, joined by a bridge; launch/testhosts.py).
+network (h1..h3: one network namespace each, joined by a bridge; tests/clusters/testhosts.py).
 A node cut off here sends no reset: to its peers it is a rank that hangs.
 
 - power loss under srun and under horovodrun: node h2's link goes down and everything on

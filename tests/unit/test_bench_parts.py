@@ -2,8 +2,8 @@
 loader with its ceiling at the same setting, and the tuner prefers cheaper ties."""
 import argparse
 
-from bench.loader import compare, settings
-from bench.tune import overrides, pick, thread_counts
+from hvdtrain.bench.loader import compare, settings
+from hvdtrain.bench.tune import overrides, pick, thread_counts
 
 
 def test_a_loader_above_its_ceiling_is_reported_as_a_bench_bug():
@@ -46,9 +46,9 @@ def test_the_loader_bench_reads_shards_as_training_does_and_marks_rebuilds(tmp_p
     timed windows (bench.loader used to interleave them, rebuilding every epoch there);
     shards not written shuffled are interleaved, as training does, and each window an
     epoch's rebuild fell in is counted and starred in the table."""
-    from bench.loader import parser, window_cells
-    from bench.loader_runs import run_one
-    from data.wds import Sample, open_shards, write_split
+    from hvdtrain.bench.loader import parser, window_cells
+    from hvdtrain.bench.loader_runs import run_one
+    from hvdtrain.data.wds import Sample, open_shards, write_split
     from tests.conftest import jpeg, unique_shards
 
     a = parser().parse_args(["--size", "32", "--batch-size", "8", "--threads", "1", "--windows", "3",

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels.mixup import (mix_ref, mix_triton, sample_params, soft_cross_entropy_ref,
+from hvdtrain import kernels
+from hvdtrain.kernels.mixup import (mix_ref, mix_triton, sample_params, soft_cross_entropy_ref,
                            soft_cross_entropy_triton)
-from kernels.normalize import normalize, normalize_ref, normalize_triton
+from hvdtrain.kernels.normalize import normalize, normalize_ref, normalize_triton
 from hvdtrain.pipeline import MEAN, STD
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,9 +5,13 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PACKAGES = ("hvdtrain", "data", "bench", "launch", "kernels")
-# the layout is the pipeline: a floor imports its own package and the floors below it only
-FLOOR = {"data": 0, "kernels": 0, "hvdtrain": 1, "bench": 2, "launch": 2}
+# the repository's folders of code and the module names they have: data/, kernels/ and bench/
+# install as hvdtrain.data, hvdtrain.kernels and hvdtrain.bench (setup.py's package_dir)
+NAMES = {"hvdtrain": "hvdtrain", "data": "hvdtrain.data", "kernels": "hvdtrain.kernels", "bench": "hvdtrain.bench",
+         "launch": "launch", "gpucheck": "gpucheck"}
+PACKAGES = tuple(NAMES)
+# the layout is the pipeline: a floor imports its own room and the floors below it only
+FLOOR = {"data": 0, "kernels": 0, "hvdtrain": 1, "bench": 2, "launch": 2, "gpucheck": 3}
 
 
 def python_files(tops=PACKAGES):
@@ -19,8 +23,17 @@ def python_files(tops=PACKAGES):
 
 
 def module_of(path: str) -> str:
-    mod = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    rel = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+    mod = ".".join([NAMES[rel[0]]] + rel[1:])
     return mod[: -len(".__init__")] if mod.endswith(".__init__") else mod
+
+
+def room_of(mod: str) -> str:
+    """The folder a module name lives in."""
+    for folder, name in sorted(NAMES.items(), key=lambda x: -len(x[1])):
+        if mod == name or mod.startswith(name + "."):
+            return folder
+    raise KeyError(mod)
 
 
 def imports_of(path: str) -> set[str]:
@@ -34,7 +47,7 @@ def imports_of(path: str) -> set[str]:
             names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
         else:
             continue
-        out |= {n for n in names if n.split(".")[0] in PACKAGES}
+        out |= {n for n in names if n.split(".")[0] in ("hvdtrain", "launch", "gpucheck", "data", "kernels", "bench")}
     return out
 
 
@@ -44,6 +57,14 @@ def graph() -> dict[str, set[str]]:
     for mod, path in mods.items():
         g[mod] = {n for n in imports_of(path) if n in mods and n != mod and n != mod.split(".")[0]}
     return g
+
+
+def test_code_imports_data_kernels_and_bench_through_the_hvdtrain_namespace():
+    """Installed, the repository's data/, kernels/ and bench/ are hvdtrain.data, ... : a bare
+    `import data` would take the user's own `data` package, or none."""
+    bad = sorted(f"{os.path.relpath(p, ROOT)}: {n}" for p in python_files(PACKAGES + ("tests", "examples"))
+                 for n in imports_of(p) if n.split(".")[0] in ("data", "kernels", "bench"))
+    assert not bad, bad
 
 
 def test_only_dist_imports_horovod():
@@ -78,13 +99,13 @@ def test_no_floor_imports_a_floor_above_it():
     """data/ and kernels/ import nothing of ours above them; hvdtrain/ imports neither
     bench/ nor launch/ (the trainer does not depend on its own benchmark or launchers)."""
     bad = [f"{m} imports {n}" for m, deps in graph().items() for n in deps
-           if n.split(".")[0] != m.split(".")[0] and FLOOR[n.split(".")[0]] >= FLOOR[m.split(".")[0]]]
+           if room_of(n) != room_of(m) and FLOOR[room_of(n)] >= FLOOR[room_of(m)]]
     assert not bad, bad
 
 
 def test_entry_points_document_their_command():
     for mod in ("hvdtrain/sanity.py", "hvdtrain/train.py", "hvdtrain/evaluate.py", "hvdtrain/export.py",
-                "hvdtrain/synthetic.py", "bench/loader.py", "bench/train.py", "bench/tune.py", "data/synth.py",
+                "hvdtrain/synthetic.py", "bench/loader.py", "bench/throughput.py", "bench/tune.py", "data/synth.py",
                 "data/make_shards.py"):
         doc = open(os.path.join(ROOT, mod)).read().split('"""')[1]
         assert "python -m" in doc, f"{mod}: docstring should show its command line"

@@ -31,7 +31,7 @@ def blob(i: int, size: int = MB) -> bytes:
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    from data import fetcher, nodecache, remote
+    from hvdtrain.data import fetcher, nodecache, remote
 
     remote._STORES.clear()
     remote._KNOWN.clear()
@@ -85,20 +85,25 @@ def passes(nc, tars, n_passes: int):
 
 
 def test_the_bound_holds_and_each_shard_is_fetched_once_per_pass(s3, fresh, monkeypatch, tmp_path):
-    """A cache of 2.5 shards over 6: never above its bound, every shard fetched once per
-    pass (6, then 6 more), the ones read evicted. A cache that holds them all fetches
-    nothing in the second pass."""
-    from data import nodecache, remote
+    """A cache of 2.5 shards over 6: never above its bound, every shard fetched at most
+    once per pass (6, then at most 6 more: the two that fit and are needed first in the
+    next pass may stay), the ones read evicted. A cache that holds them all fetches nothing
+    in the second pass."""
+    from hvdtrain.data import nodecache, remote
 
     use(monkeypatch, s3.env())
     tars, _ = remote.resolve("s3://hvd-cache/set/")
     nc = nodecache.get(nodecache.Options(cache_dir=str(tmp_path / "small"), cache_gb=2.5 * MB / 1e9, part_mb=1))
     w = Watch(nc.root)
-    passes(nc, tars, 2)
+    passes(nc, tars, 1)
+    time.sleep(1.2)  # the fetcher writes its counters once a second
+    first = nc.stats()["shards"]
+    passes(nc, tars, 1)
     nc.close()
     top, st = w.stop(), nc.stats()
     assert top <= nc.bound, (top, nc.bound)
-    assert st["shards"] == 12 and st["bytes"] == 12 * MB and st["evicted"] >= 10, st
+    assert first <= 6 + 2 and 10 <= st["shards"] <= 12 and st["bytes"] == st["shards"] * MB, (first, st)
+    assert st["evicted"] >= st["shards"] - 2, st
     big = nodecache.get(nodecache.Options(cache_dir=str(tmp_path / "big"), cache_gb=1.0))
     passes(big, tars, 2)
     big.close()
@@ -108,7 +113,7 @@ def test_the_bound_holds_and_each_shard_is_fetched_once_per_pass(s3, fresh, monk
 def test_reads_resume_from_the_byte_reached_after_503s_and_resets(s3, fresh, monkeypatch, tmp_path):
     """Every GET cut by a reset after 300 KiB, and a third answered 503 SlowDown: the copy
     completes, equal to the object, with no byte fetched twice; the retries are counted."""
-    from data import nodecache, remote
+    from hvdtrain.data import nodecache, remote
 
     with FaultProxy(s3) as fp:
         use(monkeypatch, fp.env())
@@ -127,8 +132,8 @@ def test_reads_resume_from_the_byte_reached_after_503s_and_resets(s3, fresh, mon
 
 
 def test_a_store_gone_for_good_fails_the_read_naming_the_url_in_time(s3, fresh, monkeypatch, tmp_path):
-    from data import nodecache, remote
-    from data.remote import RemoteError
+    from hvdtrain.data import nodecache, remote
+    from hvdtrain.data.remote import RemoteError
 
     with FaultProxy(s3) as fp:
         use(monkeypatch, fp.env())
@@ -147,8 +152,8 @@ def test_a_replaced_object_is_refused_by_name(s3, fresh, monkeypatch, tmp_path):
     """The run listed (and indexed) one object; the bucket now holds another under the same
     key: its reads are refused (S3: If-Match on the ETag; GCS: the MD5 of the copy), never
     read at the old offsets."""
-    from data import nodecache, remote
-    from data.remote import RemoteError
+    from hvdtrain.data import nodecache, remote
+    from hvdtrain.data.remote import RemoteError
 
     use(monkeypatch, s3.env())
     tars, _ = remote.resolve("s3://hvd-cache/set/")
@@ -171,8 +176,8 @@ def test_a_replaced_object_is_refused_by_name(s3, fresh, monkeypatch, tmp_path):
 
 
 def test_wrong_credentials_are_named_with_their_source_never_the_secret(fresh, monkeypatch, tmp_path):
-    from data import remote
-    from data.remote import RemoteError
+    from hvdtrain.data import remote
+    from hvdtrain.data.remote import RemoteError
 
     with S3Server(auth=True) as server:
         use(monkeypatch, server.env())
@@ -187,8 +192,8 @@ def test_wrong_credentials_are_named_with_their_source_never_the_secret(fresh, m
 def test_a_full_disk_shrinks_the_bound_or_stops_saying_so(s3, fresh, monkeypatch, tmp_path):
     """The cache's disk holds 2.5 MB whatever its bound says (a 100 GB bound here): the
     fetcher evicts to fit, and a reader that needs more than the disk holds is told so."""
-    from data import nodecache, remote
-    from data.remote import RemoteError
+    from hvdtrain.data import nodecache, remote
+    from hvdtrain.data.remote import RemoteError
 
     use(monkeypatch, s3.env())
     disk = tmp_path / "disk"

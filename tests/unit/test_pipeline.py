@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from data.wds import LABEL_WIDTH, open_shards
+from hvdtrain.data.wds import LABEL_WIDTH, open_shards
 from hvdtrain import config as C
 from hvdtrain import model as M
 from hvdtrain.loader import DaliLoader, DataError, parse_labels

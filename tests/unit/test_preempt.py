@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from data.shards import open_shards
+from hvdtrain.data.shards import open_shards
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
 from hvdtrain import loader as L

@@ -20,7 +20,7 @@ def servers():
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """A process with no store clients yet, its own caches, and the servers' endpoints."""
-    from data import nodecache, remote
+    from hvdtrain.data import nodecache, remote
 
     monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "hvdcache"))
     monkeypatch.setenv("HVDTRAIN_SHARD_CACHE", str(tmp_path / "shards"))
@@ -71,8 +71,8 @@ def test_a_prefix_opens_as_the_folder_does(servers, dataset, fresh, monkeypatch,
     """Every *.tar directly under the prefix, nothing else; indexes built from the streamed
     bytes (then found in the cache); labels, counts and the data fingerprint equal to
     those of the same shards in a folder."""
-    from data import remote
-    from data.shards import open_shards
+    from hvdtrain.data import remote
+    from hvdtrain.data.shards import open_shards
 
     env_for(monkeypatch, servers)
     tars, beside = remote.resolve(f"{scheme}://hvd-data/sets/a/")
@@ -91,8 +91,8 @@ def test_a_prefix_opens_as_the_folder_does(servers, dataset, fresh, monkeypatch,
 
 
 def test_missing_shards_empty_prefixes_and_missing_buckets_are_named(servers, dataset, fresh, monkeypatch):
-    from data import remote
-    from data.remote import RemoteError
+    from hvdtrain.data import remote
+    from hvdtrain.data.remote import RemoteError
 
     env_for(monkeypatch, servers)
     with pytest.raises(RemoteError, match=r"1 of 5 shard\(s\) missing: s3://hvd-data/sets/a/train-000004\.tar"):
@@ -107,9 +107,9 @@ def test_missing_shards_empty_prefixes_and_missing_buckets_are_named(servers, da
 
 
 def test_a_url_carrying_credentials_is_refused_without_echoing_it(servers, fresh, monkeypatch):
-    from data import remote
-    from data.remote import RemoteError
-    from data.shards import open_shards
+    from hvdtrain.data import remote
+    from hvdtrain.data.remote import RemoteError
+    from hvdtrain.data.shards import open_shards
 
     with pytest.raises(RemoteError) as e:
         open_shards("s3://AKIDX:topsecret@hvd-data/sets/a/")
@@ -128,8 +128,8 @@ def test_an_idx_beside_the_shard_is_used_when_it_fits_and_ignored_when_stale(ser
     """Shard 0's .idx describes it: copied into the cache. Shard 1's is shard 0's: it does
     not fit (the tar headers at its offsets say otherwise), so shard 1 is indexed from its
     bytes, and the log says why."""
-    from data.shards import open_shards
-    from data.wds import write_index
+    from hvdtrain.data.shards import open_shards
+    from hvdtrain.data.wds import write_index
 
     env_for(monkeypatch, servers)
     work = tmp_path / "idx"
@@ -160,7 +160,7 @@ def test_an_idx_beside_the_shard_is_used_when_it_fits_and_ignored_when_stale(ser
 def test_verify_on_a_bucket_keeps_its_records_by_etag(servers, dataset, fresh, monkeypatch, tmp_path, scheme):
     """The second pass reads no shard again; a replaced object (new ETag/generation) is
     checked anew, and its bad sample named by URL."""
-    from data import verify
+    from hvdtrain.data import verify
 
     env_for(monkeypatch, servers)
     spec = f"{scheme}://hvd-data/verify-{scheme}/"
@@ -174,7 +174,7 @@ def test_verify_on_a_bucket_keeps_its_records_by_etag(servers, dataset, fresh, m
     with wds.TarWriter(str(bad / "train-000003.tar")) as sink:
         sink.write({"__key__": "k99999", "jpg": b"not a jpeg", "cls": "1"})
     servers[scheme].upload(str(bad), "hvd-data", f"verify-{scheme}/", create=False)
-    from data import remote
+    from hvdtrain.data import remote
     remote._KNOWN.clear()
     third = verify.verify(spec, num_classes=6)
     assert third.splits["train"]["records_reused"] == 3
@@ -187,8 +187,8 @@ def test_make_shards_into_a_bucket_uploads_and_resumes(servers, fresh, monkeypat
     """A build into s3:// uploads each finished shard with its .idx, _info.json last; a build
     cut short (one shard and _info.json never uploaded) run again uploads only what is
     missing, and the bucket then opens with the fingerprint of a local build."""
-    from data import make_shards, synth
-    from data.shards import open_shards
+    from hvdtrain.data import make_shards, synth
+    from hvdtrain.data.shards import open_shards
 
     env_for(monkeypatch, servers)
     servers["s3"].client().create_bucket(Bucket="hvd-made")

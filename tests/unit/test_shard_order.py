@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from data.wds import Sample, open_shards, write_split
+from hvdtrain.data.wds import Sample, open_shards, write_split
 from hvdtrain.loader import DaliLoader
 from hvdtrain.pipeline import PipeSpec
 from tests.conftest import jpeg
@@ -95,7 +95,7 @@ def test_contrastive_val_passes_see_the_same_views(by_class):
 
 
 def test_auto_interleaves_only_shards_not_written_shuffled(by_class, tmp_path):
-    from data import synth
+    from hvdtrain.data import synth
     from hvdtrain import config as C
     from hvdtrain.pipeline import spec_from_config
 

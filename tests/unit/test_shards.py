@@ -8,8 +8,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data import make_shards
-from data.wds import (INFO_NAME, ShardError, expand_braces, iter_samples, open_shards, resolve_shards,
+from hvdtrain.data import make_shards
+from hvdtrain.data.wds import (INFO_NAME, ShardError, expand_braces, iter_samples, open_shards, resolve_shards,
                       write_index)
 from tests.conftest import jpeg, unique_shards
 

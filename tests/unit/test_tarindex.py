@@ -14,8 +14,8 @@ import time
 import pytest
 import webdataset as wds
 
-from data import cache, shards as S, verify
-from data.tarindex import ShardError, index_text, split_name, walk
+from hvdtrain.data import cache, shards as S, verify
+from hvdtrain.data.tarindex import ShardError, index_text, split_name, walk
 from tests.conftest import jpeg
 
 

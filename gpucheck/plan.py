@@ -1,9 +1,9 @@
-"""bench.gpu_check's plan: the commands, their targets, how each figure is read from a
-command's output, and the steps in the order they run (bench/gpu_check.py runs them with
-bench/steprun.py). A flag, a target or a timeout changes here."""
+"""gpucheck's plan: the commands, their targets, how each figure is read from a
+command's output, and the steps in the order they run (gpucheck/check.py runs them with
+gpucheck/runner.py). A flag, a target or a timeout changes here."""
 from __future__ import annotations
 
-from bench.steprun import Figure, Step
+from gpucheck.runner import Figure, Step
 
 # ---------------------------------------------------------------- the commands, in one place
 # A flag that changes in a module is a one-line fix here; tests/e2e/test_gpu_check.py's
@@ -14,10 +14,10 @@ LOADER_SWEEP = ("--loader", "all", "--threads", "4,8,16", "--hw-decoder-load", "
 # as much again for figures with no target: dali-gpu at 2 x 2 settings, beside their ceilings
 LOADER_SWEEP_64 = ("--loader", "dali-gpu", "--threads", "8,16", "--hw-decoder-load", "0.65,0.99", "--windows", "3")
 COMMANDS: dict[str, tuple[str, ...]] = {
-    # ImageNet-like 256 px JPEGs for bench.train: 8192 take ~15 s on one core
+    # ImageNet-like 256 px JPEGs for bench.throughput: 8192 take ~15 s on one core
     "train-data": ("{py}", "-m", "data.synth", "{dir}/train-data", "--classes", "100", "--train", "8192",
                    "--val", "256", "--size", "256", "--seed", "1"),
-    "train": ("{horovodrun}", "--gloo", "-np", "1", "-H", "localhost:1", "{py}", "-m", "bench.train", "--preset", "resnet50",
+    "train": ("{horovodrun}", "--gloo", "-np", "1", "-H", "localhost:1", "{py}", "-m", "bench.throughput", "--preset", "resnet50",
               "--train.amp=bf16", "--data.channels_last=True", "--data.train={dir}/train-data/train",
               "--train.steps=20", "--warmup=3", "--run-dir={dir}/train"),
     "sanity": ("{horovodrun}", "--gloo", "-np", "{gpus}", "-H", "localhost:{gpus}", "{py}", "-m", "hvdtrain.sanity",

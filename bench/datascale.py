@@ -1,6 +1,6 @@
 """The data layer at ImageNet scale: what a million samples cost before and around training.
 
-    python -m bench.data [--data DIR] [--shards 1024] [--per-shard 1251] [--scale 0.125]
+    python -m bench.datascale [--data DIR] [--shards 1024] [--per-shard 1251] [--scale 0.125]
                          [--skip launch,stall,make,verify] [--out runs/...]
 
 It generates (or takes with `--data`) an ImageNet-shaped metadata set: `--shards` tars of
@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from data import pool
+from hvdtrain.data import pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {"rss_ratio_2_vs_1": 0.55, "index_build_s_full": 10.0, "index_vs_wds2idx": 3.0,
@@ -82,7 +82,7 @@ def make_set(out: str, shards: int, per_shard: int) -> list[str]:
     if jobs:
         t0 = time.monotonic()
         done = sum(pool.imap(_write_tar, jobs))
-        print(f"bench.data: wrote {len(jobs)} shard(s), {done} samples in {out} ({time.monotonic() - t0:.0f} s)",
+        print(f"bench.datascale: wrote {len(jobs)} shard(s), {done} samples in {out} ({time.monotonic() - t0:.0f} s)",
               flush=True)
     return paths
 
@@ -114,7 +114,7 @@ def _wds2idx_one(tar: str) -> int:
 
 
 def index_build(paths: list[str], workers: int, cache_root: str) -> dict:
-    from data import shards
+    from hvdtrain.data import shards
 
     out = {}
     for p in paths:  # the page cache warm for both tools: whichever ran first would read the disk
@@ -136,7 +136,7 @@ def index_build(paths: list[str], workers: int, cache_root: str) -> dict:
 
 # ---------------------------------------------------------------- launches
 def rss_child(argv: list[str]) -> int:
-    """`python -m bench.data _rank OUT_DIR -- CMD...`: runs one rank's CMD, then writes its peak
+    """`python -m bench.datascale _rank OUT_DIR -- CMD...`: runs one rank's CMD, then writes its peak
     RSS and the seconds from this wrapper's start to the rank's first step line."""
     t0 = time.monotonic()
     out_dir, cmd = argv[0], argv[2:]
@@ -160,7 +160,7 @@ def launch(data: str, ranks: int, work: str, env: dict) -> dict:
     train = [sys.executable, "-m", "hvdtrain.train", "--preset", "ci", "--task", "contrastive", "--train.steps=1",
              "--train.log_every=1", "--data.shard_shuffle=off", f"--data.train={data}", f"--run.dir={out}/run",
              "--run.progress=False", "--run.tensorboard=False", "--train.eval_every=0"]
-    wrap = [sys.executable, "-m", "bench.data", "_rank", out, "--"] + train
+    wrap = [sys.executable, "-m", "hvdtrain.bench.datascale", "_rank", out, "--"] + train
     cmd = wrap if ranks == 1 else [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "--gloo", "-np",
                                    str(ranks), "-H", f"localhost:{ranks}"] + wrap
     t0 = time.monotonic()
@@ -180,7 +180,7 @@ def boundary_stall(data: str, interleave: bool, per_rank: int = 3200, epochs: in
     """One rank of as many as give each `per_rank` samples (50 batches of 64), reading
     `epochs` epochs behind a `step_ms` training step (a sleep): gaps between batches; the
     stall is the median boundary gap minus the median gap."""
-    from data.shards import open_shards
+    from hvdtrain.data.shards import open_shards
     from hvdtrain.loader import DaliLoader
     from hvdtrain.pipeline import PipeSpec
 
@@ -247,7 +247,7 @@ def make_rates(src: str, work: str, repeats: int = 3) -> dict:
 
 
 def verify_passes(data: str, workers: int) -> dict:
-    from data import verify
+    from hvdtrain.data import verify
 
     out = {}
     for name in ("first", "second"):
@@ -276,8 +276,8 @@ def run(a) -> dict:
     for k in ("part", "full"):
         res.setdefault("index", {})[k] = index_build(paths[k], cores, cache_root)
         res["samples"][k] = sum(pool.imap(_count, paths[k], cores))
-        print(f"bench.data: index build {k}: {json.dumps(res['index'][k])}", flush=True)
-    from data import shards
+        print(f"bench.datascale: index build {k}: {json.dumps(res['index'][k])}", flush=True)
+    from hvdtrain.data import shards
 
     for k in ("small", "part", "full"):  # indexes present for what follows
         shards.ensure_indexes(paths[k], want_meta=True, workers=cores)
@@ -296,12 +296,12 @@ def run(a) -> dict:
             res[name] = fn()
         except Exception as e:  # noqa: BLE001 - one failed section is reported, the others still run
             res.setdefault("errors", {})[name] = f"{e.__class__.__name__}: {e}"[:2000]
-        print(f"bench.data: {name}: {json.dumps(res.get(name) or res['errors'][name])}", flush=True)
+        print(f"bench.datascale: {name}: {json.dumps(res.get(name) or res['errors'][name])}", flush=True)
     return res
 
 
 def _count(tar: str) -> int:
-    from data.tarindex import read_index_count
+    from hvdtrain.data.tarindex import read_index_count
 
     return read_index_count(tar[:-4] + ".idx") if os.path.exists(tar[:-4] + ".idx") else 0
 
@@ -341,7 +341,7 @@ def checks(res: dict) -> list[tuple[str, str, float, str]]:
 def table(res: dict) -> str:
     c = res["cores"]
     n = res["samples"]
-    lines = [f"bench.data on {c} core(s): full = {n['full']} samples, part = {n['part']} samples",
+    lines = [f"bench.datascale on {c} core(s): full = {n['full']} samples, part = {n['part']} samples",
              "", f"{'':44s} {'part':>12s} {'full':>12s}"]
 
     def row(label, fn):
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_rank":
         return rss_child(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.datascale", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="a folder of tars to measure (default: generate the ImageNet-shaped set)")
     p.add_argument("--shards", type=int, default=1024)
     p.add_argument("--per-shard", type=int, default=1251)
@@ -397,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         res, err = {}, f"{e.__class__.__name__}: {e}"
     if res.get("errors"):
         err = "; ".join(f"{k}: {v}" for k, v in res["errors"].items())
-    from bench import report as R  # imports torch: after the pools above, which fork
+    from hvdtrain.bench import report as R  # imports torch: after the pools above, which fork
 
-    text = table(res) if res else f"bench.data failed: {err}"
+    text = table(res) if res else f"bench.datascale failed: {err}"
     print(text, flush=True)
     result = R.envelope("data", cfg, err, results=res,
                         checks=[{"target": t, "measured": m, "verdict": v} for t, m, _, v in checks(res)] if res else [])

@@ -1,8 +1,8 @@
-"""Names and ssh for the two-node test cluster (launch/testcluster.py), so that
+"""Names and ssh for the two-node test cluster (tests/clusters/testcluster.py), so that
 horovodrun can start rank 1 "on n2" as it would on a real cluster: over ssh.
 
-    python -m launch.testnet up DIR     # /etc/hosts: n1 -> 127.0.0.1, n2 -> 127.0.0.2; sshd on 127.0.0.2
-    python -m launch.testnet down DIR
+    python -m tests.clusters.testnet up DIR     # /etc/hosts: n1 -> 127.0.0.1, n2 -> 127.0.0.2; sshd on 127.0.0.2
+    python -m tests.clusters.testnet down DIR
 
 - Names: horovodrun resolves each `-H` host and starts the ranks of a host whose
   address is not one of this machine's interface addresses over ssh. `n1` resolves to
@@ -15,7 +15,7 @@ horovodrun can start rank 1 "on n2" as it would on a real cluster: over ssh.
   horovodrun's ssh line turns host-key checking off and would write the key into
   ~/.ssh/known_hosts; `DIR/bin/ssh` (put it first on PATH) adds a known-hosts file
   in DIR instead, so nothing in ~/.ssh changes.
-Needs root (/etc/hosts, sshd as root) and `openssh-server` (launch/install_slurm.sh).
+Needs root (/etc/hosts, sshd as root) and `openssh-server` (tests/clusters/install_slurm.sh).
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def up(d: str) -> dict:
     d = os.path.abspath(d)
     if not os.path.exists(SSHD) or shutil.which("ssh") is None:
         raise NetError(f"{SSHD} or ssh not found: install Debian's openssh-server openssh-client "
-                       "(launch/install_slurm.sh)")
+                       "(tests/clusters/install_slurm.sh)")
     ssh = os.path.join(d, "ssh")
     _keys(ssh)
     _write_wrapper(d)

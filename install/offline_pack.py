@@ -1,6 +1,6 @@
 """Slim the wheels a GPU bundle carries, so that fewer device calls carry them.
 
-    python launch/gpu_pack.py SRC DST --python 3.12
+    python install/offline_pack.py SRC DST --python 3.12
 
 Every `*.whl` in SRC is written to DST without what one CPython on Linux never loads, and
 stored rather than deflated, so that the bundle's xz sees the raw bytes (DALI's 199 MB
@@ -51,7 +51,7 @@ def slim_wheel(src: str, dst: str, abi: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python launch/gpu_pack.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python install/offline_pack.py", description=__doc__.split("\n\n")[0])
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--python", default="3.12", help="the one CPython version the bundle is for")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build (once) and install horovod 0.28.1 into the active Python environment.
 #
-#   PYTHON=.venv/bin/python launch/install_horovod.sh
-#   HVDTRAIN_SETUP_DRY_RUN=1 HVDTRAIN_HOROVOD_GPU=nccl launch/install_horovod.sh   # flags only
+#   PYTHON=.venv/bin/python install/horovod.sh
+#   HVDTRAIN_SETUP_DRY_RUN=1 HVDTRAIN_HOROVOD_GPU=nccl install/horovod.sh   # flags only
 #
 # Why this script exists: horovod 0.28.1 (the newest release) asks CMake for C++14
 # (`set(CMAKE_CXX_STANDARD 14)` in CMakeLists.txt and horovod/torch/CMakeLists.txt),
@@ -19,12 +19,12 @@
 #                           only: CUDA tensors are then reduced through host memory)
 #   HVDTRAIN_HOROVOD_SDIST  a local horovod-0.28.1.tar.gz (no download); default: the one
 #                           in HVDTRAIN_WHEELS if that folder holds it
-#   HVDTRAIN_WHEELS         a folder of wheels for offline installs (launch/gpu_install.sh)
+#   HVDTRAIN_WHEELS         a folder of wheels for offline installs (install/offline_install.sh)
 #   HVDTRAIN_SETUP_DRY_RUN  1 = print the build flags and what is missing; build nothing
 #   HVDTRAIN_CACHE          cache root (default: ~/.cache/hvdtrain)
 #   HVDTRAIN_HOROVOD_FORCE  1 = rebuild even if a cached wheel exists
 #   HVDTRAIN_HOROVOD_BUILD_ONLY  1 = build and cache the wheel, install nothing (a build
-#                           started early in the background: launch/gpu_install.sh --horovod)
+#                           started early in the background: install/offline_install.sh --horovod)
 #   HOROVOD_BUILD_CUDA_CC_LIST  GPU architectures to compile for (default: the visible GPUs')
 #   HVDTRAIN_CUDA_DEFAULT   the CUDA toolkit looked at last (default /usr/local/cuda)
 set -euo pipefail
@@ -58,7 +58,7 @@ print(f"{sys.version_info.major}.{sys.version_info.minor}", torch.__version__, t
 PY
 ) || TORCH_INFO=""
 if [[ -z "$TORCH_INFO" ]]; then
-    [[ "$DRY" == 1 ]] || die "cannot import torch with $PYTHON; install torch first (launch/setup.sh does)"
+    [[ "$DRY" == 1 ]] || die "cannot import torch with $PYTHON; install torch first (install/setup.sh does)"
     TORCH_INFO="? (torch-not-installed-yet) cpu - -"
 fi
 read -r PYVER TORCHVER CUDAVER NCCL_DIR CCS <<<"$TORCH_INFO"

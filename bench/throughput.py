@@ -1,8 +1,8 @@
 """End-to-end training images/s on real shards vs synthetic batches made on the device.
 
-    horovodrun -np 2 -H localhost:2 python -m bench.train [--preset sanity] [--data.train=DIR]
+    horovodrun -np 2 -H localhost:2 python -m bench.throughput [--preset sanity] [--data.train=DIR]
         [--train.steps=20] [--warmup=3] [--run-dir=DIR] [--slo=FILE]
-    horovodrun -np 2 -H localhost:2 python -m bench.train --data.loader=synthetic   # both rows synthetic
+    horovodrun -np 2 -H localhost:2 python -m bench.throughput --data.loader=synthetic   # both rows synthetic
 
 The run is a `session.Run` (the same set-up as training and the sanity: banner, lock,
 loaders, GPU monitor), driven twice over the same model and `train_step`: once fed by
@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import sys
 
-from bench import report
+from hvdtrain.bench import report
 from hvdtrain import config as C
 from hvdtrain import dist, exitmark, session, timing
 from hvdtrain import report as R
 from hvdtrain import slo as S
 from hvdtrain.synthetic import SyntheticLoader
-from hvdtrain.sanity import embedded_data
+from hvdtrain.data import embedded
 
 
 def table(cfg, run, loader: str, real, synth, ratio, warmup, checks, slos) -> str:
     first = ("synthetic (--data.loader)" if cfg.data.loader == "synthetic"
              else "real shards (" + loader.split(",")[0] + ")")
     return "\n".join([
-        f"bench.train: {cfg.preset} preset, {cfg.train.task}, {cfg.model.name}, {dist.size()} rank(s) x "
+        f"bench.throughput: {cfg.preset} preset, {cfg.train.task}, {cfg.model.name}, {dist.size()} rank(s) x "
         f"{dist.device()}, batch {cfg.train.batch_size} x accum {cfg.train.grad_accum_steps}, {cfg.data.size} px, "
         f"amp {run.state.amp or 'off'}, channels_last {cfg.data.channels_last}, {cfg.train.steps} steps after "
         f"{warmup} warm-up",
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         slos = S.load(extra.get("slo"))
         warmup = int(extra.get("warmup", 3))
     except (C.ConfigError, OSError, ValueError) as e:
-        print(f"bench.train: {e}", file=sys.stderr)
+        print(f"bench.throughput: {e}", file=sys.stderr)
         return 2
     dist.init()
     if not cfg.data.train and cfg.data.loader != "synthetic":
-        cfg.data.train = embedded_data(cfg)
+        cfg.data.train = embedded.ensure(cfg.seed)
     cfg.run.dir, cfg.run.name = cfg.run.dir or extra.get("run-dir", ""), "bench-train"
     out: dict = {}
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             out.update(run=run, real=real, synth=synth, gpu=gpu, loader=run.loader.describe())
             del synthetic
         return 0  # leaving the block released the loaders (session.Run.release_loaders) before the barrier
-    code = session.guarded("bench.train", go)
+    code = session.guarded("bench.throughput", go)
     if code:
         return code
     run, real, synth, gpu, loader = out["run"], out["real"], out["synth"], out["gpu"], out["loader"]

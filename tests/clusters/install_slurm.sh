@@ -2,7 +2,7 @@
 # Install Debian's Slurm + munge (and OpenSSH, for horovodrun across the two test nodes)
 # for the test cluster (tests/slurm), if missing.
 # Needs root (apt-get, no interaction). Nothing is configured in /etc: the tests write
-# their own slurm.conf in a temporary folder (launch/testcluster.py).
+# their own slurm.conf in a temporary folder (tests/clusters/testcluster.py).
 set -euo pipefail
 PKGS=(slurmctld slurmd slurm-client munge openssh-server openssh-client)
 if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \

@@ -1,10 +1,10 @@
 """Test hosts with their own network: a Slurm cluster whose nodes are network namespaces
 on this machine, for the fault tests (tests/slurm/test_hosts.py).
 
-    python -m launch.testhosts up DIR [--nodes 3]   # prints the PATH and SLURM_CONF to use
-    python -m launch.testhosts down DIR             # removes everything, also after a failure
+    python -m tests.clusters.testhosts up DIR [--nodes 3]   # prints the PATH and SLURM_CONF to use
+    python -m tests.clusters.testhosts down DIR             # removes everything, also after a failure
 
-The loopback cluster (launch/testcluster.py, launch/testnet.py) shares one network stack:
+The loopback cluster (tests/clusters/testcluster.py, tests/clusters/testnet.py) shares one network stack:
 a "lost node" there is a killed process whose sockets close at once. Here each node is a
 host of its own as far as the network goes, so a node can vanish without a reset:
 - one namespace per node (`hvd<tag>-h1` ...) with one interface, `eth0` (the same name on
@@ -13,7 +13,7 @@ host of its own as far as the network goes, so a node can vanish without a reset
 - a namespace of the test's own (`hvd<tag>-net`) holding the bridge that joins the veth
   pairs, with slurmctld on the bridge's address;
 - slurmd and sshd started in each node's namespace (`NodeAddr=`, sshd on the node's address,
-  port 22, the test's keys: launch/testnet.py); munged in this namespace (its Unix socket
+  port 22, the test's keys: tests/clusters/testnet.py); munged in this namespace (its Unix socket
   is a file, seen from every namespace), like the files;
 - names in /etc/hosts (h1 -> 10.x.y.11 ..., hvd<tag>-ctl -> 10.x.y.1), tagged with DIR and removed by `down`;
 - DIR/bin: `sbatch`, `squeue`, `scontrol`, `scancel`, `sinfo` that run in the net namespace
@@ -132,7 +132,7 @@ def _write_clients(d: str, net_ns: str) -> None:
     for c in CLIENTS:
         path = os.path.join(d, "bin", c)
         with open(path, "w") as f:
-            f.write(f"#!/bin/sh\n# launch/testhosts.py: the test cluster's {c}\n"
+            f.write(f"#!/bin/sh\n# tests/clusters/testhosts.py: the test cluster's {c}\n"
                     f'[ -z "$(ip netns identify 2>/dev/null)" ] && exec nsenter --net=/run/netns/{net_ns} -- /usr/bin/{c} "$@"\n'
                     f'exec /usr/bin/{c} "$@"\n')
         os.chmod(path, 0o755)

@@ -1,4 +1,4 @@
-# nvidia/__init__.py for a .venv that sees an image's packages (launch/setup.sh, system mode).
+# nvidia/__init__.py for a .venv that sees an image's packages (install/setup.sh, system mode).
 #
 # NVIDIA's wheels share the top-level folder nvidia/: DALI (nvidia/dali), nvImageCodec and
 # nvJPEG in .venv, NCCL, cuDNN and cuBLAS in the image. Some of those wheels ship an

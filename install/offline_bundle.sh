@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Pack what a GPU machine with no package registry lacks, in parts small enough to carry.
 #
-#   launch/gpu_bundle.sh        # here, where PyPI answers: .gpu-bundle/p00 .. pNN (git-ignored)
+#   install/offline_bundle.sh        # here, where PyPI answers: .gpu-bundle/p00 .. pNN (git-ignored)
 #   ...carry one part folder per device call (a call carries 64 MiB at most, tree included)...
-#   launch/gpu_install.sh --horovod   # there, with p00: the horovod build (NCCL) starts in the background
-#   launch/gpu_install.sh       # there, with the last part: join, check, install into .venv
+#   install/offline_install.sh --horovod   # there, with p00: the horovod build (NCCL) starts in the background
+#   install/offline_install.sh       # there, with the last part: join, check, install into .venv
 #
 # The GPU image (docs/gpu-runs.md) has Python 3.12, torch 2.11 + CUDA 13 with its
 # nvidia-nccl-cu13, nvcc, CMake, numpy, pytest, matplotlib, nvidia-ml-py; it lacks DALI's
@@ -82,10 +82,10 @@ for w in wheels:
 print("gpu_bundle: the image must already have:", ", ".join(sorted(need - have)) or "nothing")
 PY
 
-# the wheels, slimmed to one CPython and stored (launch/gpu_pack.py), in one tar.xz; the
+# the wheels, slimmed to one CPython and stored (install/offline_pack.py), in one tar.xz; the
 # horovod sdist travels beside part 00, so its build can start in the first device call
 PACK=$OUT/pack
-"$PY" launch/gpu_pack.py "$DL" "$PACK" --python "$PYV" || die "slimming the wheels failed"
+"$PY" install/offline_pack.py "$DL" "$PACK" --python "$PYV" || die "slimming the wheels failed"
 SDIST_PATH=$(ls "$PACK"/horovod-*.tar.gz 2>/dev/null | head -n 1 || true)
 [[ -n "$SDIST_PATH" ]] || die "no horovod sdist among the downloads"
 SDIST_NAME=$(basename "$SDIST_PATH")
@@ -113,4 +113,4 @@ for d in "$OUT"/p*; do
         || die "$d is over 63 MiB: with the working tree it would not fit one device call; lower HVDTRAIN_BUNDLE_PART"
 done
 echo "gpu_bundle: carry each folder in its own device call (docs/gpu-runs.md): with p00, start the"
-echo "gpu_bundle: horovod build (launch/gpu_install.sh --horovod); with the last, launch/gpu_install.sh"
+echo "gpu_bundle: horovod build (install/offline_install.sh --horovod); with the last, install/offline_install.sh"

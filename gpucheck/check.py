@@ -1,12 +1,12 @@
 """Is this GPU node healthy and fast? One command, one report.
 
-    make gpu-check                              # = python -m bench.gpu_check
-    python -m bench.gpu_check --dry-run         # the plan, and (no GPU needed) that every command parses
-    python -m bench.gpu_check --only sanity,kernels
-    python -m bench.gpu_check --budget-s 450 --copy-to $OUT    # launch/gpu_setup_check.sh's call
+    make gpu-check                              # = python -m gpucheck
+    python -m gpucheck --dry-run         # the plan, and (no GPU needed) that every command parses
+    python -m gpucheck --only sanity,kernels
+    python -m gpucheck --budget-s 450 --copy-to $OUT    # install/offline_check.sh's call
 
 Runs the steps in the order of what their figures are worth per second of the device
-call, since a budget cut (--budget-s) falls on the last ones: `bench.train --preset
+call, since a budget cut (--budget-s) falls on the last ones: `bench.throughput --preset
 resnet50` (AMP bf16, channels_last, real shards vs synthetic batches: does the loader
 keep ResNet-50 fed?); `hvdtrain.sanity` with one rank per visible GPU (GO/NO-GO, the
 85 % utilisation SLO), then with one rank more (it must stop at once, saying what to run
@@ -15,7 +15,7 @@ x hw_decoder_load sweep); `make test`'s unit and parallel rooms on this machine 
 fails or skips here is listed); `bench.loader` at 64 px (a smaller sweep). Each step is
 bounded by a timeout sized from its measured or reasoned cost (`Step.cost`, printed by
 --dry-run); a step that runs into it gets SIGINT first and keeps what it wrote
-(bench/steprun.py). Every figure is read from the command's JSON output and set beside
+(gpucheck/runner.py). Every figure is read from the command's JSON output and set beside
 its target. Writes runs/gpu-check-<id>/gpu-check.{json,md} after every step and one log
 per step, with the versions (driver, CUDA, torch, DALI, horovod, NCCL) and the GPU
 model. Exit 0 only if every figure with a target passed (one not evaluated counts as not
@@ -31,8 +31,8 @@ import subprocess
 import sys
 import time
 
-from bench.gpu_plan import COMMANDS, STEPS  # noqa: F401 (the plan; COMMANDS for readers of this module)
-from bench.steprun import Step, dry_check, expand, run_step
+from gpucheck.plan import COMMANDS, STEPS  # noqa: F401 (the plan; COMMANDS for readers of this module)
+from gpucheck.runner import Step, dry_check, expand, run_step
 
 # ---------------------------------------------------------------- versions, report, main
 VERSIONS = r"""
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hvdtrain import provenance
 
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gpucheck", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="print the plan and check its commands parse (no GPU)")
     p.add_argument("--only", default="", help="comma-separated step names (default: all, in order)")
     p.add_argument("--run-dir", default="", help="report folder (default runs/gpu-check-<id>)")

@@ -1,7 +1,7 @@
 """A Slurm cluster on loopback, for tests: munged + slurmctld + one slurmd per node.
 
-    python -m launch.testcluster up DIR [--nodes 2]   # prints `export SLURM_CONF=DIR/slurm.conf`
-    python -m launch.testcluster down DIR
+    python -m tests.clusters.testcluster up DIR [--nodes 2]   # prints `export SLURM_CONF=DIR/slurm.conf`
+    python -m tests.clusters.testcluster down DIR
 
 One node (the default) is this host under its own name, with all its cores. Two nodes
 are `n1` and `n2`: two `slurmd -N nK` daemons on one host, each on its own loopback port
@@ -11,7 +11,7 @@ both share the same cores and filesystem, so compare results between them, not s
 Everything lives in DIR (config, keys, sockets, state, logs); nothing in /etc changes.
 Clients find the cluster through SLURM_CONF. Daemons start with stdin from /dev/null
 and their own log files, and are stopped by PID. Needs Debian's `slurmctld slurmd
-slurm-client munge` (launch/install_slurm.sh) and root (slurmd runs jobs as their user).
+slurm-client munge` (tests/clusters/install_slurm.sh) and root (slurmd runs jobs as their user).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _node_lines(nodes: int, cpus_per_node: int | None) -> tuple[list[str], str]:
 def write_config(d: str, nodes: int = 1, cpus_per_node: int | None = None,
                  layout: tuple[list[str], str] | None = None, extra: str = "") -> str:
     """DIR/slurm.conf; `layout` (node lines, SlurmctldHost value) replaces the loopback
-    nodes (launch/testhosts.py: hosts in namespaces), `extra` adds settings."""
+    nodes (tests/clusters/testhosts.py: hosts in namespaces), `extra` adds settings."""
     node_lines, ctld = layout or _node_lines(nodes, cpus_per_node)
     names = [line.split()[0].split("=", 1)[1] for line in node_lines]
     for sub in ("munge", "state", "log", *(os.path.join("spool", n) for n in names)):
@@ -81,7 +81,7 @@ def write_config(d: str, nodes: int = 1, cpus_per_node: int | None = None,
     # cred_expire=10 (Slurm's minimum is 5; default 120) and sched_interval=1 (default 60):
     # a requeued job is held cred_expire + 1 s and then waits for the next scheduling pass,
     # 2 to 3 minutes with the defaults against about 12 s here (the preemption tests)
-    conf = f"""# written by launch/testcluster.py (random FirstJobId: runs/slurm-<id> never collide across clusters)
+    conf = f"""# written by tests/clusters/testcluster.py (random FirstJobId: runs/slurm-<id> never collide across clusters)
 ClusterName=hvdtest
 FirstJobId={random.randint(1_000_000, 60_000_000)}
 SlurmctldHost={ctld}
@@ -154,7 +154,7 @@ def up(d: str, nodes: int = 1, cpus_per_node: int | None = None) -> dict:
     for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
         if shutil.which(tool) is None:
             raise ClusterError(f"{tool} not found: install Debian's slurmctld slurmd slurm-client munge "
-                               "(launch/install_slurm.sh)")
+                               "(tests/clusters/install_slurm.sh)")
     os.makedirs(d, exist_ok=True)
     conf = write_config(d, nodes, cpus_per_node)
     env = env_for(d)
@@ -239,7 +239,7 @@ def _alive(pid: int) -> bool:
 
 
 def parse_cli(argv: list[str], nodes: int) -> tuple[str, str, int] | None:
-    """`up|down DIR [--nodes N]` (this module's and launch/testhosts.py's): (command,
+    """`up|down DIR [--nodes N]` (this module's and tests/clusters/testhosts.py's): (command,
     absolute DIR, nodes), or None for anything else."""
     if len(argv) == 4 and argv[2] == "--nodes" and argv[3].isdigit():
         nodes, argv = int(argv[3]), argv[:2]

@@ -2,7 +2,7 @@
 # Set up .venv for hvdtrain: torch, horovod (patched build, cached), DALI, the rest.
 #
 #   make setup                                   # what `make sanity` and `make test` call first
-#   HVDTRAIN_SETUP_DRY_RUN=1 launch/setup.sh     # print the packages and build flags; install nothing
+#   HVDTRAIN_SETUP_DRY_RUN=1 install/setup.sh     # print the packages and build flags; install nothing
 #
 # Versions are pinned in constraints.txt (the one place). A second run with nothing
 # changed only checks the environment and prints `horovodrun --check-build`.
@@ -25,7 +25,7 @@
 #                           No GPU: default none, since this machine's find-links holds
 #                           torch-2.13.0+cpu; elsewhere https://download.pytorch.org/whl/cpu
 #   HVDTRAIN_WHEELS=DIR     install offline from a folder of wheels and the horovod sdist
-#                           (launch/gpu_install.sh on a machine with no package registry)
+#                           (install/offline_install.sh on a machine with no package registry)
 #   HVDTRAIN_HOROVOD_GPU    nccl | none: override the horovod GPU operations chosen above
 #   HVDTRAIN_EXTRAS         space-separated extras: remote (boto3, google-cloud-storage: s3:// and
 #                           gs:// data), test (remote + the moto S3 server and the GCS emulator
@@ -151,7 +151,7 @@ make_venv() {
         >"$(venv_site)/_hvdtrain_system.pth"
 }
 # offline + system: the folder's wheels whose package `python` lacks, installed with
-# --no-deps (no index to resolve from; the bundle is complete, launch/gpu_bundle.sh)
+# --no-deps (no index to resolve from; the bundle is complete, install/offline_bundle.sh)
 wheels_missing_in() {
     "$1" - "$WHEELS" <<'PY'
 import glob, importlib.metadata as m, os, re, sys
@@ -179,11 +179,11 @@ merge_nvidia_namespace() {
     local d
     d=$(venv_site)/nvidia
     [[ -d "$d" ]] || return 0
-    if [[ "$DRY" == 1 ]]; then say "would write $d/__init__.py from launch/nvidia_namespace.py"; return 0; fi
-    cp launch/nvidia_namespace.py "$d/__init__.py"
+    if [[ "$DRY" == 1 ]]; then say "would write $d/__init__.py from install/nvidia_namespace.py"; return 0; fi
+    cp install/nvidia_namespace.py "$d/__init__.py"
 }
 
-STAMP_INPUTS=(constraints.txt setup.py pyproject.toml launch/setup.sh launch/install_horovod.sh launch/nvidia_namespace.py)
+STAMP_INPUTS=(constraints.txt setup.py pyproject.toml install/setup.sh install/horovod.sh install/nvidia_namespace.py)
 STAMP_KEY=$( { cat "${STAMP_INPUTS[@]}"; echo "$TORCH_MODE $CUDA_MAJOR $HVD_GPU"; "$BOOT" --version; } | sha256sum | cut -c1-16)
 STAMP=$VENV/.hvdtrain-setup-$STAMP_KEY
 
@@ -230,7 +230,7 @@ else
         pip_install -c constraints.txt triton || die "pip could not install triton"
     fi
     HOROVOD_PY=$PY; [[ -x "$PY" ]] || HOROVOD_PY=${PYX:-$BOOT}
-    PYTHON=$HOROVOD_PY HVDTRAIN_HOROVOD_GPU=$HVD_GPU launch/install_horovod.sh
+    PYTHON=$HOROVOD_PY HVDTRAIN_HOROVOD_GPU=$HVD_GPU install/horovod.sh
     [[ "$DRY" == 1 ]] && { say "would run: pip install --no-deps --no-build-isolation -e ."; exit 0; }
     pipq install -q --no-deps --no-build-isolation -e . || die "pip install -e . failed"
     "$PY" -c "import torch, horovod.torch, nvidia.dali, webdataset, hvdtrain" \

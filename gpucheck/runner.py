@@ -1,5 +1,5 @@
 """Runs a plan of commands, each bounded by a timeout, and judges the figures each one
-writes in its JSON output against targets. The plan itself lives in bench/gpu_check.py.
+writes in its JSON output against targets. The plan itself lives in gpucheck/check.py.
 
 A step's figures are read from what the command writes for programs: the last
 `BENCH_JSON {...}` line of its output, a JSON report file, or pytest's JUnit XML (one file,
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from hvdtrain.exitmark import EXIT_MARK
+from hvdtrain.procs import kill_tree, process_tree  # noqa: F401 (process_tree: for readers)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
@@ -84,37 +85,6 @@ def fill(text: str, ctx: dict) -> str:
 
 def expand(argv: tuple[str, ...], ctx: dict) -> list[str]:
     return [fill(a, ctx) for a in argv]
-
-
-def process_tree(pid: int) -> list:
-    """The process and every process below it (psutil.Process objects), [] if it is gone."""
-    import psutil
-
-    try:
-        procs = [psutil.Process(pid)]
-        return procs + procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def kill_tree(pid: int, procs: list | None = None) -> None:
-    """SIGKILL a launcher and every process below it at once (frozen first, so no rank
-    reacts to another's death), then its process group. `procs`: a tree taken earlier
-    (processes a launcher left behind when it exited are no longer its children)."""
-    import psutil
-
-    procs = {p.pid: p for p in (procs or []) + process_tree(pid)}.values()
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for proc in procs:
-            try:
-                if proc.is_running():  # the same process (pid and start time), not a reused pid
-                    proc.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _default_sigint() -> None:

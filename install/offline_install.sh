@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # On a GPU machine with no package registry: set up .venv from the parts that
-# launch/gpu_bundle.sh made, with no hand steps.
+# install/offline_bundle.sh made, with no hand steps.
 #
-#   launch/gpu_install.sh --horovod   # with p00 there: start the horovod build in the background
-#   launch/gpu_install.sh             # with every part there: join, check, set up .venv
-#   launch/gpu_install.sh && make gpu-check
-#   HVDTRAIN_SETUP_DRY_RUN=1 launch/gpu_install.sh     # join and check; print what set-up would do
+#   install/offline_install.sh --horovod   # with p00 there: start the horovod build in the background
+#   install/offline_install.sh             # with every part there: join, check, set up .venv
+#   install/offline_install.sh && make gpu-check
+#   HVDTRAIN_SETUP_DRY_RUN=1 install/offline_install.sh     # join and check; print what set-up would do
 #
 # --horovod needs only p00, which holds the horovod sdist: it checks the sdist's sha256 and
-# builds it (launch/install_horovod.sh, HVDTRAIN_HOROVOD_BUILD_ONLY=1) in a new session, so
+# builds it (install/horovod.sh, HVDTRAIN_HOROVOD_BUILD_ONLY=1) in a new session, so
 # the build (minutes, with CUDA) runs while the other parts are carried. Set-up later waits
 # for it on the build lock and installs the cached wheel.
 #
 # Without --horovod: the parts are joined, checked against the manifest's sha256, unpacked
 # (xz) and every wheel checked; then set-up runs as `HVDTRAIN_TORCH=system
-# HVDTRAIN_WHEELS=<bundle>/wheels launch/setup.sh`: .venv sees the image's Python packages
+# HVDTRAIN_WHEELS=<bundle>/wheels install/setup.sh`: .venv sees the image's Python packages
 # (its torch, NCCL, numpy stay as they are), the bundle's wheels of packages the image lacks
 # are installed into .venv with `pip install --no-index --no-deps`, and horovod is built from
 # the bundled sdist (or taken from the cache) with the C++17 patch and
@@ -29,12 +29,12 @@ CACHE_ROOT=${HVDTRAIN_CACHE:-$HOME/.cache/hvdtrain}
 die() { echo "gpu_install: ERROR: $*" >&2; exit 1; }
 
 [[ -f "$B/p00/bundle.manifest" ]] \
-    || die "no $B/p00/bundle.manifest here: carry the part folders that launch/gpu_bundle.sh made, p00 first"
+    || die "no $B/p00/bundle.manifest here: carry the part folders that install/offline_bundle.sh made, p00 first"
 M=$B/p00/bundle.manifest
 N=$(awk '$1 == "parts" {print $2}' "$M")
 SUM=$(awk '$1 == "sha256" {print $2}' "$M")
 read -r SDIST_NAME SDIST_SUM < <(awk '$1 == "sdist" {print $2, $3}' "$M") || true
-[[ -n "$N" && -n "$SUM" && -n "${SDIST_NAME:-}" ]] || die "$M is not a bundle manifest of launch/gpu_bundle.sh"
+[[ -n "$N" && -n "$SUM" && -n "${SDIST_NAME:-}" ]] || die "$M is not a bundle manifest of install/offline_bundle.sh"
 SDIST=$(cd "$B/p00" && pwd)/$SDIST_NAME
 [[ -f "$SDIST" && "$(sha256sum "$SDIST" | cut -d' ' -f1)" == "$SDIST_SUM" ]] \
     || die "$SDIST is missing or fails its sha256: carry p00 again"
@@ -44,7 +44,7 @@ if [[ "${1:-}" == --horovod ]]; then
     LOG=$CACHE_ROOT/logs/horovod-background.log
     # a new session: the device tool ends a call's processes when it returns, but not these
     HVDTRAIN_HOROVOD_SDIST=$SDIST HVDTRAIN_HOROVOD_BUILD_ONLY=1 PYTHON=$BOOT HVDTRAIN_CACHE=$CACHE_ROOT \
-        setsid nohup launch/install_horovod.sh >"$LOG" 2>&1 </dev/null &
+        setsid nohup install/horovod.sh >"$LOG" 2>&1 </dev/null &
     echo "gpu_install: horovod build started in the background (pid $!, log $LOG); set-up waits for it"
     exit 0
 fi
@@ -57,7 +57,7 @@ for ((k = 0; k < N; k++)); do
 done
 ((${#MISSING[@]} == 0)) || die "$B lacks part folder(s) ${MISSING[*]} of $N: carry them (one per device call) and run again"
 for m in "$B"/p*/bundle.manifest; do
-    grep -q "^sha256 $SUM$" "$m" || die "$m belongs to another bundle than $M: run launch/gpu_bundle.sh once and carry all its parts"
+    grep -q "^sha256 $SUM$" "$m" || die "$m belongs to another bundle than $M: run install/offline_bundle.sh once and carry all its parts"
 done
 
 decompress() {  # xz -d of stdin: xz where installed, else Python's lzma
@@ -76,4 +76,4 @@ if [[ ! -f "$WHEELS/.complete-$SUM" ]]; then
 fi
 echo "gpu_install: $(ls "$WHEELS" | grep -c -E '\.(whl|tar\.gz)$') files from $N part(s) in $WHEELS, checked"
 export HVDTRAIN_TORCH=system HVDTRAIN_WHEELS=$WHEELS PYTHON_BOOTSTRAP=$BOOT HVDTRAIN_CACHE=$CACHE_ROOT
-exec launch/setup.sh
+exec install/setup.sh

@@ -1,0 +1,1 @@
+"""Test clusters: Slurm on loopback, and hosts in network namespaces."""
