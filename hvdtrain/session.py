@@ -418,6 +418,8 @@ def guarded(prog: str, fn, codes: dict | None = None) -> int:
     except Refused as e:
         if dist.is_primary():  # every rank refuses together; one message is enough
             print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        else:
+            print(f"{prog}: rank {dist.rank()}: refused to start, as rank 0 says", file=sys.stderr, flush=True)
         return codes.get(Refused, 2)
     except (DataError, S.TrainingError, ckpt.CheckpointError) as e:
         print(f"{prog}: rank {dist.rank()}: {e}", file=sys.stderr, flush=True)

@@ -53,19 +53,19 @@ def bundle(tmp_path):
     out = tmp_path / "bundle"
     env = dict(os.environ, HVDTRAIN_BUNDLE_FROM=str(src), HVDTRAIN_BUNDLE_DIR=str(out),
                HVDTRAIN_BUNDLE_PART="4k", HVDTRAIN_BUNDLE_XZ="1", PYTHON=sys.executable)
-    r = run(["bash", os.path.join(ROOT, "launch", "gpu_bundle.sh")], timeout=60, env=env)
+    r = run(["bash", os.path.join(ROOT, "install", "offline_bundle.sh")], timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     assert "the image must already have: gast, numpy" not in r.stdout  # numpy is in the bundle
     assert "the image must already have: gast\n" in r.stdout  # pyyaml-ft's marker is false on 3.12
     return out, os.path.basename(dali), tmp_path
 
 
-def install(tmp_path, out, *args, script="gpu_install.sh", **extra):
+def install(tmp_path, out, *args, script="offline_install.sh", **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_"))}
     env.update(PATH=fake_smi(tmp_path / "bin", "13.0") + os.pathsep + env["PATH"], HVDTRAIN_BUNDLE_DIR=str(out),
                HVDTRAIN_SETUP_DRY_RUN="1", PYTHON_BOOTSTRAP=sys.executable, HVDTRAIN_CACHE=str(tmp_path / "cache"),
                **extra)
-    return run(["bash", os.path.join(ROOT, "launch", script), *args], timeout=120, env=env)
+    return run(["bash", os.path.join(ROOT, "install", script), *args], timeout=120, env=env)
 
 
 def test_parts_join_check_and_install_only_what_the_image_lacks(bundle):
@@ -142,11 +142,11 @@ def test_the_last_call_sets_up_then_checks_in_one_flat_folder(bundle):
     that fails stops there, with its log's tail; with no GPU gpu-check exits 2."""
     out, _, tmp_path = bundle
     dest = tmp_path / "out"
-    r = install(tmp_path, out, "300", script="gpu_setup_check.sh", OUT=str(dest))
+    r = install(tmp_path, out, "300", script="offline_check.sh", OUT=str(dest))
     assert r.returncode == 2 and "no GPU: nothing to check" in r.stdout, r.stdout + r.stderr
     assert "gpu-check gets the" in r.stdout and "gpu_install: 4 files" in (dest / "setup.log").read_text()
     shutil.rmtree(out / "p01")
-    r = install(tmp_path, out, script="gpu_setup_check.sh", OUT=str(dest))
+    r = install(tmp_path, out, script="offline_check.sh", OUT=str(dest))
     assert r.returncode == 1 and "set-up failed" in r.stdout and "lacks part folder(s) p01" in r.stdout
 
 

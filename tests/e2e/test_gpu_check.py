@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from hvdtrain.bench import gpu_check as G
+from gpucheck import check as G
 from gpucheck.runner import Figure, Step, dry_check
 from tests.conftest import ROOT
 from tests.e2e.harness import run

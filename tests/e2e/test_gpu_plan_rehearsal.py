@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from hvdtrain.bench import gpu_check as G
+from gpucheck import check as G
 from gpucheck.runner import EXPECTED_SKIP, REPO
 
 PY = sys.executable

@@ -47,7 +47,7 @@ def dry_run(tmp_path, cuda, **env_extra):
                HVDTRAIN_TORCH="pip", HVDTRAIN_CACHE=str(tmp_path / "cache"), PYTHON_BOOTSTRAP=sys.executable)
     env.update(env_extra)
     before = venv_state()
-    r = run(["bash", os.path.join(ROOT, "launch", "setup.sh")], timeout=120, env=env)
+    r = run(["bash", os.path.join(ROOT, "install", "setup.sh")], timeout=120, env=env)
     assert venv_state() == before and not (tmp_path / "cache").exists(), "a dry run changed something"
     return r
 
@@ -121,7 +121,7 @@ def test_nccl_build_names_what_is_missing(tmp_path):
     no_nvcc = [p for p in env["PATH"].split(os.pathsep) if not os.path.exists(os.path.join(p, "nvcc"))]
     env.update(PATH=os.pathsep.join(no_nvcc), PYTHON=sys.executable, HVDTRAIN_HOROVOD_GPU="nccl",
                HVDTRAIN_CUDA_DEFAULT=str(tmp_path / "no-cuda"), HVDTRAIN_CACHE=str(tmp_path / "cache"))
-    r = run(["bash", os.path.join(ROOT, "launch", "install_horovod.sh")], timeout=120, env=env)
+    r = run(["bash", os.path.join(ROOT, "install", "horovod.sh")], timeout=120, env=env)
     assert r.returncode == 1
     assert "cannot build horovod with NCCL: missing nvcc" in r.stderr
     if importlib.util.find_spec("nvidia.nccl") is None:  # a CPU torch brings no NCCL
@@ -156,7 +156,7 @@ def test_the_venvs_nvidia_folder_does_not_hide_the_images(tmp_path):
     in .venv, it hides the image's nvidia/ (nvidia.nccl). setup.sh copies
     install/nvidia_namespace.py over it in system mode, whatever pip's order."""
     probe = "import importlib.util, nvidia.dali; print(importlib.util.find_spec('nvidia.nccl') is not None)"
-    for init, seen in (("", "False"), (open(os.path.join(ROOT, "launch", "nvidia_namespace.py")).read(), "True")):
+    for init, seen in (("", "False"), (open(os.path.join(ROOT, "install", "nvidia_namespace.py")).read(), "True")):
         venv, image = fake_sites(tmp_path / seen, init)
         r = run([sys.executable, "-c", probe], timeout=60,
                 env=dict(os.environ, PYTHONPATH=f"{venv}{os.pathsep}{image}"))
@@ -169,7 +169,7 @@ def test_nccl_is_found_by_path_even_when_hidden_from_import(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_"))}
     env.update(PYTHON=sys.executable, HVDTRAIN_HOROVOD_GPU="nccl", HVDTRAIN_SETUP_DRY_RUN="1",
                PYTHONPATH=f"{venv}{os.pathsep}{image}", HVDTRAIN_CACHE=str(tmp_path / "cache"))
-    r = run(["bash", os.path.join(ROOT, "launch", "install_horovod.sh")], timeout=120, env=env)
+    r = run(["bash", os.path.join(ROOT, "install", "horovod.sh")], timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert f"HOROVOD_NCCL_INCLUDE={image}/nvidia/nccl/include" in r.stdout
     assert "NCCL (nccl.h" not in r.stdout
@@ -183,7 +183,7 @@ def test_a_second_horovod_build_waits_for_the_first_and_reuses_its_wheel(tmp_pat
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_"))}
     env.update(PYTHON=sys.executable, HVDTRAIN_HOROVOD_GPU="none", HVDTRAIN_HOROVOD_SDIST=str(sdist),
                HVDTRAIN_CACHE=str(tmp_path / "cache"), HVDTRAIN_HOROVOD_BUILD_ONLY="1")
-    script = os.path.join(ROOT, "launch", "install_horovod.sh")
+    script = os.path.join(ROOT, "install", "horovod.sh")
     r = run(["bash", script], timeout=120, env=env)
     assert r.returncode == 1 and "horovod build failed" in r.stderr
     key = re.search(r"logs/(horovod-[^ ]+)\.log", r.stdout).group(1)
