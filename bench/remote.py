@@ -7,12 +7,13 @@ It uploads (once) what it measures: `--images` 500x375 JPEGs (bench.loader's set
 shards of `--shard-size`, and bench.datascale's ImageNet-shaped set of `--launch-shards` tars,
 then measures:
 
-- **loader**: dali-cpu img/s (bench.loader's timing: median of windows after a warm-up)
-  on local disk (one pipeline per epoch; and in the windows bucket data is read in),
-  local and s3 alternated `--rounds` times (the median round of each is reported),
-  through the node cache (a cache of 3/4 of the set, empty at the start: fetching goes
-  on while it reads), read directly by DALI (`--data.remote=direct`), and gs:// through
-  the cache;
+- **loader**: dali-cpu img/s (bench.loader's timing: median of windows after a warm-up of
+  one epoch) on local disk (one pipeline per epoch; and in the windows bucket data is
+  read in), through the node cache (a cache of 3/4 of the set: fetching goes on while it
+  reads), local and s3 alternated `--rounds` times (the median round of each is
+  reported); the same through the cache from an empty cache (a warm-up of 4 batches: the
+  first epoch), read directly by DALI (`--data.remote=direct`), and gs:// through the
+  cache;
 - **GET requests per sample read**: from the server's request log (`--server-log`, the
   file a loopback moto_server logs to), else from the client's own count (cache only);
 - **launch to first step** of a 1-step, 1-rank `hvdtrain.train` on the launch set, indexes
@@ -40,7 +41,6 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 from hvdtrain.bench import report
@@ -75,7 +75,7 @@ def upload_folder(folder: str, url: str) -> None:
 
 
 def loader_line(spec: str, a, cache_gb: float, remote_mode: str = "cache", gets_log=None,
-                window_shards: int | None = None, windows: int | None = None) -> dict:
+                window_shards: int | None = None, windows: int | None = None, warmup: int = 4) -> dict:
     """dali-cpu img/s on `spec`, and GETs per sample read (server log, else client count)."""
     from hvdtrain.bench.loader import parser
     from hvdtrain.bench.loader_runs import run_one
@@ -87,7 +87,7 @@ def loader_line(spec: str, a, cache_gb: float, remote_mode: str = "cache", gets_
                              cache_gb=cache_gb)
     shards = open_shards(spec, remote=opts)
     la = parser().parse_args(["--threads", str(a.threads), "--batch-size", "64", "--windows", str(windows or a.windows),
-                              "--window-batches", "8", "--warmup", "4", "--data", spec,
+                              "--window-batches", "8", "--warmup", str(warmup), "--data", spec,
                               "--window-shards", str(a.window_shards if window_shards is None else window_shards)])
     g0, c0 = log_gets(gets_log), COUNTERS.snapshot()["gets"]
     server = server_process(spec)
@@ -140,28 +140,6 @@ def alternated(rounds: int, **lines) -> dict:
     return out
 
 
-class Watch:
-    """The largest size a folder's shard copies reached, sampled every 5 ms."""
-
-    def __init__(self, folder: str):
-        self.folder, self.max, self._stop = os.path.join(folder, "objects"), 0, threading.Event()
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                self.max = max(self.max, sum(e.stat().st_size for e in os.scandir(self.folder) if ".tar" in e.name))
-            except (FileNotFoundError, OSError):
-                pass
-            time.sleep(0.005)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self.t.join()
-        return self.max
-
-
 def epochs_bytes(spec: str, cache_gb: float, epochs: int, gets_log: str | None = None) -> dict:
     """Two ranks' DALI loaders (rank 0 and 1 of 2, one process, one node cache) read
     `epochs` epochs in step; per epoch: bytes the node fetched, and the bytes of the
@@ -186,7 +164,7 @@ def epochs_bytes(spec: str, cache_gb: float, epochs: int, gets_log: str | None =
     with ThreadPoolExecutor(2) as ex:  # as ranks do: at about the same time
         loaders = list(ex.map(make, (0, 1)))
     nc = nodecache.get(opts)
-    w = Watch(nc.root)
+    w = nodecache.Watch(nc.root, every_s=0.005)
     out = []
     for _ in range(epochs):
         before, g0 = nc.stats().get("bytes", 0), log_gets(gets_log)
@@ -299,6 +277,7 @@ def run(a) -> dict:
         make_imagenet_like(jpegs, a.images, 0, shard_size=a.shard_size)
     set_bytes = sum(os.path.getsize(os.path.join(jpegs, f)) for f in os.listdir(jpegs) if f.endswith(".tar"))
     half, most = set_bytes / 2 / 1e9, set_bytes * 0.75 / 1e9  # caches smaller than the set
+    epoch = a.images // 64  # warm-up batches: one epoch, so the fetcher is in its steady state (the cold line: 4)
     res: dict = {"set": {"images": a.images, "bytes": set_bytes, "shards": len([f for f in os.listdir(jpegs)
                                                                               if f.endswith(".tar")])}}
     buckets = {"s3": a.s3, "gs": a.gs}
@@ -308,11 +287,12 @@ def run(a) -> dict:
     skip = set(a.skip.split(",")) if a.skip else set()
     sections = {
         "loader": lambda: {
-            **alternated(a.rounds, local=lambda: loader_line(jpegs, a, most, window_shards=0),
-                         s3_cache=lambda: loader_line(a.s3 + "jpeg/", a, most, "cache", a.server_log)),
-            "local_windows": loader_line(jpegs, a, most),
+            **alternated(a.rounds, local=lambda: loader_line(jpegs, a, most, window_shards=0, warmup=epoch),
+                         s3_cache=lambda: loader_line(a.s3 + "jpeg/", a, most, "cache", a.server_log, warmup=epoch)),
+            "s3_cache_cold": loader_line(a.s3 + "jpeg/", a, most, "cache", a.server_log),
+            "local_windows": loader_line(jpegs, a, most, warmup=epoch),
             "s3_direct": loader_line(a.s3 + "jpeg/", a, most, "direct", a.server_log, windows=3),
-            **({"gs_cache": loader_line(a.gs + "jpeg/", a, most, "cache")} if a.gs else {})},
+            **({"gs_cache": loader_line(a.gs + "jpeg/", a, most, "cache", warmup=epoch)} if a.gs else {})},
         "epochs": lambda: {"small_cache": epochs_bytes(a.s3 + "jpeg/", half, 3, a.server_log),
                            "whole_cache": epochs_bytes(a.s3 + "jpeg/", 2 * set_bytes / 1e9, 2, a.server_log)},
         "launch": lambda: launches(a, work),

@@ -226,6 +226,30 @@ class NodeCache:
             return {}
 
 
+class Watch:
+    """The largest the shard copies in a cache folder got, sampled every `every_s` seconds
+    (a bench's and a test's check that the bound held)."""
+
+    def __init__(self, folder: str, every_s: float = 0.002):
+        self.objects, self.every_s, self.max = os.path.join(folder, "objects"), every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.max = max(self.max, sum(e.stat().st_size for e in os.scandir(self.objects) if ".tar" in e.name))
+            except OSError:
+                pass  # a copy renamed or evicted between the listing and its stat
+            time.sleep(self.every_s)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.max
+
+
 _CACHES: dict[str, NodeCache] = {}
 _CACHES_LOCK = threading.Lock()
 _LAST: list[Options] = []  # the options the process last opened bucket data with

@@ -70,6 +70,18 @@ class _Server:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def upload(self, folder: str, bucket: str, prefix: str, create: bool = True) -> list[str]:
+        """The folder's files as `prefix<name>` objects (the bucket made first with `create`)."""
+        if create:
+            self.create(bucket)
+        keys = []
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                self.put(path, bucket, f"{prefix}{name}")
+                keys.append(f"{prefix}{name}")
+        return keys
+
     def requests(self, method: str = "GET") -> int:
         """Request lines of `method` in the server's log so far (werkzeug colours them)."""
         line_re = re.compile(rf'"(?:\x1b\[[0-9;]*m)*{method} ')
@@ -97,17 +109,11 @@ class S3Server(_Server):
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=KEY_ID,
                             aws_secret_access_key=SECRET, region_name="us-east-1")
 
-    def upload(self, folder: str, bucket: str, prefix: str, create: bool = True) -> list[str]:
-        c = self.client()
-        if create:
-            c.create_bucket(Bucket=bucket)
-        keys = []
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                c.upload_file(path, bucket, f"{prefix}{name}")
-                keys.append(f"{prefix}{name}")
-        return keys
+    def create(self, bucket: str) -> None:
+        self.client().create_bucket(Bucket=bucket)
+
+    def put(self, path: str, bucket: str, key: str) -> None:
+        self.client().upload_file(path, bucket, key)
 
 
 class GCSServer(_Server):
@@ -135,16 +141,11 @@ class GCSServer(_Server):
             else:
                 os.environ["STORAGE_EMULATOR_HOST"] = old
 
-    def upload(self, folder: str, bucket: str, prefix: str, create: bool = True) -> list[str]:
-        c = self.client()
-        b = c.create_bucket(bucket) if create else c.bucket(bucket)
-        keys = []
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                b.blob(f"{prefix}{name}").upload_from_filename(path)
-                keys.append(f"{prefix}{name}")
-        return keys
+    def create(self, bucket: str) -> None:
+        self.client().create_bucket(bucket)
+
+    def put(self, path: str, bucket: str, key: str) -> None:
+        self.client().bucket(bucket).blob(key).upload_from_filename(path)
 
 
 class FaultProxy:

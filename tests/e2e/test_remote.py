@@ -166,15 +166,19 @@ def small_cache(world, shards: int = 12) -> list[str]:
     return ["--data.window_shards=1", f"--data.cache_gb={shards * biggest / 1e9}"]
 
 
+def start_at_step(args, env, tmp_path, step: int) -> subprocess.Popen:
+    """A 2-rank training run in its own session, returned once `step` is logged."""
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    p = subprocess.Popen(HOROVODRUN + TRAIN + args + [f"--run.dir={tmp_path}/run"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    wait_for(f"step {step} logged", lambda: metrics.exists() and f'"step": {step},' in metrics.read_text(), 120, p)
+    return p
+
+
 def test_the_store_gone_for_20_s_mid_epoch_then_back_training_goes_on(world, tmp_path):
     with FaultProxy(world["s3"]) as proxy:
-        args = ARGS + remote("s3") + small_cache(world) + [f"--run.dir={tmp_path}/run",
-                                                           f"--data.cache_dir={tmp_path}/shards"]
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        p = subprocess.Popen(HOROVODRUN + TRAIN + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True,
-                             env=env_with(proxy.env(), HVDTRAIN_CACHE=str(tmp_path / "cache")))
-        wait_for("step 3 logged", lambda: metrics.exists() and "\"step\": 3," in metrics.read_text(), 120, p)
+        args = ARGS + remote("s3") + small_cache(world) + [f"--data.cache_dir={tmp_path}/shards"]
+        p = start_at_step(args, env_with(proxy.env(), HVDTRAIN_CACHE=str(tmp_path / "cache")), tmp_path, 3)
         t0 = time.monotonic()
         proxy.down(20)
         out, err = finish(p, 180, "the run did not end after the store came back")
@@ -192,13 +196,8 @@ def test_the_store_gone_for_good_ends_the_job_naming_the_url_within_its_bound(wo
     backoff, the other rank's failed collective, the launcher's teardown)."""
     with FaultProxy(world["s3"]) as proxy:
         args = ARGS + remote("s3") + small_cache(world) + ["--data.remote_retry_s=8", "--train.steps=200",
-                                                           f"--run.dir={tmp_path}/run",
                                                            f"--data.cache_dir={tmp_path}/shards"]
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        p = subprocess.Popen(HOROVODRUN + TRAIN + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True,
-                             env=env_with(proxy.env(), HVDTRAIN_CACHE=str(tmp_path / "cache")))
-        wait_for("step 3 logged", lambda: metrics.exists() and "\"step\": 3," in metrics.read_text(), 120, p)
+        p = start_at_step(args, env_with(proxy.env(), HVDTRAIN_CACHE=str(tmp_path / "cache")), tmp_path, 3)
         t0 = time.monotonic()
         proxy.down(-1)
         out, err = finish(p, 8 + 30, "the job did not end within 38 s of the store going away")
@@ -217,13 +216,9 @@ def test_an_object_replaced_during_the_run_is_refused_by_name(world, tmp_path):
     names = sorted(os.listdir(tmp_path / "src"))
     for name in names:
         c.upload_file(str(tmp_path / "src" / name), "hvd-train", f"swap/{name}")
-    args = ARGS + ["--data.train=s3://hvd-train/swap/", "--train.steps=200", f"--run.dir={tmp_path}/run",
+    args = ARGS + ["--data.train=s3://hvd-train/swap/", "--train.steps=200",
                    f"--data.cache_dir={tmp_path}/shards"] + small_cache(world, 9)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    p = subprocess.Popen(HOROVODRUN + TRAIN + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True,
-                         env=env_with(world["s3"].env(), HVDTRAIN_CACHE=str(tmp_path / "cache")))
-    wait_for("step 2 logged", lambda: metrics.exists() and "\"step\": 2," in metrics.read_text(), 120, p)
+    p = start_at_step(args, env_with(world["s3"].env(), HVDTRAIN_CACHE=str(tmp_path / "cache")), tmp_path, 2)
     t0 = time.monotonic()
     for name in names:
         c.upload_file(str(world["root"] / "val" / "part-000000.tar"), "hvd-train", f"swap/{name}")
@@ -279,3 +274,24 @@ def test_dali_reads_the_bucket_itself_with_remote_direct(world, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "bucket data read directly by DALI" in r.stdout and "read directly by DALI" in r.stdout
     assert not os.path.exists(tmp_path / "shards")
+
+
+def test_on_error_skip_leaves_out_a_bad_sample_of_a_bucket(world, tmp_path):
+    """A shard in the bucket holds an image that does not decode: --data.on_error=skip
+    checks the shards from their copies in the node's cache (the ranks share the work),
+    leaves the sample out, counts it in the banner, and trains."""
+    src = tmp_path / "bad"
+    write_shards(src, 60, 30, 3)
+    with wds.TarWriter(str(src / "part-000002.tar")) as sink:
+        sink.write({"__key__": "broken-0001", "jpg": b"not a jpeg at all", "cls": "1"})
+        for i in range(7):
+            sink.write({"__key__": f"fine-{i:04d}", "jpg": jpeg(900 + i, 24), "cls": str(i % 8)})
+    world["s3"].upload(str(src), "hvd-train", "withbad/", create=False)
+    r = run(HOROVODRUN + TRAIN + ["--preset", "ci", "--task", "classify", "--run.progress=False",
+                                  "--run.tensorboard=False", "--train.steps=4", "--data.on_error=skip",
+                                  "--data.train=s3://hvd-train/withbad/", f"--run.dir={tmp_path}/run",
+                                  f"--data.cache_dir={tmp_path}/shards"],
+            env=env_with(world["s3"].env(), HVDTRAIN_CACHE=str(tmp_path / "cache")))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert ("data    train: skipping 1 bad sample(s) (data.on_error=skip): s3://hvd-train/withbad/part-000002.tar: "
+            "broken-0001: undecodable image") in r.stdout, r.stdout[-3000:]

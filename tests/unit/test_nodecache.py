@@ -5,7 +5,6 @@ full disk. No secret in any message."""
 import hashlib
 import os
 import subprocess
-import threading
 import time
 
 import pytest
@@ -46,33 +45,6 @@ def use(monkeypatch, env: dict) -> None:
         monkeypatch.setenv(k, v)
 
 
-def held_bytes(folder: str) -> int:
-    d = os.path.join(folder, "objects")
-    return sum(e.stat().st_size for e in os.scandir(d) if ".tar" in e.name)
-
-
-class Watch:
-    """The largest number of bytes the cache folder held, sampled every 2 ms."""
-
-    def __init__(self, folder: str):
-        self.folder, self.max, self._stop = folder, 0, threading.Event()
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                self.max = max(self.max, held_bytes(self.folder))
-            except FileNotFoundError:
-                pass
-            time.sleep(0.002)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self.t.join()
-        return self.max
-
-
 def passes(nc, tars, n_passes: int):
     """Read the objects in order, one at a time, as a loader reads windows: each fetched
     (pinned), then released; the fetcher told what comes next."""
@@ -94,7 +66,7 @@ def test_the_bound_holds_and_each_shard_is_fetched_once_per_pass(s3, fresh, monk
     use(monkeypatch, s3.env())
     tars, _ = remote.resolve("s3://hvd-cache/set/")
     nc = nodecache.get(nodecache.Options(cache_dir=str(tmp_path / "small"), cache_gb=2.5 * MB / 1e9, part_mb=1))
-    w = Watch(nc.root)
+    w = nodecache.Watch(nc.root)
     passes(nc, tars, 1)
     time.sleep(1.2)  # the fetcher writes its counters once a second
     first = nc.stats()["shards"]
