@@ -79,15 +79,14 @@ class Fetcher:
             self.cache.log(line)
 
     def _clean_parts(self) -> None:
-        """Part files of dead fetchers go; complete copies are counted."""
+        """Part files are an earlier fetcher's (this one holds the lock: no other writes):
+        they go; complete copies are counted."""
         for e in os.scandir(self.objects):
             if ".part-" in e.name:
-                pid = e.name.rsplit("-", 1)[-1]
-                if not pid.isdigit() or int(pid) != os.getpid():
-                    try:
-                        os.remove(e.path)
-                    except FileNotFoundError:
-                        pass
+                try:
+                    os.remove(e.path)
+                except FileNotFoundError:
+                    pass
             elif e.name.endswith(".tar"):
                 self.have[e.name[:-4]] = e.stat().st_size
                 self.done_at[e.name[:-4]] = e.stat().st_mtime

@@ -44,7 +44,7 @@ WAIT_POLL_S = 0.02
 class Options:
     """How a node caches bucket data (`--data.cache_dir`, `--data.cache_gb`, ...)."""
     mode: str = "cache"          # cache | direct (DALI reads the bucket itself)
-    cache_dir: str = ""          # "" = $HVDTRAIN_SHARD_CACHE, else $TMPDIR (or /tmp)/hvdtrain-shards
+    cache_dir: str = ""          # "" = $HVDTRAIN_SHARD_CACHE, else $TMPDIR (or /tmp)/hvdtrain-shards-$USER
     cache_gb: float = 0.0        # 0 = min(100 GB, half of the free space of that disk)
     workers: int = 8             # concurrent ranged GETs of the node's fetcher
     part_mb: int = 16            # bytes per ranged GET, MiB
@@ -55,7 +55,8 @@ class Options:
             return os.path.abspath(self.cache_dir)
         if os.environ.get("HVDTRAIN_SHARD_CACHE"):
             return os.path.abspath(os.environ["HVDTRAIN_SHARD_CACHE"])
-        return os.path.join(os.environ.get("TMPDIR") or "/tmp", "hvdtrain-shards")
+        user = os.environ.get("USER") or str(os.getuid())  # users of one node do not share a folder
+        return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"hvdtrain-shards-{user}")
 
     def bound_bytes(self, folder: str, held: int = 0) -> int:
         if self.cache_gb > 0:

@@ -70,6 +70,9 @@ class S3Store(Store):
 
         if isinstance(e, RemoteError):
             return e
+        inner = e.__cause__ or e.__context__
+        if type(e).__name__ == "S3UploadFailedError" and inner is not None:  # the transfer manager's wrapper
+            return self.classify(inner, url, what)
         if isinstance(e, be.NoCredentialsError):
             return RemoteError(f"{url}: {what}: no AWS credentials ({self.credential_source()})", kind="auth")
         if isinstance(e, be.ClientError):

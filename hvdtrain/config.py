@@ -73,7 +73,7 @@ class DataConfig:
     remote: str = "cache"    # cache: whole shards streamed into a node-local cache ahead of the reader |
                              # direct: DALI reads the bucket itself (a ranged GET per sample member)
     cache_dir: str = ""      # node-local folder for shards from a bucket; "" = $HVDTRAIN_SHARD_CACHE,
-                             # else $TMPDIR (or /tmp)/hvdtrain-shards
+                             # else $TMPDIR (or /tmp)/hvdtrain-shards-$USER
     cache_gb: float = 0.0    # bound on that folder, GB (1e9 bytes); 0 = min(100, half its disk's free space)
     window_shards: int = 0   # shards per reader window (one DALI pipeline over shards already cached,
                              # the next built in the background); 0 = 8 for bucket data read through the

@@ -91,23 +91,44 @@ class _Server:
 
 class S3Server(_Server):
     """moto's S3 server. `auth=True`: every request's access key is checked (none exists:
-    any key is refused), for the wrong-credentials test."""
+    any key is refused), for the wrong-credentials test. `users={name: [actions]}`: IAM
+    users with those S3 actions are made first, then every request is checked against
+    them (`env(user=...)`, `client(user=...)`; `client()` is the first user's)."""
 
-    def __init__(self, auth: bool = False):
+    def __init__(self, auth: bool = False, users: dict | None = None):
         port = free_port()
-        env = {"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else {}
+        env = {"INITIAL_NO_AUTH_ACTION_COUNT": str(3 * len(users or {}))} if (auth or users) else {}
         super().__init__([os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port, env)
+        self.keys = {None: (KEY_ID, SECRET)}
+        for name, actions in (users or {}).items():
+            self.keys[name] = self._user(name, actions)
+        if users:
+            self.keys[None] = self.keys[next(iter(users))]
 
-    def env(self, endpoint: str | None = None) -> dict:
-        return {"AWS_ENDPOINT_URL": endpoint or self.endpoint, "AWS_ACCESS_KEY_ID": KEY_ID,
-                "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_EC2_METADATA_DISABLED": "true"}
-
-    def client(self):
+    def _user(self, name: str, actions: list[str]) -> tuple[str, str]:
+        """An IAM user allowed `actions` on everything (three requests, before auth is on)."""
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=KEY_ID,
-                            aws_secret_access_key=SECRET, region_name="us-east-1")
+        iam = boto3.client("iam", endpoint_url=self.endpoint, aws_access_key_id="setup",
+                           aws_secret_access_key="setup", region_name="us-east-1")
+        iam.create_user(UserName=name)
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        iam.put_user_policy(UserName=name, PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    def env(self, endpoint: str | None = None, user: str | None = None) -> dict:
+        key_id, secret = self.keys[user]
+        return {"AWS_ENDPOINT_URL": endpoint or self.endpoint, "AWS_ACCESS_KEY_ID": key_id,
+                "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client(self, user: str | None = None):
+        import boto3
+
+        key_id, secret = self.keys[user]
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=key_id,
+                            aws_secret_access_key=secret, region_name="us-east-1")
 
     def create(self, bucket: str) -> None:
         self.client().create_bucket(Bucket=bucket)

@@ -210,3 +210,31 @@ def test_make_shards_into_a_bucket_uploads_and_resumes(servers, fresh, monkeypat
     got = open_shards(out + "train/")
     assert got.fingerprint == local["train"][0]["fingerprint"] and got.where == {"bucket": 4}
     assert got.classes == local["train"][0]["classes"]
+
+
+def test_index_only_uploads_indexes_beside_the_shards_or_says_they_stay_in_the_cache(fresh, monkeypatch, tmp_path):
+    """`make_shards --index-only s3://...` builds the indexes from the shards' bytes once and
+    puts them beside the shards; with credentials that may only read, it says the indexes
+    stay in the cache, and a run finds them there."""
+    from hvdtrain.data import make_shards, remote
+    from hvdtrain.data.shards import open_shards
+    from hvdtrain.data.upload import index_bucket
+
+    folder = shardwriter_set(str(tmp_path / "wds"), n=120, per=40)
+    with S3Server(users={"admin": ["s3:*"], "reader": ["s3:List*", "s3:Get*"]}) as s3:
+        s3.upload(folder, "hvd-idx", "ro/")
+        s3.upload(folder, "hvd-idx", "rw/", create=False)
+        env_for(monkeypatch, {"s3": s3})
+        out = make_shards.index_only("s3://hvd-idx/rw/")
+        assert "3 .idx uploaded beside the shards" in out, out
+        names = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket="hvd-idx", Prefix="rw/")["Contents"])
+        assert names == [f"rw/train-00000{i}.{e}" for i in range(3) for e in ("idx", "tar")]
+        for k, v in s3.env(user="reader").items():
+            monkeypatch.setenv(k, v)
+        remote._STORES.clear()
+        lines = []
+        out = index_bucket("s3://hvd-idx/ro/", log=lines.append)
+        assert "0 .idx uploaded beside the shards; the indexes stay in the cache" in out, out
+        assert any("cannot write beside the shards" in x and "AccessDenied" in x for x in lines), lines
+        assert open_shards("s3://hvd-idx/ro/").where == {"cache": 3}
+
