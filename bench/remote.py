@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 
-from hvdtrain.bench import report
 
 TARGETS = {"cache_vs_local": 0.9, "gets_per_sample": 0.01, "launch_vs_local": 1.2, "fetched_vs_read": 1.05}
 
@@ -396,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(res)
     print("\n" + text)
     error = "; ".join(f"{k}: {v}" for k, v in res.get("errors", {}).items()) or None
+    from hvdtrain.bench import report  # torch: only where the report is written
+
     result = report.envelope("remote", {k: v for k, v in vars(a).items()}, error, results=res,
                              checks=[dict(zip(("figure", "target", "measured", "result"), c)) for c in checks(res)])
     report.publish(a.run_dir, "remote", result, text)
