@@ -131,15 +131,15 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m gpucheck", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="print the plan and check its commands parse (no GPU)")
-    p.add_argument("--only", default="", help="comma-separated stage names (default: all, in order)")
-    p.add_argument("--out", "--run-dir", dest="out", default="",
+    p.add_argument("--only", default="", metavar="NAMES", help="comma-separated stage names (default: all, in order)")
+    p.add_argument("--out", "--run-dir", dest="out", default="", metavar="DIR",
                    help="report folder: gpu-check.{json,md}, gpu-check-logs.txt, one log and the data of "
                         "every stage (default runs/gpu-check-<id>); a stage run again there replaces its results")
-    p.add_argument("--budget-s", type=float, default=0.0,
+    p.add_argument("--budget-s", type=float, default=0.0, metavar="S",
                    help="end the whole check within this many seconds (what is left of a node's time): "
                         "cut the last stage's timeout, skip stages with no time left and name them NOT RUN "
                         "(default: no limit, each stage its own timeout)")
-    p.add_argument("--copy-to", default="",
+    p.add_argument("--copy-to", default="", metavar="DIR",
                    help="also write gpu-check.json, gpu-check.md and gpu-check-logs.txt to this flat folder "
                         "after every stage (a shared folder to read from elsewhere while the check runs)")
     a = p.parse_args(argv)

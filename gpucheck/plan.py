@@ -175,7 +175,7 @@ def two_ranks_outcome(d: dict) -> str:
 # left. A stage the budget cut runs later with `--only NAME --out <the same folder>`.
 STAGES: tuple[Stage, ...] = (
     Stage("train-data", COMMANDS["train-data"], 30, "none",
-         cost="measured: 8192 JPEGs at 256 px in ~15 s on one core of a 2-core CPU machine"),
+          cost="measured: 8192 JPEGs at 256 px in ~15 s on one core of a 2-core CPU machine"),
     Stage("train", COMMANDS["train"], 75, "bench_json", (
         Figure("train_amp_channels_last", "AMP bf16 and channels_last in effect",
                lambda d: [d["config"]["train"]["amp"], d["config"]["data"]["channels_last"]], "==", ["bf16", True]),
@@ -226,22 +226,23 @@ STAGES: tuple[Stage, ...] = (
           for key, op in (("normalize", "normalize"), ("mix", "mix"), ("soft_ce", "soft CE fwd+bwd"))),
     ), exit_marks="1", cost="reasoned, ~20 s: torch and CUDA start ~8 s, three Triton compiles ~2 s each, timing"),
     Stage("gpu-tests", COMMANDS["gpu-tests"], 120, "junit:{dir}/gpu-tests.xml", TEST_FIGURES,
-         env={"HVDTRAIN_REQUIRE_GPU": "1"}, dry="collect", grace_s=15,
-         cost="reasoned, ~90 s: 37 tests; 2 subprocesses with CUDA start and 3 s of matmuls, ~12 DALI pipelines, "
-              "Triton compiles for 6 normalize variants; on a timeout SIGINT keeps the tests that ran"),
+          env={"HVDTRAIN_REQUIRE_GPU": "1"}, dry="collect", grace_s=15,
+          cost="reasoned, ~90 s: 37 tests; 2 subprocesses with CUDA start and 3 s of matmuls, ~12 DALI pipelines, "
+               "Triton compiles for 6 normalize variants; on a timeout SIGINT keeps the tests that ran"),
     Stage("loader-data", COMMANDS["loader-data"], 40, "none",
-         cost="measured: 1,024 JPEGs of 500x375 in ~20 s on one core of a 2-core CPU machine"),
+          cost="measured: 1,024 JPEGs of 500x375 in ~20 s on one core of a 2-core CPU machine"),
     Stage("loader-224", COMMANDS["loader-224"], 130, "bench_json", loader_figures(224, True), exit_marks="1",
-         grace_s=15, cost="reasoned, ~90 s: 34 settings; a GPU one ~1.5 s (build + 1,792 images), a CPU one 3-12 s; "
-                          "on a timeout SIGINT keeps the settings measured"),
-    Stage("unit-tests", COMMANDS["unit-tests"], 90, "junit:{dir}/unit-tests.xml", room_figures("unit_tests",
-                                                                                           "tests/unit"),
-         dry="collect", grace_s=15,
-         cost="measured: 184 tests in ~40 s on a 2-core CPU machine (kernels interpreted); on a GPU node the "
-              "kernel tests compile Triton for the GPU instead, ~12 compiles of 1-2 s; SIGINT keeps the tests that ran"),
+          grace_s=15, cost="reasoned, ~90 s: 34 settings; a GPU one ~1.5 s (build + 1,792 images), a CPU one 3-12 s; "
+                           "on a timeout SIGINT keeps the settings measured"),
+    Stage("unit-tests", COMMANDS["unit-tests"], 90, "junit:{dir}/unit-tests.xml",
+          room_figures("unit_tests", "tests/unit"),
+          dry="collect", grace_s=15,
+          cost="measured: 184 tests in ~40 s on a 2-core CPU machine (kernels interpreted); on a GPU node "
+               "the kernel tests compile Triton for the GPU instead, ~12 compiles of 1-2 s; SIGINT keeps the "
+               "tests that ran"),
     Stage("parallel-tests", COMMANDS["parallel-tests"], 60, "junit:{dir}/parallel-tests.rank*.xml",
-         room_figures("parallel_tests", "tests/parallel", ranks=2), env={"CUDA_VISIBLE_DEVICES": ""},
-         dry="collect", grace_s=10, cost="measured: 2 x 16 tests in 16 s on a 2-core CPU machine, launch included"),
+          room_figures("parallel_tests", "tests/parallel", ranks=2), env={"CUDA_VISIBLE_DEVICES": ""},
+          dry="collect", grace_s=10, cost="measured: 2 x 16 tests in 16 s on a 2-core CPU machine, launch included"),
     Stage("loader-64", COMMANDS["loader-64"], 45, "bench_json", loader_figures(64, False, cpu_loaders=False),
-         exit_marks="1", cost="reasoned, ~25 s: 8 GPU settings of ~1.5 s, start ~10 s"),
+          exit_marks="1", cost="reasoned, ~25 s: 8 GPU settings of ~1.5 s, start ~10 s"),
 )

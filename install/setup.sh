@@ -60,10 +60,10 @@ TORCH_MODE=${HVDTRAIN_TORCH:-$DEFAULT_MODE}
 
 # ---- the driver's CUDA major version ("none" without a working nvidia-smi)
 driver_cuda_major() {
-    local out v
+    local smi v
     command -v nvidia-smi >/dev/null || { echo none; return; }
-    out=$(nvidia-smi 2>/dev/null) || { echo none; return; }
-    v=$(sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' <<<"$out" | head -n 1)
+    smi=$(nvidia-smi 2>/dev/null) || { echo none; return; }
+    v=$(sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' <<<"$smi" | head -n 1)
     echo "${v:-none}"
 }
 CUDA_MAJOR=$(driver_cuda_major)
