@@ -56,7 +56,9 @@ bench:
 	$(PY) -m bench.loader $(ARGS)
 
 ## is this GPU node healthy and fast? GPU tests, sanity, loader, train and kernel figures
-## against their targets in runs/gpu-check-<id>/ (exit 2 with no GPU; ARGS=--dry-run: the plan)
+## against their targets, reported in runs/gpu-check-<id>/gpu-check.md (ARGS="--out DIR": another
+## folder; ARGS=--dry-run: the plan; exit 2 with no GPU). A node without internet access:
+## install/offline_check.sh --out DIR (docs/gpu-check.md)
 gpu-check: setup
 	$(PY) -m gpucheck $(ARGS)
 

@@ -1,9 +1,10 @@
 """gpucheck's plan: the commands, their targets, how each figure is read from a
-command's output, and the steps in the order they run (gpucheck/check.py runs them with
-gpucheck/runner.py). A flag, a target or a timeout changes here."""
+command's output, and the stages in the order they run (gpucheck/check.py runs them with
+gpucheck/runner.py). A flag, a target or a timeout changes here; docs/gpu-check.md's
+table of stages follows this file."""
 from __future__ import annotations
 
-from gpucheck.runner import Figure, Step
+from gpucheck.runner import Figure, Stage
 
 # ---------------------------------------------------------------- the commands, in one place
 # A flag that changes in a module is a one-line fix here; tests/e2e/test_gpu_check.py's
@@ -23,23 +24,23 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "sanity": ("{horovodrun}", "--gloo", "-np", "{gpus}", "-H", "localhost:{gpus}", "{py}", "-m", "hvdtrain.sanity",
                "--run.dir={dir}/sanity"),
     "kernels": ("{py}", "-m", "bench.kernels"),
-    # one rank more than the GPUs: on the one-GPU machine the seed's command line as it reads
-    # (`horovodrun -np 2 python -m hvdtrain.sanity`). It must stop at once saying what to run
-    # instead (hvdtrain.dist.gpu_for_rank), never hang
+    # one rank more than the GPUs (on a one-GPU node: `horovodrun -np 2 python -m
+    # hvdtrain.sanity`, a likely first command there). It must stop at once saying what to
+    # run instead (hvdtrain.dist.gpu_for_rank), never hang
     "two-ranks": ("{horovodrun}", "-np", "{gpus+1}", "{py}", "-m", "hvdtrain.sanity", "--run.dir={dir}/two-ranks"),
     "gpu-tests": ("{py}", "-m", "pytest", "-q", "-rs", "--strict-markers", "-m", "gpu", "-p", "no:cacheprovider",
                   "--junitxml={dir}/gpu-tests.xml", "tests/gpu"),
-    # bench.loader's 500x375 JPEGs, made once for both loader steps (made afresh by each
-    # call they would cost each of them ~20 s)
+    # bench.loader's 500x375 JPEGs, made once for both loader stages (made by each
+    # bench.loader run, they would cost each of them ~20 s)
     "loader-data": ("{py}", "-m", "bench.loader", "--make-data", "{dir}/loader-data", "--images", "1024"),
     "loader-224": ("{py}", "-m", "bench.loader", "--data", "{dir}/loader-data", *LOADER_SWEEP, "--size", "224",
                    "--run-dir", "{dir}/loader-224"),
     "loader-64": ("{py}", "-m", "bench.loader", "--data", "{dir}/loader-data", *LOADER_SWEEP_64, "--size", "64",
                   "--run-dir", "{dir}/loader-64"),
-    # `make test`'s first two rooms on this machine (the CPU runs them in every CI)
+    # `make test`'s first two rooms on this node (a CPU machine runs them in every CI)
     "unit-tests": ("{py}", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--junitxml={dir}/unit-tests.xml",
                    "tests/unit"),
-    # as `make test-parallel` runs it: the GPUs hidden (the env in STEPS); one JUnit file per rank
+    # as `make test-parallel` runs it: the GPUs hidden (the env in STAGES); one JUnit file per rank
     "parallel-tests": ("{horovodrun}", "--gloo", "-np", "2", "-H", "localhost:2", "{py}", "-m", "pytest", "-q", "-x",
                        "-rs", "-p", "no:cacheprovider", "--junitxml={dir}/parallel-tests.xml", "tests/parallel"),
 }
@@ -75,7 +76,7 @@ def sanity_slo(doc: dict, name: str, key: str = "value"):
 
 
 def dominant(breakdown: dict | None) -> str | None:
-    """The step-time breakdown's verdict, e.g. 'data_wait 62% (data-bound)'."""
+    """The training step-time breakdown's verdict, e.g. 'data_wait 62% (data-bound)'."""
     if not breakdown or not breakdown.get("dominant"):
         return None
     return f"{breakdown['dominant']} {100 * breakdown['share']:.0f}% ({breakdown.get('bound')})"
@@ -139,15 +140,15 @@ TEST_FIGURES = (
 
 
 def room_figures(key: str, room: str, ranks: int = 1) -> tuple[Figure, ...]:
-    """A CPU room run on the GPU machine: on the CPU it passes whole in every CI, so any
-    failure, error or skip here is a test that behaves differently on this machine."""
+    """A CPU room run on the GPU node: on a CPU machine it passes whole in every CI, so
+    any failure, error or skip here is a test that behaves differently on this node."""
     return (
         Figure(f"{key}_failed", f"{room}: failed or errored", lambda d: d["failures"] + d["errors"], "==", 0),
         Figure(f"{key}_passed", f"{room}: passed" + (f" (summed over {ranks} ranks)" if ranks > 1 else ""),
                lambda d: d["passed"], ">=", 1),
         *((Figure(f"{key}_ranks_reported", f"{room}: ranks that wrote their JUnit XML", lambda d: d["files"], "==",
                   ranks),) if ranks > 1 else ()),
-        Figure(f"{key}_different_here", f"{room}: tests that failed or skipped here (none on the CPU machine)",
+        Figure(f"{key}_different_here", f"{room}: tests that failed or skipped here (none on a CPU machine)",
                lambda d: listed(d["not_passed"] + d["expected_skips"] + d["unexpected_skips"])),
     )
 
@@ -157,7 +158,7 @@ LAYOUT_REFUSAL = r"hvdtrain runs one rank per GPU\. Run `horovodrun -np \d+"
 
 
 def two_ranks_outcome(d: dict) -> str:
-    """How the two-ranks step ended (its `ended` document: exit, wall_s, refused)."""
+    """How the two-ranks stage ended (its `ended` document: exit, wall_s, refused)."""
     if d["exit"] == 0:
         return "ran (exit 0): the one-rank-per-GPU check let a rank share a GPU"
     if d["refused"]:
@@ -165,16 +166,17 @@ def two_ranks_outcome(d: dict) -> str:
     return "timed out" if d["exit"] is None else f"exit {d['exit']} without saying what to run instead"
 
 
-# In value-per-second order (a budget cut falls on the last steps). `cost`: what each
-# timeout is sized from; "reasoned" costs are estimates for one H100/H200 with 16 cores
-# (no GPU run yet), each timeout about 1.5-2x its cost. The steps through loader-224 (every
-# target but the rooms') have timeouts adding up to 560 s; the rooms on this machine and
-# the 64 px sweep take what the budget (--budget-s: what set-up left of the call) leaves,
-# and whatever it cut is run by a fourth call if device time is left (docs/gpu-runs.md).
-STEPS: tuple[Step, ...] = (
-    Step("train-data", COMMANDS["train-data"], 30, "none",
-         cost="measured: 8192 JPEGs at 256 px in ~15 s on one core of the 2-core CPU machine"),
-    Step("train", COMMANDS["train"], 75, "bench_json", (
+# In the order of what a stage's figures are worth per second, since a budget cut
+# (--budget-s) falls on the last stages. `cost`: what each timeout is sized from;
+# "reasoned" costs are estimates for one H100/H200 node with 16 cores, each timeout about
+# 1.5-2x its cost. The stages with a target of their own (train-data through loader-224)
+# end within 570 s even if each runs to its timeout, so a check given ten minutes
+# (`--budget-s 600`) judges every target; the CPU rooms and the 64 px sweep take what is
+# left. A stage the budget cut runs later with `--only NAME --out <the same folder>`.
+STAGES: tuple[Stage, ...] = (
+    Stage("train-data", COMMANDS["train-data"], 30, "none",
+          cost="measured: 8192 JPEGs at 256 px in ~15 s on one core of a 2-core CPU machine"),
+    Stage("train", COMMANDS["train"], 75, "bench_json", (
         Figure("train_amp_channels_last", "AMP bf16 and channels_last in effect",
                lambda d: [d["config"]["train"]["amp"], d["config"]["data"]["channels_last"]], "==", ["bf16", True]),
         Figure("train_real_over_synthetic", "real shards / synthetic batches img/s", lambda d: d["real_over_synthetic"],
@@ -190,7 +192,7 @@ STEPS: tuple[Step, ...] = (
                lambda d: dominant(d["breakdown"])),
     ), exit_marks="1", cost="reasoned, ~40 s: horovodrun and imports ~10 s, CUDA, cuDNN and DALI start ~10 s, "
                             "2 x 23 steps of batch 256 at ~3,000 img/s ~4 s, the rest its report"),
-    Step("sanity", COMMANDS["sanity"], 80, "json:{dir}/sanity/sanity.json", (
+    Stage("sanity", COMMANDS["sanity"], 80, "json:{dir}/sanity/sanity.json", (
         Figure("sanity_verdict", "sanity verdict", lambda d: d["verdict"], "==", "GO"),
         Figure("sanity_gpu_util_pct", "GPU utilisation, NVML mean (rank 0's GPU)",
                lambda d: sanity_slo(d, "gpu_util_pct"), ">=", 85.0,
@@ -206,16 +208,16 @@ STEPS: tuple[Step, ...] = (
         Figure("sanity_dominant_phase", "where the step time went (largest share)", lambda d: dominant(d["breakdown"])),
     ), exit_marks="{gpus}", cost="reasoned, ~45 s: the embedded data set (5,120 JPEGs at 64 px) ~5 s, start ~15 s, "
                                  "1,600 micro-batches of 16 at a few ms each (launch-bound)"),
-    Step("two-ranks", COMMANDS["two-ranks"], 45, "ended", (
+    Stage("two-ranks", COMMANDS["two-ranks"], 45, "ended", (
         Figure("two_ranks_refused", "a rank more than GPUs: stopped, saying what to run instead",
                lambda d: two_ranks_outcome(d).startswith("refused"), "==", True),
         Figure("two_ranks_outcome", "how it ended", two_ranks_outcome),
         Figure("two_ranks_wall_s", "seconds until every rank had ended (at once: no hang)", lambda d: d["wall_s"],
                "<=", 30.0),
     ), refusal=LAYOUT_REFUSAL,
-        cost="measured: a 2-rank horovodrun (its MPI probe included) to dist.init and exit in 6.4 s on the "
-             "2-core CPU machine; here CUDA's start is added"),
-    Step("kernels", COMMANDS["kernels"], 40, "bench_json", (
+        cost="measured: a 2-rank horovodrun (its MPI probe included) to dist.init and exit in 6.4 s on a "
+             "2-core CPU machine; on a GPU node CUDA's start is added"),
+    Stage("kernels", COMMANDS["kernels"], 40, "bench_json", (
         Figure("kernels_compiled", "Triton kernels compiled, not interpreted", lambda d: d["interpreter"], "==", False),
         Figure("kernels_copy_bw_gb_s", "device copy bandwidth, GB/s (read + write)", lambda d: d["copy_bw_gb_s"]),
         *(Figure(f"kernels_{key}_of_copy_bw", f"{op}: Triton, fraction of copy bandwidth",
@@ -223,23 +225,24 @@ STEPS: tuple[Step, ...] = (
                                        if r["op"] == op and r["impl"].startswith("triton")))
           for key, op in (("normalize", "normalize"), ("mix", "mix"), ("soft_ce", "soft CE fwd+bwd"))),
     ), exit_marks="1", cost="reasoned, ~20 s: torch and CUDA start ~8 s, three Triton compiles ~2 s each, timing"),
-    Step("gpu-tests", COMMANDS["gpu-tests"], 120, "junit:{dir}/gpu-tests.xml", TEST_FIGURES,
-         env={"HVDTRAIN_REQUIRE_GPU": "1"}, dry="collect", grace_s=15,
-         cost="reasoned, ~90 s: 37 tests; 2 subprocesses with CUDA start and 3 s of matmuls, ~12 DALI pipelines, "
-              "Triton compiles for 6 normalize variants; on a timeout SIGINT keeps the tests that ran"),
-    Step("loader-data", COMMANDS["loader-data"], 40, "none",
-         cost="measured: 1,024 JPEGs of 500x375 in ~20 s on one core of the 2-core CPU machine"),
-    Step("loader-224", COMMANDS["loader-224"], 130, "bench_json", loader_figures(224, True), exit_marks="1",
-         grace_s=15, cost="reasoned, ~90 s: 34 settings; a GPU one ~1.5 s (build + 1,792 images), a CPU one 3-12 s; "
-                          "on a timeout SIGINT keeps the settings measured"),
-    Step("unit-tests", COMMANDS["unit-tests"], 90, "junit:{dir}/unit-tests.xml", room_figures("unit_tests",
-                                                                                           "tests/unit"),
-         dry="collect", grace_s=15,
-         cost="measured: 184 tests in ~40 s on the 2-core CPU machine (kernels interpreted); here the kernel "
-              "tests compile Triton for the GPU instead, ~12 compiles of 1-2 s; SIGINT keeps the tests that ran"),
-    Step("parallel-tests", COMMANDS["parallel-tests"], 60, "junit:{dir}/parallel-tests.rank*.xml",
-         room_figures("parallel_tests", "tests/parallel", ranks=2), env={"CUDA_VISIBLE_DEVICES": ""},
-         dry="collect", grace_s=10, cost="measured: 2 x 16 tests in 16 s on the 2-core CPU machine, launch included"),
-    Step("loader-64", COMMANDS["loader-64"], 45, "bench_json", loader_figures(64, False, cpu_loaders=False),
-         exit_marks="1", cost="reasoned, ~25 s: 8 GPU settings of ~1.5 s, start ~10 s"),
+    Stage("gpu-tests", COMMANDS["gpu-tests"], 120, "junit:{dir}/gpu-tests.xml", TEST_FIGURES,
+          env={"HVDTRAIN_REQUIRE_GPU": "1"}, dry="collect", grace_s=15,
+          cost="reasoned, ~90 s: 37 tests; 2 subprocesses with CUDA start and 3 s of matmuls, ~12 DALI pipelines, "
+               "Triton compiles for 6 normalize variants; on a timeout SIGINT keeps the tests that ran"),
+    Stage("loader-data", COMMANDS["loader-data"], 40, "none",
+          cost="measured: 1,024 JPEGs of 500x375 in ~20 s on one core of a 2-core CPU machine"),
+    Stage("loader-224", COMMANDS["loader-224"], 130, "bench_json", loader_figures(224, True), exit_marks="1",
+          grace_s=15, cost="reasoned, ~90 s: 34 settings; a GPU one ~1.5 s (build + 1,792 images), a CPU one 3-12 s; "
+                           "on a timeout SIGINT keeps the settings measured"),
+    Stage("unit-tests", COMMANDS["unit-tests"], 90, "junit:{dir}/unit-tests.xml",
+          room_figures("unit_tests", "tests/unit"),
+          dry="collect", grace_s=15,
+          cost="measured: 184 tests in ~40 s on a 2-core CPU machine (kernels interpreted); on a GPU node "
+               "the kernel tests compile Triton for the GPU instead, ~12 compiles of 1-2 s; SIGINT keeps the "
+               "tests that ran"),
+    Stage("parallel-tests", COMMANDS["parallel-tests"], 60, "junit:{dir}/parallel-tests.rank*.xml",
+          room_figures("parallel_tests", "tests/parallel", ranks=2), env={"CUDA_VISIBLE_DEVICES": ""},
+          dry="collect", grace_s=10, cost="measured: 2 x 16 tests in 16 s on a 2-core CPU machine, launch included"),
+    Stage("loader-64", COMMANDS["loader-64"], 45, "bench_json", loader_figures(64, False, cpu_loaders=False),
+          exit_marks="1", cost="reasoned, ~25 s: 8 GPU settings of ~1.5 s, start ~10 s"),
 )

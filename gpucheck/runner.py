@@ -1,24 +1,25 @@
-"""Runs a plan of commands, each bounded by a timeout, and judges the figures each one
-writes in its JSON output against targets. The plan itself lives in gpucheck/check.py.
+"""Runs a plan of stages, each one command bounded by a timeout, and judges the figures
+each command writes against their targets. The plan itself (the commands, targets and
+timeouts) lives in gpucheck/plan.py; gpucheck/check.py runs it and writes the report.
 
-A step's figures are read from what the command writes for programs: the last
+A stage's figures are read from what the command writes for programs: the last
 `BENCH_JSON {...}` line of its output, a JSON report file, or pytest's JUnit XML (one file,
-or one per rank: a glob); never from prose. One kind of step is judged on how it ended: a
+or one per rank: a glob); never from prose. One kind of stage is judged on how it ended: a
 command that must refuse at once (`refusal`, a pattern its message must match: a rank
-more than the GPUs) is read for how it ended: exit status, seconds and the refusal's line
+more than the GPUs) is read for its exit status, seconds and the refusal's line
 (`output="ended"`).
 Each figure is PASS, FAIL, REPORTED (no target) or NOT EVALUATED (why).
 
-A step that runs into its timeout first gets SIGINT, `grace_s` before the timeout, so it
+A stage that runs into its timeout first gets SIGINT, `grace_s` before the timeout, so it
 can end on what it has (pytest then writes its JUnit XML with the tests that ran,
 bench.loader prints its table and BENCH_JSON for the settings it measured); whatever is
 still running at the timeout has its whole process tree killed (horovodrun starts each
 rank in a session of its own, so a process-group kill is not enough: see kill_tree).
-Figures read from what a timed-out step wrote are kept; the step still fails.
+Figures read from what a timed-out stage wrote are kept; the stage still fails.
 
 A crash at exit (DALI's abort at interpreter shutdown with CUDA, NVIDIA/DALI#6166) does
 not undo a run that finished: a command that prints `EXIT_STATUS 0` as its last act
-(`hvdtrain.exitmark.mark`, on when HVDTRAIN_EXIT_MARK=1, which run_step sets) on
+(`hvdtrain.exitmark.mark`, on when HVDTRAIN_EXIT_MARK=1, which run_stage sets) on
 every process it is expected to (`exit_marks`), and then exits with another status,
 passes its exit figure with the crash named.
 """
@@ -43,7 +44,7 @@ from hvdtrain.procs import kill_tree, process_tree  # noqa: F401 (process_tree: 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
 # A skip whose reason starts with this is expected on some machines (one GPU: no other
-# device order to test) and does not fail the step; any other skip does.
+# device order to test) and does not fail the stage; any other skip does.
 EXPECTED_SKIP = "expected on this machine:"
 
 
@@ -51,7 +52,7 @@ EXPECTED_SKIP = "expected on this machine:"
 class Figure:
     key: str                       # report key, unit in the name (loader_224_dali_gpu_img_s)
     label: str
-    read: Callable[[dict], Any]    # the step's output document -> value (None: not measured)
+    read: Callable[[dict], Any]    # the stage's output document -> value (None: not measured)
     op: str | None = None          # >=, <=, == ; None: reported beside a reference, no target
     target: Any = None             # a value, or target(ctx) -> value | None (None: reported)
     reference: str = ""            # shown beside a reported figure (e.g. a published rate)
@@ -59,8 +60,10 @@ class Figure:
 
 
 @dataclass(frozen=True)
-class Step:
-    name: str
+class Stage:
+    """One command of the check: what it runs, how long it may take, and where its
+    figures are read from."""
+    name: str                      # what --only takes (sanity, loader-224, ...)
     argv: tuple[str, ...]          # templated: {py} {horovodrun} {gpus} {gpus+1} {dir}
     timeout_s: int
     output: str                    # bench_json | json:<path> | junit:<path or glob> | ended | none (paths under {dir})
@@ -91,7 +94,7 @@ def _default_sigint() -> None:
     """In the child, before exec: SIGINT back to its default. A parent started in the
     background of a non-interactive shell has it ignored, and an ignored SIGINT is
     inherited (Python then installs no KeyboardInterrupt handler): the interrupt would do
-    nothing and every step that timed out would lose its results to the kill."""
+    nothing and every stage that timed out would lose its results to the kill."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -127,10 +130,10 @@ def run_command(argv: list[str], timeout_s: float, log_path: str, env: dict | No
     return None, time.monotonic() - t0, how
 
 
-def read_output(step: Step, ctx: dict, log_path: str, ended: dict | None = None) -> tuple[dict | None, str]:
-    """The step's output document, or (None, why). `ended`: how it ended (exit, wall_s,
-    refused), the document of an `ended` step."""
-    kind, _, rel = step.output.partition(":")
+def read_output(stage: Stage, ctx: dict, log_path: str, ended: dict | None = None) -> tuple[dict | None, str]:
+    """The stage's output document, or (None, why). `ended`: how it ended (exit, wall_s,
+    refused), the document of an `ended` stage."""
+    kind, _, rel = stage.output.partition(":")
     if kind == "none":
         return {}, ""
     if kind == "ended":
@@ -242,12 +245,12 @@ def describe_status(rc: int) -> str:
     return f"exit status {rc}"
 
 
-def crash_at_exit(step: Step, ctx: dict, rc: int | None, log_path: str) -> str:
+def crash_at_exit(stage: Stage, ctx: dict, rc: int | None, log_path: str) -> str:
     """Non-empty (the crash, named) when the command crashed after every one of its
     processes reported a clean finish: its results stand."""
-    if rc in (0, None) or not step.exit_marks:
+    if rc in (0, None) or not stage.exit_marks:
         return ""
-    want, marks = int(fill(step.exit_marks, ctx)), exit_marks(log_path)
+    want, marks = int(fill(stage.exit_marks, ctx)), exit_marks(log_path)
     if len(marks) < want or any(marks):
         return ""
     with open(log_path, errors="replace") as f:
@@ -258,54 +261,54 @@ def crash_at_exit(step: Step, ctx: dict, rc: int | None, log_path: str) -> str:
     return f"crashed at exit ({describe_status(rc)}) after {len(marks)} process(es) reported EXIT_STATUS 0{said}"
 
 
-def refusal_line(step: Step, rc: int | None, log_path: str) -> str:
-    """The line of the output matching `step.refusal` when the command refused as it
+def refusal_line(stage: Stage, rc: int | None, log_path: str) -> str:
+    """The line of the output matching `stage.refusal` when the command refused as it
     should (a non-zero exit of its own, not a timeout); "" otherwise."""
-    if not step.refusal or rc in (0, None):
+    if not stage.refusal or rc in (0, None):
         return ""
-    pattern = re.compile(step.refusal)
+    pattern = re.compile(stage.refusal)
     with open(log_path, errors="replace") as f:
         return next((ln.strip()[:400] for ln in f if pattern.search(ln)), "")
 
 
-def exit_figure(step: Step, rc: int | None, how: str, crash: str) -> dict:
-    fig = {"key": f"{step.name}.exit", "label": "exit status", "op": "==", "target": 0, "value": rc,
+def exit_figure(stage: Stage, rc: int | None, how: str, crash: str) -> dict:
+    fig = {"key": f"{stage.name}.exit", "label": "exit status", "op": "==", "target": 0, "value": rc,
            "reference": None, "status": "PASS" if rc == 0 or crash else "FAIL", "why": crash}
     if rc is None:
-        fig["why"] = (f"timed out after {step.timeout_s} s: "
+        fig["why"] = (f"timed out after {stage.timeout_s} s: "
                       + ("it ended on SIGINT; what it wrote is kept" if how == "SIGINT" else
-                         "the process tree was killed" + (" (SIGINT did not end it)" if step.grace_s else "")))
+                         "the process tree was killed" + (" (SIGINT did not end it)" if stage.grace_s else "")))
     return fig
 
 
-def run_step(step: Step, ctx: dict, run_dir: str) -> dict:
-    """Run one step and judge its figures; every step also has an exit-status figure."""
-    argv = expand(step.argv, ctx)
-    log = os.path.join(run_dir, f"{step.name}.log")
-    env = {**os.environ, **step.env, **({"HVDTRAIN_EXIT_MARK": "1"} if step.exit_marks else {})}
-    print(f"gpu_check: [{step.name}] {shlex.join(argv)}  (timeout {step.timeout_s} s)", flush=True)
-    kind, _, rel = step.output.partition(":")
+def run_stage(stage: Stage, ctx: dict, run_dir: str) -> dict:
+    """Run one stage and judge its figures; every stage also has an exit-status figure."""
+    argv = expand(stage.argv, ctx)
+    log = os.path.join(run_dir, f"{stage.name}.log")
+    env = {**os.environ, **stage.env, **({"HVDTRAIN_EXIT_MARK": "1"} if stage.exit_marks else {})}
+    print(f"gpu_check: [{stage.name}] {shlex.join(argv)}  (timeout {stage.timeout_s} s)", flush=True)
+    kind, _, rel = stage.output.partition(":")
     if kind in ("json", "junit"):  # an earlier run's report in a reused run folder is not this one's
         for stale in glob.glob(fill(rel, ctx)):
             os.remove(stale)
-    rc, wall_s, how = run_command(argv, step.timeout_s, log, env, step.grace_s)
-    crash, line = crash_at_exit(step, ctx, rc, log), refusal_line(step, rc, log)
+    rc, wall_s, how = run_command(argv, stage.timeout_s, log, env, stage.grace_s)
+    crash, line = crash_at_exit(stage, ctx, rc, log), refusal_line(stage, rc, log)
     refusal = f"refused as designed ({describe_status(rc)}): {line}" if line else ""
     try:
-        doc, why = read_output(step, ctx, log, {"exit": rc, "wall_s": round(wall_s, 1), "refused": line})
+        doc, why = read_output(stage, ctx, log, {"exit": rc, "wall_s": round(wall_s, 1), "refused": line})
     except (OSError, ValueError, ET.ParseError) as e:
         doc, why = None, f"its output could not be read: {e}"
     if rc is None and doc is None:
-        why = f"the step timed out after {step.timeout_s} s ({how}) and left no output: {why}"
-    figs = [exit_figure(step, rc, how, crash or refusal)] + [judge(f, doc, why, ctx) for f in step.figures]
+        why = f"the stage timed out after {stage.timeout_s} s ({how}) and left no output: {why}"
+    figs = [exit_figure(stage, rc, how, crash or refusal)] + [judge(f, doc, why, ctx) for f in stage.figures]
     failed = [f["key"] for f in figs if f["status"] in ("FAIL", "NOT EVALUATED") and f["op"]]
-    print(f"gpu_check: [{step.name}] {'FAIL' if failed else 'PASS'} in {wall_s:.0f} s"
+    print(f"gpu_check: [{stage.name}] {'FAIL' if failed else 'PASS'} in {wall_s:.0f} s"
           + (f": {', '.join(failed)}" if failed else "") + (f" ({crash or refusal})" if crash or refusal else "")
           + f"  (log: {log})", flush=True)
-    return {"name": step.name, "argv": argv, "timeout_s": step.timeout_s, "wall_s": round(wall_s, 1),
+    return {"name": stage.name, "argv": argv, "timeout_s": stage.timeout_s, "wall_s": round(wall_s, 1),
             "exit": rc, "timed_out": rc is None, "ended_by": how or None, "crash_at_exit": crash or None,
             "refused": refusal or None,
-            "log": log, "figures": figs, "passed": not failed, "cost": step.cost}
+            "log": log, "figures": figs, "passed": not failed, "cost": stage.cost}
 
 
 # ---------------------------------------------------------------- the dry run
@@ -332,10 +335,10 @@ sys.exit(3)
 """
 
 
-def dry_check(step: Step, ctx: dict, scratch: str) -> list[str]:
-    """Problems with a step's command, found without a GPU: missing executables, files,
+def dry_check(stage: Stage, ctx: dict, scratch: str) -> list[str]:
+    """Problems with a stage's command, found without a GPU: missing executables, files,
     modules, and flags its parsers reject. [] = it parses."""
-    argv = expand(step.argv, ctx)
+    argv = expand(stage.argv, ctx)
     problems = [f"{a}: no such file" for a in argv if os.sep in a and not a.startswith(ctx["dir"])
                 and not a.startswith("-") and not os.path.exists(a)]
     if problems:
@@ -348,7 +351,7 @@ def dry_check(step: Step, ctx: dict, scratch: str) -> list[str]:
     mod_at = argv.index("-m") + 1
     mod, flags = argv[mod_at], argv[mod_at + 1:]
     env = {k: v for k, v in os.environ.items() if k != "HVDTRAIN_REQUIRE_GPU"}
-    if step.dry == "collect":
+    if stage.dry == "collect":
         cmds.append(argv + ["--collect-only", "-q", "-p", "no:cacheprovider"])
     else:
         import importlib.util
@@ -357,7 +360,7 @@ def dry_check(step: Step, ctx: dict, scratch: str) -> list[str]:
             return [f"module {mod} not found"]
         cmds.append([argv[0], "-c", PARSE_ONLY, mod, *flags])
     for i, cmd in enumerate(cmds):
-        log = os.path.join(scratch, f"{step.name}-dry{i}.log")
+        log = os.path.join(scratch, f"{stage.name}-dry{i}.log")
         rc, _, _ = run_command(cmd, 120, log, env)
         if rc != 0:
             tail = [ln.strip() for ln in open(log, errors="replace").read().strip().splitlines()[-2:]]

@@ -7,8 +7,8 @@
 # Why this script exists: horovod 0.28.1 (the newest release) asks CMake for C++14
 # (`set(CMAKE_CXX_STANDARD 14)` in CMakeLists.txt and horovod/torch/CMakeLists.txt),
 # but torch >= 2.1 headers need C++17, so `pip install horovod` fails to compile.
-# We download the sdist, change both lines to 17 and build with --no-build-isolation
-# against the torch already installed. With NCCL the CUDA kernels' CMAKE_CUDA_STANDARD
+# This script downloads the sdist (or takes a local one), changes both lines to 17 and
+# builds with --no-build-isolation against the torch already installed. With NCCL the CUDA kernels' CMAKE_CUDA_STANDARD
 # 11 becomes 17 as well (CUDA 13's headers need C++17). The build takes about 5 minutes
 # on 2 cores, so the wheel is cached outside the repo, keyed by Python, torch, CUDA and
 # build flags.
@@ -95,7 +95,7 @@ if [[ "$GPU_OPS" == nccl ]]; then
         MISSING+=("NCCL (nccl.h and libnccl.so.2 from torch's nvidia-nccl-cu12/-cu13 package; found: ${NCCL_DIR/#-/none})")
     else
         export HOROVOD_NCCL_INCLUDE="$NCCL_DIR/include"
-        # the pip package ships libnccl.so.2 only and CMake looks for libnccl.so: a link of our own
+        # the pip package ships libnccl.so.2 only and CMake looks for libnccl.so: a link in the cache
         LINK_DIR=$CACHE_ROOT/nccl-link/$(printf '%s' "$NCCL_DIR" | sha256sum | cut -c1-12)
         export HOROVOD_NCCL_LIB=$LINK_DIR
     fi

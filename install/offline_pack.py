@@ -1,4 +1,5 @@
-"""Slim the wheels a GPU bundle carries, so that fewer device calls carry them.
+"""Slim the wheels of an offline bundle (install/offline_bundle.sh) to what one CPython
+loads: a smaller bundle to copy to a node without internet access.
 
     python install/offline_pack.py SRC DST --python 3.12
 

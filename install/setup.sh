@@ -60,10 +60,10 @@ TORCH_MODE=${HVDTRAIN_TORCH:-$DEFAULT_MODE}
 
 # ---- the driver's CUDA major version ("none" without a working nvidia-smi)
 driver_cuda_major() {
-    local out v
+    local smi v
     command -v nvidia-smi >/dev/null || { echo none; return; }
-    out=$(nvidia-smi 2>/dev/null) || { echo none; return; }
-    v=$(sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' <<<"$out" | head -n 1)
+    smi=$(nvidia-smi 2>/dev/null) || { echo none; return; }
+    v=$(sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' <<<"$smi" | head -n 1)
     echo "${v:-none}"
 }
 CUDA_MAJOR=$(driver_cuda_major)
@@ -141,7 +141,7 @@ PY
 venv_site() { "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }  # .venv's site-packages
 make_venv() {
     if [[ "$TORCH_MODE" != system ]]; then "$BOOT" -m venv "$VENV"; return; fi
-    # an image's Python may lack ensurepip: then the venv borrows the bootstrap's pip
+    # an image's Python may lack ensurepip: then the venv uses the bootstrap's pip
     "$BOOT" -m venv --system-site-packages "$VENV" 2>/dev/null \
         || { rm -rf "$VENV"; "$BOOT" -m venv --system-site-packages --without-pip "$VENV"; } \
         || die "$BOOT could not create $VENV"
@@ -195,7 +195,7 @@ else
     CONSTRAINTS=$VENV/constraints.txt
     if [[ "$DRY" == 1 ]]; then CONSTRAINTS=constraints.txt
     elif [[ "$TORCH_MODE" == system ]]; then
-        # keep the torch we were given, the triton that matches it, and every package the image has
+        # keep the image's torch, the triton that matches it, and every package the image has
         pins_for_missing "$PY" >"$CONSTRAINTS"
     else
         cp constraints.txt "$CONSTRAINTS"

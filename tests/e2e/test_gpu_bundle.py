@@ -1,7 +1,8 @@
-"""install/offline_bundle.sh packs and splits; install/offline_install.sh joins, checks and hands the
-wheels to set-up, on the CPU, with a small bundle of real (tiny) wheels and a fake
-`nvidia-smi` for a CUDA 13 driver. No network: the bundle is packed from a folder
-(HVDTRAIN_BUNDLE_FROM) and set-up runs dry."""
+"""The offline install, on the CPU: install/offline_bundle.sh packs and splits;
+install/offline_install.sh joins, checks and hands the wheels to set-up;
+install/offline_check.sh sets up, then checks, into one folder. With a small bundle of real
+(tiny) wheels and a fake `nvidia-smi` for a CUDA 13 driver. No network: the bundle is
+packed from a folder (--from) and set-up runs dry."""
 import os
 import shutil
 import sys
@@ -41,6 +42,15 @@ def make_ext_wheel(folder) -> str:
     return path
 
 
+PART_MIB = str(4096 / 2**20)  # 4 KiB parts: several from a bundle of tiny wheels
+
+
+def pack(src, out, *args):
+    env = dict(os.environ, HVDTRAIN_BUNDLE_DIR=str(out), PYTHON=sys.executable)
+    return run(["bash", os.path.join(ROOT, "install", "offline_bundle.sh"), "--from", str(src), "--xz", "1", *args],
+               timeout=60, env=env)
+
+
 @pytest.fixture
 def bundle(tmp_path):
     src = tmp_path / "src"
@@ -51,9 +61,7 @@ def bundle(tmp_path):
     make_ext_wheel(src)
     (src / "horovod-0.28.1.tar.gz").write_bytes(os.urandom(3000))
     out = tmp_path / "bundle"
-    env = dict(os.environ, HVDTRAIN_BUNDLE_FROM=str(src), HVDTRAIN_BUNDLE_DIR=str(out),
-               HVDTRAIN_BUNDLE_PART="4k", HVDTRAIN_BUNDLE_XZ="1", PYTHON=sys.executable)
-    r = run(["bash", os.path.join(ROOT, "install", "offline_bundle.sh")], timeout=60, env=env)
+    r = pack(src, out, "--part-mib", PART_MIB)
     assert r.returncode == 0, r.stderr
     assert "the image must already have: gast, numpy" not in r.stdout  # numpy is in the bundle
     assert "the image must already have: gast\n" in r.stdout  # pyyaml-ft's marker is false on 3.12
@@ -63,8 +71,8 @@ def bundle(tmp_path):
 def install(tmp_path, out, *args, script="offline_install.sh", **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_"))}
     env.update(PATH=fake_smi(tmp_path / "bin", "13.0") + os.pathsep + env["PATH"], HVDTRAIN_BUNDLE_DIR=str(out),
-               HVDTRAIN_SETUP_DRY_RUN="1", PYTHON_BOOTSTRAP=sys.executable, HVDTRAIN_CACHE=str(tmp_path / "cache"),
-               **extra)
+               HVDTRAIN_SETUP_DRY_RUN="1", PYTHON_BOOTSTRAP=sys.executable, HVDTRAIN_CACHE=str(tmp_path / "cache"))
+    env.update(extra)
     return run(["bash", os.path.join(ROOT, "install", script), *args], timeout=120, env=env)
 
 
@@ -114,7 +122,7 @@ def test_a_damaged_sdist_is_named(bundle):
     out, _, tmp_path = bundle
     (out / "p00" / "horovod-0.28.1.tar.gz").write_bytes(b"truncated")
     r = install(tmp_path, out, "--horovod")
-    assert r.returncode == 1 and "horovod-0.28.1.tar.gz is missing or fails its sha256: carry p00 again" in r.stderr
+    assert r.returncode == 1 and "horovod-0.28.1.tar.gz is missing or fails its sha256: copy p00 again" in r.stderr
 
 
 def test_a_missing_part_is_named(bundle):
@@ -137,22 +145,54 @@ def test_a_damaged_part_fails_the_checksum(bundle):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_the_last_call_sets_up_then_checks_in_one_flat_folder(bundle):
-    """install/offline_check.sh: set-up's log and gpu-check's report land in $OUT; a set-up
-    that fails stops there, with its log's tail; with no GPU gpu-check exits 2."""
+def test_the_node_command_sets_up_then_checks_into_one_folder(bundle):
+    """install/offline_check.sh --out DIR: set-up's log and gpu-check's report land in DIR;
+    a set-up that fails stops there, with its log's tail; with no GPU gpu-check exits 2."""
     out, _, tmp_path = bundle
     dest = tmp_path / "out"
-    r = install(tmp_path, out, "300", script="offline_check.sh", OUT=str(dest))
+    r = install(tmp_path, out, "--budget-s", "300", "--out", str(dest), script="offline_check.sh")
     assert r.returncode == 2 and "no GPU: nothing to check" in r.stdout, r.stdout + r.stderr
     assert "gpu-check gets the" in r.stdout and "gpu_install: 4 files" in (dest / "setup.log").read_text()
     shutil.rmtree(out / "p01")
-    r = install(tmp_path, out, script="offline_check.sh", OUT=str(dest))
+    r = install(tmp_path, out, "--out", str(dest), script="offline_check.sh")
     assert r.returncode == 1 and "set-up failed" in r.stdout and "lacks part folder(s) p01" in r.stdout
 
 
 def test_a_manifest_of_the_old_format_is_named(tmp_path):
-    """Parts from a gpu_bundle.sh before the sdist moved to p00 stop with a message."""
+    """A manifest without the sdist's line (not one install/offline_bundle.sh wrote) stops with a message."""
     (tmp_path / "b" / "p00").mkdir(parents=True)
     (tmp_path / "b" / "p00" / "bundle.manifest").write_text("parts 1\nsha256 abc\n")
     r = install(tmp_path, tmp_path / "b", "--horovod")
     assert r.returncode == 1 and "is not a bundle manifest of install/offline_bundle.sh" in r.stderr
+
+
+def test_one_part_by_default(tmp_path):
+    """Without --part-mib the bundle is one part in p00, beside the sdist: one folder to copy."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_wheel(src, "webdataset", "1.0.2")
+    (src / "horovod-0.28.1.tar.gz").write_bytes(os.urandom(3000))
+    r = pack(src, tmp_path / "bundle")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "bundle")) == ["p00"]
+    assert sorted(os.listdir(tmp_path / "bundle" / "p00")) == \
+        ["bundle.manifest", "bundle.tar.xz.part-00", "horovod-0.28.1.tar.gz"]
+    assert "python 3.12\ncuda 13\n" in (tmp_path / "bundle" / "p00" / "bundle.manifest").read_text()
+    r = pack(src, tmp_path / "bundle", "--cuda", "11")
+    assert r.returncode == 1 and "--cuda takes 12 or 13" in r.stderr
+
+
+def test_a_bundle_for_another_python_is_refused_before_anything_is_set_up(bundle):
+    """The bundle holds wheels for one CPython: on a node whose Python differs the install
+    stops at once, naming the option to build the right one (a dry run says it would)."""
+    out, _, tmp_path = bundle
+    for manifest in out.glob("p*/bundle.manifest"):
+        manifest.write_text(manifest.read_text().replace("python 3.12\n", "python 3.0\n"))
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    r = install(tmp_path, out, HVDTRAIN_SETUP_DRY_RUN="0")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"the bundle is for CPython 3.0 but {sys.executable} is {here}: build it again with " \
+           f"install/offline_bundle.sh --python {here}" in r.stderr
+    assert not (out / "wheels").exists() and not (tmp_path / "cache").exists()
+    r = install(tmp_path, out)
+    assert r.returncode == 0 and "(dry run): would stop here: the bundle is for CPython 3.0" in r.stdout

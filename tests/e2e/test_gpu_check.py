@@ -1,6 +1,6 @@
 """`make gpu-check` on the CPU: it stops at once with no GPU, its plan parses (each module's
 own argument parser accepts the plan's flags: this is what catches a flag that drifted),
-and a step that fails or hangs fails the check with that step named. The runner is the
+and a stage that fails or hangs fails the check with that stage named. The runner is the
 real one, on real subprocesses; only the plan is small."""
 import dataclasses
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpucheck import check as G
-from gpucheck.runner import Figure, Step, dry_check
+from gpucheck.runner import Figure, Stage, dry_check
 from tests.conftest import ROOT
 from tests.e2e.harness import run
 
@@ -29,13 +29,13 @@ def test_no_gpu_says_so_and_exits_2_at_once():
     assert not any(d.startswith("gpu-check-") for d in os.listdir(os.path.join(ROOT, "runs")))
 
 
-@pytest.mark.parametrize("step", G.STEPS, ids=[s.name for s in G.STEPS])
-def test_the_plans_commands_parse(step, tmp_path):
+@pytest.mark.parametrize("stage", G.STAGES, ids=[s.name for s in G.STAGES])
+def test_the_plans_commands_parse(stage, tmp_path):
     """Each command's module exists and its parser accepts the plan's flags; horovodrun's
-    flags pass horovodrun's parser; pytest collects the GPU tests. A failure names the step
-    and quotes the parser's error: fix the flag in gpucheck/check.py's COMMANDS."""
+    flags pass horovodrun's parser; pytest collects the GPU tests. A failure names the stage
+    and quotes the parser's error: fix the flag in gpucheck/plan.py's COMMANDS."""
     ctx = {"py": PY, "horovodrun": os.path.join(os.path.dirname(PY), "horovodrun"), "gpus": 1, "dir": str(tmp_path)}
-    assert dry_check(step, ctx, str(tmp_path)) == [], f"gpu-check step {step.name!r} would not run"
+    assert dry_check(stage, ctx, str(tmp_path)) == [], f"gpu-check stage {stage.name!r} would not run"
 
 
 def test_dry_run_prints_the_plan(tmp_path):
@@ -43,18 +43,19 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "[kernels] timeout 40 s: {py} -m bench.kernels" in r.stdout
     assert "kernels_compiled" in r.stdout and r.stdout.count("parses: yes") == 2
-    # the steps through the 224 px sweep, with set-up checks and version reading around them,
-    # fit in a 10-minute call (the plan's order: tests/e2e/test_gpu_plan_rehearsal.py)
-    names = [s.name for s in G.STEPS]
-    assert sum(s.timeout_s for s in G.STEPS[:names.index("loader-224") + 1]) <= 570
+    # the stages through the 224 px sweep (every target but the rooms'), with the version
+    # reading around them, fit a ten-minute budget (--budget-s 600; the plan's order:
+    # tests/e2e/test_gpu_plan_rehearsal.py)
+    names = [s.name for s in G.STAGES]
+    assert sum(s.timeout_s for s in G.STAGES[:names.index("loader-224") + 1]) <= 570
 
 
 def test_dry_run_names_a_flag_no_parser_accepts(tmp_path):
-    bad = Step("bad-flag", ("{py}", "-m", "bench.kernels", "--no-such-flag", "1"), 10, "bench_json")
+    bad = Stage("bad-flag", ("{py}", "-m", "bench.kernels", "--no-such-flag", "1"), 10, "bench_json")
     ctx = {"py": PY, "horovodrun": "horovodrun", "gpus": 1, "dir": str(tmp_path)}
     problems = dry_check(bad, ctx, str(tmp_path))
     assert len(problems) == 1 and "unrecognized arguments: --no-such-flag 1" in problems[0]
-    missing = Step("missing", ("{py}", "-m", "bench.no_such_module"), 10, "none")
+    missing = Stage("missing", ("{py}", "-m", "bench.no_such_module"), 10, "none")
     assert dry_check(missing, ctx, str(tmp_path)) == ["module bench.no_such_module not found"]
 
 
@@ -67,47 +68,48 @@ HANG = ("import subprocess, sys, time; "
 def fake_plan(tmp_path):
     bench = 'print("noise"); print("BENCH_JSON " + __import__("json").dumps({"img_s": 100.0, "error": None}))'
     return (
-        Step("good", ("{py}", "-c", bench), 30, "bench_json",
+        Stage("good", ("{py}", "-c", bench), 30, "bench_json",
              (Figure("good_img_s", "img/s", lambda d: d["img_s"], ">=", 50.0),)),
-        Step("slow-figure", ("{py}", "-c", bench), 30, "bench_json",
+        Stage("slow-figure", ("{py}", "-c", bench), 30, "bench_json",
              (Figure("slow_img_s", "img/s", lambda d: d["img_s"], ">=", lambda ctx: ctx["want"]),
               Figure("absent", "a field the output lacks", lambda d: d["nope"], "==", 1))),
-        Step("crashes", ("{py}", "-c", "import sys; print('boom'); sys.exit(3)"), 30, "bench_json",
+        Stage("crashes", ("{py}", "-c", "import sys; print('boom'); sys.exit(3)"), 30, "bench_json",
              (Figure("crash_img_s", "img/s", lambda d: d["img_s"], ">=", 1.0),)),
-        Step("hangs", ("{py}", "-c", HANG, str(tmp_path / "grandchild.pid")), 3, "bench_json"),
+        Stage("hangs", ("{py}", "-c", HANG, str(tmp_path / "grandchild.pid")), 3, "bench_json"),
     )
 
 
-def test_a_failing_or_hanging_step_fails_the_check_and_is_named(tmp_path):
+def test_a_failing_or_hanging_stage_fails_the_check_and_is_named(tmp_path):
     ctx = {"py": PY, "horovodrun": "horovodrun", "gpus": 1, "dir": str(tmp_path), "want": 200.0}
     t0 = time.monotonic()
     report = G.run_plan(fake_plan(tmp_path), ctx, str(tmp_path), {"gpus": ["fake"]})
     assert time.monotonic() - t0 < 25  # the hang cost its timeout, not its sleep
-    assert report["passed"] is False and report["failed_steps"] == ["slow-figure", "crashes", "hangs"]
-    steps = {s["name"]: s for s in report["steps"]}
-    figs = {f["key"]: f for s in report["steps"] for f in s["figures"]}
-    assert steps["good"]["passed"] and figs["good_img_s"]["status"] == "PASS" and figs["good_img_s"]["value"] == 100
+    assert report["passed"] is False and report["failed_stages"] == ["slow-figure", "crashes", "hangs"]
+    stages = {s["name"]: s for s in report["stages"]}
+    figs = {f["key"]: f for s in report["stages"] for f in s["figures"]}
+    assert stages["good"]["passed"] and figs["good_img_s"]["status"] == "PASS" and figs["good_img_s"]["value"] == 100
     assert figs["slow_img_s"]["status"] == "FAIL" and figs["slow_img_s"]["target"] == 200
     assert figs["absent"]["status"] == "NOT EVALUATED" and "KeyError" in figs["absent"]["why"]
     assert figs["crashes.exit"]["value"] == 3 and figs["crash_img_s"]["status"] == "NOT EVALUATED"
     assert "no BENCH_JSON line" in figs["crash_img_s"]["why"]
-    assert steps["hangs"]["timed_out"] and "timed out after 3 s" in figs["hangs.exit"]["why"]
+    assert stages["hangs"]["timed_out"] and "timed out after 3 s" in figs["hangs.exit"]["why"]
     grandchild = int((tmp_path / "grandchild.pid").read_text())
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
     # the files a person and a program read
     on_disk = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert on_disk["failed_steps"] == ["slow-figure", "crashes", "hangs"] and on_disk["complete"]
+    assert on_disk["failed_stages"] == ["slow-figure", "crashes", "hangs"] and on_disk["complete"]
     md = (tmp_path / "gpu-check.md").read_text()
     assert md.startswith("# gpu-check: FAIL: slow-figure, crashes, hangs")
     assert "| img/s | 100 | >= 200 | FAIL |" in md
     assert "boom" in (tmp_path / "crashes.log").read_text()
+    assert "===== crashes:" in (tmp_path / "gpu-check-logs.txt").read_text()  # every log's tail, in the folder too
 
 
-def test_a_budget_cuts_the_last_timeout_and_names_the_steps_it_left_out(tmp_path, monkeypatch):
-    """--budget-s: the plan ends within the budget (a device call's limit); a step with no
-    time left is reported as not run; --copy-to gets the report and the logs' tails after
-    every step, in one flat folder."""
-    monkeypatch.setattr(G, "MIN_STEP_S", 2)
+def test_a_budget_cuts_the_last_timeout_and_names_the_stages_it_left_out(tmp_path, monkeypatch):
+    """--budget-s: the plan ends within the budget (what is left of a node's time); a stage
+    with no time left is reported as not run; --copy-to gets the report and the logs' tails
+    after every stage, in one flat folder."""
+    monkeypatch.setattr(G, "MIN_STAGE_S", 2)
     good, _, _, hangs = fake_plan(tmp_path)
     hangs = dataclasses.replace(hangs, timeout_s=60, grace_s=0)  # killed at its (cut) timeout, no SIGINT first
     ctx = {"py": PY, "horovodrun": "horovodrun", "gpus": 1, "dir": str(tmp_path / "run")}
@@ -116,10 +118,10 @@ def test_a_budget_cuts_the_last_timeout_and_names_the_steps_it_left_out(tmp_path
     report = G.run_plan((good, hangs, good), ctx, ctx["dir"], {"gpus": ["fake"]}, budget_s=6,
                         copy_to=str(tmp_path / "out"))
     assert time.monotonic() - t0 < 15
-    steps = report["steps"]
-    assert [s["name"] for s in steps] == ["good", "hangs", "good"]
-    assert steps[0]["passed"] and steps[1]["timed_out"] and steps[1]["timeout_s"] < 60
-    assert steps[2]["not_run"] == "not run: 6 s budget (--budget-s) spent" and not steps[2]["passed"]
+    stages = report["stages"]
+    assert [s["name"] for s in stages] == ["good", "hangs", "good"]
+    assert stages[0]["passed"] and stages[1]["timed_out"] and stages[1]["timeout_s"] < 60
+    assert stages[2]["not_run"] == "not run: 6 s budget (--budget-s) spent" and not stages[2]["passed"]
     assert report["complete"] is False and report["passed"] is False
     assert sorted(os.listdir(tmp_path / "out")) == ["gpu-check-logs.txt", "gpu-check.json", "gpu-check.md"]
     md = (tmp_path / "out" / "gpu-check.md").read_text()

@@ -1,11 +1,12 @@
-"""The GPU run's plan rehearsed on the CPU: gpucheck's real steps (names, order,
+"""The GPU node check's plan rehearsed on the CPU: gpucheck's real stages (names, order,
 outputs, figures, exit marks) with each command replaced by a stand-in that takes a known
 time, finishes, crashes at exit, hangs, or prints partial results when interrupted, under
-a budget, with the real runner on real subprocesses. What it checks is what the one GPU
-try depends on: the order, the budget cut and NOT RUN, SIGINT then the kill (with SIGINT
-ignored by gpu_check's own parent, as in the background of a non-interactive shell),
-results kept from a timed-out step, a crash at exit after a clean finish, expected and
-unexpected skips, and the report rewritten after every step."""
+a budget, with the real runner on real subprocesses. What it checks is what a user's
+report on a GPU node depends on: the order, the budget cut and NOT RUN, SIGINT then the
+kill (with SIGINT ignored by gpu_check's own parent, as in the background of a
+non-interactive shell: a batch job or `nohup`), results kept from a timed-out stage, a
+crash at exit after a clean finish, expected and unexpected skips, and the report
+rewritten after every stage."""
 import dataclasses
 import json
 import os
@@ -38,10 +39,10 @@ elif mode == "train":  # a good run, then DALI's abort at interpreter shutdown
     exitmark.mark(0)
     print("terminate called after throwing an instance of 'dali::CUDAError'", flush=True)
     os.abort()
-elif mode == "sanity":  # writes its report; records which steps gpu-check.json held when it started
-    seen = [s["name"] for s in json.load(open(os.path.join(out, "gpu-check.json")))["steps"]]
+elif mode == "sanity":  # writes its report; records which stages gpu-check.json held when it started
+    seen = [s["name"] for s in json.load(open(os.path.join(out, "gpu-check.json")))["stages"]]
     os.makedirs(os.path.join(out, "sanity"), exist_ok=True)
-    json.dump({"verdict": "GO", "slos": [{"name": "gpu_util_pct", "value": 91.0}], "seen_steps": seen,
+    json.dump({"verdict": "GO", "slos": [{"name": "gpu_util_pct", "value": 91.0}], "seen_stages": seen,
                "gpu": {"util_mean_pct": 91.0, "dmon": {"sm_mean_pct": 88.0}, "sm_util_mean_pct": 60.0,
                        "jpg_util_mean_pct": None, "jpg_util_why": "this GPU has no JPEG engine"},
                "max_memory_gib": 1.3, "images_per_s": 5000.0, "breakdown": None},
@@ -54,7 +55,7 @@ elif mode == "refuse":  # dist.init with more ranks than GPUs: rank 0 prints the
     except GpuLayoutError as e:
         print(f"hvdtrain: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-elif mode == "silent":  # exits as a refusal does, without saying what to run instead
+elif mode == "unexplained":  # exits as a refusal does, without saying what to run instead
     print("Process 0 exit with status code 2", flush=True)
     sys.exit(2)
 elif mode == "deaf":  # prints what it has, then ignores SIGINT: only the kill ends it
@@ -83,7 +84,7 @@ def test_no_tool(): pytest.skip("no nvidia-smi on PATH")
 def test_hangs(): time.sleep(600)
 '''
 
-# stand-in, timeout and grace per step: train-data and loader-data finish at once; train
+# stand-in, timeout and grace per stage: train-data and loader-data finish at once; train
 # crashes at exit after a clean finish; sanity reads the report written so far; kernels
 # ignores SIGINT and is killed at its timeout; gpu-tests is real pytest with a hanging
 # test (SIGINT at 16 s); loader-224 sweeps until the budget's SIGINT;
@@ -100,7 +101,7 @@ def standin_plan(tmp_path) -> tuple:
     script.write_text(STANDIN)
     tests.write_text(TESTS)
     out = []
-    for s in G.STEPS:
+    for s in G.STAGES:
         mode, timeout_s, grace_s = PLAN[s.name]
         argv = (("{py}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml={dir}/gpu-tests.xml", str(tests))
                 if mode == "pytest" else ("{py}", str(script), REPO, mode, "{dir}"))
@@ -111,26 +112,27 @@ def standin_plan(tmp_path) -> tuple:
 @pytest.fixture
 def sigint_ignored():
     """gpu_check's parent ignores SIGINT (a background job of a non-interactive shell):
-    its steps inherit that unless the runner puts SIGINT back for them."""
+    its stages inherit that unless the runner puts SIGINT back for them."""
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     yield
     signal.signal(signal.SIGINT, old)
 
 
 def test_the_real_plan_is_sized_and_ordered():
-    names = [s.name for s in G.STEPS]
+    names = [s.name for s in G.STAGES]
     assert names[:2] == ["train-data", "train"] and names[-1] == "loader-64", names
     assert names.index("loader-data") < names.index("loader-224")
-    assert all(s.cost for s in G.STEPS), [s.name for s in G.STEPS if not s.cost]
-    # every step with a target of its own, through the 224 px sweep, fits a call's 570 s; the
-    # CPU rooms run on that machine and the 64 px sweep take what the budget leaves
+    assert all(s.cost for s in G.STAGES), [s.name for s in G.STAGES if not s.cost]
+    # every stage with a target of its own, through the 224 px sweep, ends within 570 s (a
+    # ten-minute --budget-s judges every target); the CPU rooms run on the node and the
+    # 64 px sweep take what the budget leaves
     core = names.index("loader-224") + 1
-    assert sum(s.timeout_s for s in G.STEPS[:core]) <= 570
+    assert sum(s.timeout_s for s in G.STAGES[:core]) <= 570
     assert names[core:] == ["unit-tests", "parallel-tests", "loader-64"], names
 
 
 def test_the_plan_rehearsed_with_stand_ins_under_a_budget(tmp_path, monkeypatch, sigint_ignored):
-    monkeypatch.setattr(G, "MIN_STEP_S", 5)
+    monkeypatch.setattr(G, "MIN_STAGE_S", 5)
     run_dir, copy_to = tmp_path / "run", tmp_path / "out"
     run_dir.mkdir()
     ctx = {"py": PY, "horovodrun": "horovodrun", "gpus": 1, "dir": str(run_dir), "gpu_name": "NVIDIA H200"}
@@ -139,52 +141,52 @@ def test_the_plan_rehearsed_with_stand_ins_under_a_budget(tmp_path, monkeypatch,
                         copy_to=str(copy_to))
     wall_s = time.monotonic() - t0
     assert wall_s < BUDGET_S + 5, f"the plan took {wall_s:.0f} s of a {BUDGET_S} s budget"
-    steps = {s["name"]: s for s in report["steps"]}
-    figs = {f["key"]: f for s in report["steps"] for f in s["figures"]}
-    assert [s["name"] for s in report["steps"]] == [s.name for s in G.STEPS]  # the plan's order
+    stages = {s["name"]: s for s in report["stages"]}
+    figs = {f["key"]: f for s in report["stages"] for f in s["figures"]}
+    assert [s["name"] for s in report["stages"]] == [s.name for s in G.STAGES]  # the plan's order
 
     # a crash at exit after every process said EXIT_STATUS 0: the results stand, the crash is named
-    assert steps["train"]["passed"] and steps["train"]["exit"] != 0
+    assert stages["train"]["passed"] and stages["train"]["exit"] != 0
     assert "crashed at exit (killed by SIGABRT)" in figs["train.exit"]["why"] and "dali::CUDAError" in \
         figs["train.exit"]["why"]
     assert figs["train_real_over_synthetic"]["status"] == "PASS"
-    # the report was on disk before the next step began
-    seen = json.loads((run_dir / "sanity" / "sanity.json").read_text())["seen_steps"]
-    assert seen == ["train-data", "train"] and steps["sanity"]["passed"]
+    # the report was on disk before the next stage began
+    seen = json.loads((run_dir / "sanity" / "sanity.json").read_text())["seen_stages"]
+    assert seen == ["train-data", "train"] and stages["sanity"]["passed"]
     assert figs["sanity_jpeg_engines_util_pct"]["status"] == "NOT EVALUATED" and \
         figs["sanity_jpeg_engines_util_pct"]["why"] == "this GPU has no JPEG engine"  # a reason, and no target
-    # more ranks than GPUs: a refusal that says what to run instead is the step's clean end
-    assert steps["two-ranks"]["passed"] and steps["two-ranks"]["exit"] == 2, steps["two-ranks"]
+    # more ranks than GPUs: a refusal that says what to run instead is the stage's clean end
+    assert stages["two-ranks"]["passed"] and stages["two-ranks"]["exit"] == 2, stages["two-ranks"]
     assert figs["two-ranks.exit"]["why"].startswith("refused as designed (exit status 2): hvdtrain: 2 ranks")
     assert figs["two_ranks_refused"]["status"] == "PASS" and figs["two_ranks_wall_s"]["status"] == "PASS"
     assert "CUDA_VISIBLE_DEVICES= horovodrun -np 2" in figs["two_ranks_outcome"]["value"]
     # SIGINT ignored: killed at the timeout, with what it printed before kept
-    assert steps["kernels"]["timed_out"] and steps["kernels"]["ended_by"] == "SIGKILL"
-    assert 4 <= steps["kernels"]["wall_s"] < 6 and figs["kernels_compiled"]["status"] == "PASS"
-    assert "SIGINT did not end it" in figs["kernels.exit"]["why"] and not steps["kernels"]["passed"]
+    assert stages["kernels"]["timed_out"] and stages["kernels"]["ended_by"] == "SIGKILL"
+    assert 4 <= stages["kernels"]["wall_s"] < 6 and figs["kernels_compiled"]["status"] == "PASS"
+    assert "SIGINT did not end it" in figs["kernels.exit"]["why"] and not stages["kernels"]["passed"]
     # pytest interrupted: its JUnit XML has the tests that ran; an expected skip does not fail, another does
-    t = steps["gpu-tests"]
+    t = stages["gpu-tests"]
     assert t["timed_out"] and t["ended_by"] == "SIGINT" and 15 <= t["wall_s"] < 20
     assert figs["gpu_tests_passed"]["value"] == 1 and figs["gpu_tests_failed"]["status"] == "PASS"
     assert figs["gpu_tests_unexpected_skips"]["value"] == 1 and figs["gpu_tests_unexpected_skips"]["status"] == "FAIL"
     assert figs["gpu_tests_expected_skips"]["value"].startswith("1: ") and "one GPU" in \
         figs["gpu_tests_expected_skips"]["value"]
     assert "no nvidia-smi" in figs["gpu_tests_not_passed"]["value"]
-    # the budget cut the sweep's timeout; SIGINT got its partial results; nothing left for the last step
-    sweep = steps["loader-224"]
+    # the budget cut the sweep's timeout; SIGINT got its partial results; nothing left for the last stages
+    sweep = stages["loader-224"]
     assert sweep["timed_out"] and sweep["ended_by"] == "SIGINT" and sweep["timeout_s"] < 300
     assert figs["loader_224_dali_gpu_img_s"]["value"] >= 8000 and figs["loader_224_dali_gpu_img_s"]["status"] == "PASS"
     assert "interrupted (SIGINT)" in figs["loader_224_errors"]["value"]
     for late in ("unit-tests", "parallel-tests", "loader-64"):
-        assert steps[late]["not_run"] == f"not run: {BUDGET_S} s budget (--budget-s) spent", late
+        assert stages[late]["not_run"] == f"not run: {BUDGET_S} s budget (--budget-s) spent", late
     assert report["complete"] is False and report["passed"] is False and report["pending"] == []
     failed = ["kernels", "gpu-tests", "loader-224", "unit-tests", "parallel-tests", "loader-64"]
-    assert report["failed_steps"] == failed
-    # what comes back from the device call
+    assert report["failed_stages"] == failed
+    # the flat copy (--copy-to) a user reads while the check runs or after
     md = (copy_to / "gpu-check.md").read_text()
     assert md.startswith(f"# gpu-check: FAIL: {', '.join(failed)} (incomplete")
     assert "## loader-64: NOT RUN" in md and "timed out: ended by SIGINT" in md
-    assert json.loads((copy_to / "gpu-check.json").read_text())["steps"][-1]["name"] == "loader-64"
+    assert json.loads((copy_to / "gpu-check.json").read_text())["stages"][-1]["name"] == "loader-64"
     assert "===== gpu-tests:" in (copy_to / "gpu-check-logs.txt").read_text()
 
 
@@ -201,23 +203,24 @@ def test_the_refusal_and_the_rooms_judged(tmp_path):
     unit room: a failure and a skip are listed as behaving differently on that machine. The
     parallel room as the plan runs it (the real tests/parallel, one test, 2 Horovod ranks,
     GPUs hidden): each rank writes its own JUnit XML and both are read."""
-    from gpucheck.runner import run_step
+    from gpucheck.runner import run_stage
 
-    step = {s.name: s for s in G.STEPS}
+    stage = {s.name: s for s in G.STAGES}
     script, room = tmp_path / "standin.py", tmp_path / "test_room.py"
     script.write_text(STANDIN)
     room.write_text(ROOM)
     ctx = {"py": PY, "horovodrun": os.path.join(os.path.dirname(PY), "horovodrun"), "gpus": 1, "dir": str(tmp_path)}
 
-    silent = run_step(dataclasses.replace(step["two-ranks"], argv=("{py}", str(script), REPO, "silent", "{dir}")),
-                      ctx, str(tmp_path))
-    figs = {f["key"]: f for f in silent["figures"]}
-    assert not silent["passed"] and not silent["refused"] and figs["two-ranks.exit"]["status"] == "FAIL"
+    unexplained = run_stage(dataclasses.replace(stage["two-ranks"],
+                                                argv=("{py}", str(script), REPO, "unexplained", "{dir}")),
+                            ctx, str(tmp_path))
+    figs = {f["key"]: f for f in unexplained["figures"]}
+    assert not unexplained["passed"] and not unexplained["refused"] and figs["two-ranks.exit"]["status"] == "FAIL"
     assert figs["two_ranks_refused"]["status"] == "FAIL"
     assert figs["two_ranks_outcome"]["value"] == "exit 2 without saying what to run instead"
 
-    unit = run_step(dataclasses.replace(step["unit-tests"], argv=step["unit-tests"].argv[:-1] + (str(room),)),
-                    ctx, str(tmp_path))
+    unit = run_stage(dataclasses.replace(stage["unit-tests"], argv=stage["unit-tests"].argv[:-1] + (str(room),)),
+                     ctx, str(tmp_path))
     figs = {f["key"]: f for f in unit["figures"]}
     assert figs["unit_tests_failed"]["value"] == 1 and figs["unit_tests_failed"]["status"] == "FAIL"
     assert figs["unit_tests_passed"]["value"] == 1
@@ -226,8 +229,8 @@ def test_the_refusal_and_the_rooms_judged(tmp_path):
 
     (tmp_path / "parallel-tests.rank7.xml").write_text("<testsuite/>")  # an earlier run's: removed, not read
     quick = "test_world_is_two_ranks"
-    par = run_step(dataclasses.replace(step["parallel-tests"], argv=step["parallel-tests"].argv + ("-k", quick)),
-                   ctx, str(tmp_path))
+    par = run_stage(dataclasses.replace(stage["parallel-tests"], argv=stage["parallel-tests"].argv + ("-k", quick)),
+                    ctx, str(tmp_path))
     figs = {f["key"]: f for f in par["figures"]}
     assert par["passed"], open(par["log"]).read()[-3000:]
     assert sorted(p.name for p in tmp_path.glob("parallel-tests*.xml")) == \

@@ -176,8 +176,8 @@ def test_nccl_is_found_by_path_even_when_hidden_from_import(tmp_path):
 
 
 def test_a_second_horovod_build_waits_for_the_first_and_reuses_its_wheel(tmp_path):
-    """The build lock: set-up started while the background build (gpu_install.sh --horovod)
-    holds it waits, then takes the wheel that build cached, instead of building again."""
+    """The build lock: set-up started while a background build (install/offline_install.sh
+    --horovod) holds it waits, then takes the wheel that build cached, instead of building again."""
     sdist = tmp_path / "horovod-0.28.1.tar.gz"
     sdist.write_bytes(b"not a tar")  # a first build that fails at once names its cache key
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HVDTRAIN_", "HOROVOD_"))}

@@ -21,7 +21,7 @@ CLASSES = 10
 def skip_expected(why: str):
     """Skip for a reason that depends on the machine, not on the code (one GPU: no other
     device order to test). gpucheck counts such skips apart: they do not fail its
-    gpu-tests step under HVDTRAIN_REQUIRE_GPU=1; any other skip does."""
+    gpu-tests stage under HVDTRAIN_REQUIRE_GPU=1; any other skip does."""
     pytest.skip(f"{EXPECTED_SKIP} {why}")
 
 
