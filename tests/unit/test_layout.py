@@ -1,5 +1,5 @@
 """House rules that keep the codebase honest: one horovod importer, no import circle,
-no floor that imports a floor above it, a model registry the README and config follow."""
+no floor that imports a floor above it, a model registry docs/usage.md and the config follow."""
 import ast
 import os
 import re
@@ -111,8 +111,8 @@ def test_entry_points_document_their_command():
         assert "python -m" in doc, f"{mod}: docstring should show its command line"
 
 
-def test_readme_model_table_is_the_registry():
+def test_usage_model_table_is_the_registry():
     from hvdtrain import model as M
 
-    assert M.readme_table() in open(os.path.join(ROOT, "README.md")).read(), \
-        "README's model table differs from `python -m hvdtrain.model`: paste its output"
+    assert M.readme_table() in open(os.path.join(ROOT, "docs", "usage.md")).read(), \
+        "docs/usage.md's model table differs from `python -m hvdtrain.model`: paste its output"
