@@ -41,6 +41,7 @@ import time
 import numpy as np
 
 from hvdtrain.data import pool
+from hvdtrain.data.files import atomic_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {"rss_ratio_2_vs_1": 0.55, "index_build_s_full": 10.0, "index_vs_wds2idx": 3.0,
@@ -63,14 +64,12 @@ def _tiny_jpegs(n: int = 64) -> list[bytes]:
 def _write_tar(job: tuple[str, int, int]) -> int:
     path, first, n = job
     jpgs = _tiny_jpegs()
-    tmp = path + ".tmp"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as t:
+    with atomic_file(path) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as t:
         for i in range(first, first + n):
             for ext, data in (("jpg", jpgs[i % len(jpgs)]), ("cls", str(i % 1000).encode())):
                 info = tarfile.TarInfo(f"n{i:08d}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 t.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
     return n
 
 

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-from hvdtrain.data.tarindex import write_atomic
+from hvdtrain.data.files import write_atomic
 
 VERSION = "v1"
 KINDS = ("indexes", "shards", "verify", "skip")  # records; `prune` also clears old `jobs` specs

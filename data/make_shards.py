@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from hvdtrain.data import pool
 from hvdtrain.data.shards import ensure_indexes, resolve_shards
-from hvdtrain.data.tarindex import ShardError, read_index_count, write_atomic
+from hvdtrain.data.files import write_atomic
+from hvdtrain.data.tarindex import ShardError, read_index_count
 from hvdtrain.data.wds import IMAGE_EXTS, PIL_FORMATS, Sample, index_path_for, shard_name, write_info, write_shard
 
 

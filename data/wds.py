@@ -21,7 +21,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from hvdtrain.data.tarindex import ShardError, split_name, write_atomic, write_index_rows, walk  # noqa: F401 (ShardError)
+from hvdtrain.data.files import temp_name, write_atomic
+from hvdtrain.data.tarindex import ShardError, split_name, write_index_rows, walk
 
 INFO_NAME = "_info.json"
 INFO_FORMAT = "hvdtrain-shards-v1"
@@ -78,7 +79,7 @@ def write_shard(out_dir: str, name: str, samples: Iterable[Sample]) -> dict:
     taken as the tar is written (nothing is read back). The tar is written under a temporary
     name and renamed when it is complete, after its index. Returns its `_info.json` record."""
     path = os.path.join(out_dir, name)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temp_name(path)
     rows: list[list[tuple[str, int, int, str]]] = []
     with open(tmp, "wb") as raw:
         sink = _Hashing(raw)

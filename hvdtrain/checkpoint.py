@@ -1,8 +1,8 @@
 """Checkpoints: atomic save on rank 0, keep-last-N plus best, safe load, resume checks,
 and the run folder's pid lock.
 
-A checkpoint is `<run>/ckpt-<step:08d>.pt`, written as `<name>.tmp-<pid>`, fsynced and
-renamed, then the folder is fsynced: a kill at any moment leaves either the old set or
+A checkpoint is `<run>/ckpt-<step:08d>.pt`, written under a temporary name, fsynced and
+renamed, then the folder is fsynced (`data.files.write_atomic`): a kill at any moment leaves either the old set or
 the old set plus a complete new file, never a half file under a checkpoint's name.
 `best.pt` is a hard link to the checkpoint with the lowest validation loss.
 
@@ -20,6 +20,8 @@ import re
 import time
 
 import torch
+
+from hvdtrain.data import files
 
 FORMAT = "hvdtrain-ckpt-v1"
 _NAME = re.compile(r"ckpt-(\d{8})\.pt$")
@@ -39,30 +41,12 @@ class LockError(RuntimeError):
 
 
 # ---------------------------------------------------------------- writing
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_save(payload: dict, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
     buf = io.BytesIO()
     torch.save(payload, buf)  # in memory first: a failed file write then raises OSError with its
     try:                      # errno (ENOSPC, EFBIG), where torch.save's own writer only says "enforce fail"
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path) or ".")
+        files.write_atomic(path, buf.getbuffer(), fsync=True)
     except (OSError, RuntimeError) as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         prev = latest_path(os.path.dirname(path))
         keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
@@ -83,12 +67,13 @@ def save(run_dir: str, payload: dict, step: int, keep_last: int, best: bool = Fa
     path = os.path.join(run_dir, f"ckpt-{step:08d}.pt")
     _atomic_save(payload, path)
     if best:
-        tmp = os.path.join(run_dir, f"best.pt.tmp-{os.getpid()}")
+        best_path = os.path.join(run_dir, "best.pt")
+        tmp = files.temp_name(best_path)
         if os.path.exists(tmp):
             os.remove(tmp)
         os.link(path, tmp)  # same inode: pruning ckpt-<step>.pt later leaves best.pt whole
-        os.replace(tmp, os.path.join(run_dir, "best.pt"))
-        _fsync_dir(run_dir)
+        os.replace(tmp, best_path)
+        files.fsync_dir(run_dir)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         os.remove(old)
     return path

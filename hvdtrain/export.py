@@ -37,6 +37,7 @@ import sys
 
 import torch
 
+from hvdtrain.data.files import temp_name, write_atomic
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
 from hvdtrain import model as M
@@ -74,7 +75,7 @@ def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
 def write_weights(tensors: dict, path: str, fmt: str, meta: dict[str, str]) -> dict:
     """One state dict to `path` (atomically); its file entry for the JSON."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temp_name(path)
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
@@ -122,9 +123,7 @@ def export(checkpoint: str, out: str, flag: str | None = None) -> dict:
         enc = encoder_of(model)
         doc["encoder"] = {**write_weights(enc.state_dict(), files["encoder"], fmt, {**meta, "part": "encoder"}),
                           "module": type(enc).__name__}
-    with open(files["json"] + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(files["json"] + ".tmp", files["json"])
+    write_atomic(files["json"], json.dumps(doc, indent=1))
     return doc
 
 

@@ -30,6 +30,8 @@ import signal
 import sys
 import time
 
+from hvdtrain.data.files import write_atomic
+
 EXIT_PREEMPTED = 4
 REQUEST_NAME = "preempt.request"
 RECORD_NAME = "preempted.json"
@@ -165,9 +167,7 @@ def stopped(p: Preempt, run_dir: str, step: int, steps: int, checkpoint: str | N
                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
         path = os.path.join(run_dir, RECORD_NAME)
-        with open(path + ".tmp", "w") as f:
-            json.dump(rec, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps(rec, indent=1))
         p.consume()
     dist.barrier()
     if checkpoint is None:
