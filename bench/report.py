@@ -7,7 +7,9 @@ import os
 
 import torch
 
+from hvdtrain.data.files import write_atomic
 from hvdtrain import provenance
+from hvdtrain import report as R
 
 
 def envelope(bench: str, config: dict, error: str | None, **payload) -> dict:
@@ -19,22 +21,13 @@ def envelope(bench: str, config: dict, error: str | None, **payload) -> dict:
 
 
 def write(run_dir: str, name: str, result: dict, markdown: str, chart=None) -> str:
-    """Write the JSON and Markdown (and, if `chart(path)` is given, the PNG); returns run_dir."""
+    """Write the JSON and Markdown (and, if `chart(plt)` is given, the PNG of the figure it
+    returns: `hvdtrain.report.plot`), each atomically; returns run_dir."""
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, f"bench-{name}.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    png = None
-    if chart is not None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            png = os.path.join(run_dir, f"bench-{name}.png")
-            chart(png)
-        except ImportError:
-            png = None
-    with open(os.path.join(run_dir, f"bench-{name}.md"), "w") as f:
-        f.write(markdown + (f"\n\n![chart](bench-{name}.png)\n" if png else "\n"))
+    R.write_json(os.path.join(run_dir, f"bench-{name}.json"), result)
+    png = R.plot(os.path.join(run_dir, f"bench-{name}.png"), chart) if chart is not None else None
+    write_atomic(os.path.join(run_dir, f"bench-{name}.md"),
+                 markdown + (f"\n\n![chart](bench-{name}.png)\n" if png else "\n"))
     return run_dir
 
 

@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                  real_over_synthetic=ratio, data=run.data, warmup_steps=warmup, gpu=gpu,
                                  slos=checks, breakdown=real["breakdown"], run_dir=run.dir)
 
-        def chart(path):
-            import matplotlib.pyplot as plt
-
+        def chart(plt):
             fig, axes = plt.subplots(1, 2 if timeline else 1, figsize=(9 if timeline else 5, 3), dpi=110,
                                      squeeze=False)
             ax = axes[0][0]
@@ -98,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_title(f"real/synthetic {ratio:.3f}", fontsize=9)
             if timeline:
                 R.util_axes(axes[0][1], timeline)
-            fig.tight_layout()
-            fig.savefig(path)
-            plt.close(fig)
+            return fig
         report.publish(run.dir, "train", result, text, chart)
     dist.barrier()
     return 0

@@ -14,18 +14,13 @@ import torch
 
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
-from hvdtrain import dist, provenance
+from hvdtrain import dist, logs, provenance
 from hvdtrain import step as S
 from hvdtrain import task as TK
 
 
 class Refused(RuntimeError):
     """The run must not start; the message says why and what to do."""
-
-
-def _say(msg: str) -> None:
-    if dist.is_primary():
-        print(msg, flush=True)
 
 
 # ---------------------------------------------------------------- start: folder, lock, resume
@@ -37,13 +32,13 @@ def _prepare_primary(cfg: C.Config, current: dict, num_classes: int | None, chec
     run_dir = cfg.run.dir or os.path.join("runs", provenance.run_id(cfg.run.name))
     os.makedirs(run_dir, exist_ok=True)
     lock = ckpt.RunLock(run_dir)
-    lock.acquire(log=_say)
+    lock.acquire(log=logs.say)
     try:
         payload, path, notes = None, None, []
         if not checkpoints:
             pass
         elif cfg.run.resume == "auto":
-            found = ckpt.find_resume(run_dir, log=_say)
+            found = ckpt.find_resume(run_dir, log=logs.say)
             if found is None:
                 notes.append(f"resume: no checkpoint in {run_dir}: starting from step 0")
             else:

@@ -33,8 +33,9 @@ import time
 import torch
 
 from hvdtrain.data import embedded
+from hvdtrain.data.files import write_atomic
 from hvdtrain import config as C
-from hvdtrain import dist, exitmark, preempt, provenance, report, session
+from hvdtrain import dist, exitmark, logs, preempt, provenance, report, session
 from hvdtrain import slo as S
 from hvdtrain import timing
 from hvdtrain.loader import DataError
@@ -75,7 +76,7 @@ def run(cfg: C.Config, slo_file: str | None) -> dict:
     t_start = time.perf_counter()
     synthetic = cfg.data.loader == "synthetic"
     if not cfg.data.train and not synthetic:
-        cfg.data.train = embedded.ensure(cfg.seed, log=lambda s: dist.is_primary() and print(s, flush=True))
+        cfg.data.train = embedded.ensure(cfg.seed, log=logs.say)
     with session.Run(cfg, checkpoints=False) as r:
         loader_img_s = None if synthetic else probe_loader(r.loader)  # no reader to measure
         result = r.train()
@@ -116,8 +117,7 @@ def write(r: dict) -> None:
     if r["gpu"].get("timeline"):
         report.util_plot(os.path.join(d, "gpu_util.png"), r["gpu"]["timeline"])
     report.write_json(os.path.join(d, "sanity.json"), r)
-    with open(os.path.join(d, "sanity.md"), "w") as f:
-        f.write(report.sanity_markdown(r))
+    write_atomic(os.path.join(d, "sanity.md"), report.sanity_markdown(r))
     print("\n" + report.sanity_table(r))
     print(f"report: {os.path.join(d, 'sanity.md')}  json: {os.path.join(d, 'sanity.json')}", flush=True)
 

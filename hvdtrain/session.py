@@ -20,7 +20,6 @@ too but cannot be resumed).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from hvdtrain.data.tarindex import ShardError
 from hvdtrain import kernels
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
-from hvdtrain import dist, optim, provenance, report
+from hvdtrain import dist, logs, optim, provenance, report
 from hvdtrain import valpass as E
 from hvdtrain import preempt as P
 from hvdtrain import loader as L
@@ -56,14 +55,10 @@ def open_data(cfg: C.Config, alone: bool = False) -> tuple[ShardSet, ShardSet | 
         return synthetic.open_data(cfg, dist.size())
     gather = (lambda obj, name=None: [obj]) if alone else dist.allgather_object
     try:
-        return dataset.open_data(cfg, dist.rank(), dist.size(), gather, log=_log0,
+        return dataset.open_data(cfg, dist.rank(), dist.size(), gather, log=logs.say_here,
                                  needs_classes=TK.get(cfg.train.task).needs_classes)
     except ShardError as e:
         raise Refused(f"data error: {e}") from e
-
-
-def _log0(line: str) -> None:
-    print(line, flush=True)
 
 
 @dataclass
@@ -125,7 +120,7 @@ class Run:
         self.loader, self.val_loader = self._agreed(lambda: (
             L.from_config(cfg, self.train_data, "train", self.dali_threads, loader_state, epoch), self._val_loader()),
             alone=bool(joined))
-        self.logs = report.Logs(cfg, self.dir, self.state.step)
+        self.logs = logs.Logs(cfg, self.dir, self.state.step)
         self.bound = TK.val_bound(cfg.train.val_loss_bound, self.state.task, self.train_data.num_classes,
                                   cfg.data.val_batch_size or cfg.train.batch_size)
         self.best_val = joined["best_val"] if joined else info["resume"]["best_val_loss"] if info["resume"] else None
