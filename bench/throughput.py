@@ -21,7 +21,7 @@ import sys
 
 from hvdtrain.bench import report
 from hvdtrain import config as C
-from hvdtrain import dist, exitmark, session, timing
+from hvdtrain import dist, exitmark, exits, session, timing
 from hvdtrain import report as R
 from hvdtrain import slo as S
 from hvdtrain.synthetic import SyntheticLoader
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup = int(extra.get("warmup", 3))
     except (C.ConfigError, OSError, ValueError) as e:
         print(f"bench.throughput: {e}", file=sys.stderr)
-        return 2
+        return exits.REFUSED
     dist.init()
     if not cfg.data.train and cfg.data.loader != "synthetic":
         cfg.data.train = embedded.ensure(cfg.seed)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             synth = run.summarise(res)
             out.update(run=run, real=real, synth=synth, gpu=gpu, loader=run.loader.describe())
             del synthetic
-        return 0  # leaving the block released the loaders (session.Run.release_loaders) before the barrier
+        return exits.OK  # leaving the block released the loaders (session.Run.release_loaders) before the barrier
     code = session.guarded("bench.throughput", go)
     if code:
         return code
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             return fig
         report.publish(run.dir, "train", result, text, chart)
     dist.barrier()
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Checkpoints: atomic save on rank 0, keep-last-N plus best, safe load, resume checks,
-and the run folder's pid lock.
+"""Checkpoint files: atomic save on rank 0, keep-last-N plus best, safe load, and the run
+folder's pid lock. Which checkpoint a run continues from, and the checks that refuse one,
+are `hvdtrain.resume`.
 
 A checkpoint is `<run>/ckpt-<step:08d>.pt`, written under a temporary name, fsynced and
 renamed, then the folder is fsynced (`data.files.write_atomic`): a kill at any moment leaves either the old set or
@@ -30,10 +31,6 @@ LOCK_NAME = ".lock"
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the file."""
-
-
-class ResumeRefused(RuntimeError):
-    """The checkpoint belongs to another config or data set (see --resume-anyway)."""
 
 
 class LockError(RuntimeError):
@@ -118,57 +115,7 @@ def resolve(path: str) -> tuple[str, str]:
     return newest, "the run folder's newest checkpoint; it has no best.pt"
 
 
-def find_resume(run_dir: str, log=print) -> tuple[str, dict] | None:
-    """The newest checkpoint in `run_dir` that loads; unreadable ones are reported and skipped."""
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            return path, load(path)
-        except CheckpointError as e:
-            log(f"warning: skipping {e}")
-    return None
-
-
-def check_provenance(saved: dict, current: dict, anyway: bool) -> list[str]:
-    """Compare a checkpoint's config hash and data fingerprints with this run's.
-    Raises ResumeRefused naming both values unless `anyway`; returns the differences."""
-    diffs = []
-    if saved.get("config_hash") != current["config_hash"]:
-        diffs.append(f"config hash {saved.get('config_hash')} (checkpoint) != {current['config_hash']} (this run)")
-    for split, fp in current["data_fingerprint"].items():
-        old = saved.get("data_fingerprint", {}).get(split)
-        if split != "train" and old is None:
-            continue  # a val set added on resume: nothing to compare it with
-        if old != fp:
-            diffs.append(f"{split} data fingerprint {old} (checkpoint) != {fp} (this run)")
-    if diffs and not anyway:
-        raise ResumeRefused("refusing to resume: " + "; ".join(diffs) +
-                            ". Pass --resume-anyway to continue on purpose, or start a fresh --run.dir")
-    return diffs
-
-
 # ---------------------------------------------------------------- the run folder's lock
-def _proc_start(pid: int) -> str | None:
-    """Process start time in clock ticks (/proc/<pid>/stat field 22): tells a live pid from
-    a recycled one."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    if pid <= 0:  # never os.kill(-1, ...): that addresses every process
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start is None or _proc_start(pid) in (None, start)
-
-
 class RunLock:
     """`<run>/.lock` holding this process's pid, host and start time (O_EXCL create).
 
@@ -177,7 +124,7 @@ class RunLock:
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK_NAME)
-        self.me = {"pid": os.getpid(), "host": platform.node(), "start": _proc_start(os.getpid()),
+        self.me = {"pid": os.getpid(), "host": platform.node(), "start": files.proc_start(os.getpid()),
                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.held = False
 
@@ -191,7 +138,7 @@ class RunLock:
                     raise LockError(f"run folder {os.path.dirname(self.path)} is locked by pid "
                                     f"{holder.get('pid')} on host {holder.get('host')} (since "
                                     f"{holder.get('since')}); if that run is dead, delete {self.path}")
-                if _alive(int(holder.get("pid", -1)), holder.get("start")):
+                if files.pid_alive(int(holder.get("pid", -1)), holder.get("start")):
                     raise LockError(f"run folder {os.path.dirname(self.path)} is in use by a live run "
                                     f"(pid {holder['pid']} since {holder.get('since')}); wait for it, "
                                     f"stop it, or choose another --run.dir")

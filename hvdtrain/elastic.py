@@ -84,7 +84,7 @@ def elastic_loop(run) -> S.LoopResult:
                 setattr(total, k, getattr(total, k) + getattr(r, k))
             total.step_losses += r.step_losses
             timing.add(total.phase_s, r.phase_s)
-            if r.stopped:  # preempted: the run checkpoints this step and exits 4 (session.Run.train)
+            if r.stopped:  # preempted: the run checkpoints this step and ends PREEMPTED (session.Run.train)
                 total.stopped = True
                 return
             # a diverged model must not become the state a reset rolls back to; the weights

@@ -24,7 +24,7 @@ as `hvdtrain.evaluate`). The format follows the suffix of `--out` (`.safetensors
     model = load("tiny200.safetensors")           # rebuilt from the JSON, weights loaded, eval mode
     encoder = load("encoder.encoder.pt")          # a contrastive run's encoder
 
-Exit codes: 0 written, 2 refused (usage, an unreadable checkpoint, a suffix and a
+Exit codes: `hvdtrain.exits` (REFUSED: usage, an unreadable checkpoint, a suffix and a
 --format that disagree).
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ import torch
 from hvdtrain.data.files import temp_name, write_atomic
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
+from hvdtrain import exits
 from hvdtrain import model as M
 from hvdtrain import task as TK
 from hvdtrain.pipeline import MEAN, STD
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = export(a.checkpoint, a.out, a.format)
     except (ExportError, ckpt.CheckpointError, KeyError, RuntimeError) as e:
         print(f"hvdtrain.export: {e}", file=sys.stderr)
-        return 2
+        return exits.REFUSED
     w, files = doc["weights"], paths_for(a.out)
     print(f"hvdtrain.export: {doc['checkpoint']['path']} ({doc['checkpoint']['chosen']}), step "
           f"{doc['checkpoint']['step']}, {doc['model']['name']} {doc['task']}")
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  encoder  {files['encoder']}  ({e['module']}, {e['tensors']} tensors, {e['numel']} values)")
     print(f"  json     {files['json']}  (model config, classes, input, provenance: code "
           f"{doc['provenance']['git_sha']}, config {doc['provenance']['config_hash']})")
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":

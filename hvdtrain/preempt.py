@@ -1,6 +1,6 @@
 """Preemption and time limits: Slurm's warning reaches the ranks, every rank agrees to
-stop at the same optimizer step, rank 0 checkpoints there, and the run exits 4
-("preempted, resume me"; `hvdtrain.session`). launch/slurm_run.sh then requeues the job,
+stop at the same optimizer step, rank 0 checkpoints there, and the run ends with
+`hvdtrain.exits.PREEMPTED` ("preempted, resume me"). launch/slurm_run.sh then requeues the job,
 which continues with --resume auto in the same run folder:
 
     #SBATCH --signal=B:USR1@90   # launch/train.sbatch: Slurm warns the batch shell 90 s before the end
@@ -31,8 +31,8 @@ import sys
 import time
 
 from hvdtrain.data.files import write_atomic
+from hvdtrain import exits
 
-EXIT_PREEMPTED = 4
 REQUEST_NAME = "preempt.request"
 RECORD_NAME = "preempted.json"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -52,15 +52,15 @@ def install() -> None:
 
 
 def leave(rc: int) -> None:
-    """End the process with `rc`. A refusal (2) leaves at once, stdio flushed: it wrote
-    nothing to tear down, and under horovodrun the first rank to exit makes the launcher
-    SIGTERM the others, which would otherwise die of it in interpreter shutdown (exit 143)
-    after deciding on 2 themselves."""
+    """End the process with `rc`. A refusal (exits.REFUSED) leaves at once, stdio flushed:
+    it wrote nothing to tear down, and under horovodrun the first rank to exit makes the
+    launcher SIGTERM the others, which would otherwise die of it in interpreter shutdown
+    (exit 143) after deciding on a refusal themselves."""
     retire()
-    if rc == 2:
+    if rc == exits.REFUSED:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(2)
+        os._exit(exits.REFUSED)
     sys.exit(rc)
 
 
@@ -80,7 +80,7 @@ def received() -> list[str]:
 
 
 class Preempted(Exception):
-    """The run stopped at an optimizer-step boundary because it was preempted; `main` exits 4."""
+    """The run stopped at an optimizer-step boundary because it was preempted: exits.PREEMPTED."""
 
 
 class Preempt:

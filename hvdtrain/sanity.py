@@ -16,10 +16,8 @@ InfoNCE encoder (loss starts near ln 16 = 2.7726). Rank 0 writes runs/<run-id>/
 sanity.json, sanity.md and loss.png beside the run's config.json, metrics.jsonl and
 summary.json.
 
-Exit codes: 0 GO; 1 NO-GO (an SLO failed, or training failed: non-finite loss, a
-checkpoint write); 2 refused to start (usage, SLO file, data, run-folder lock, a bad
-sample); 3 another rank died or hung; 4 preempted (SIGUSR1, SIGTERM or the batch shell's
-request: `hvdtrain.preempt`): every rank stopped at the same step, and the sanity cannot be
+Exit codes: `hvdtrain.exits`; here OK is GO and FAILED is a NO-GO (an SLO failed) as
+well as a failed run, a bad sample refuses (REFUSED), and a PREEMPTED sanity cannot be
 resumed (it writes no checkpoints): run it again. launch/slurm_run.sh does not requeue it.
 """
 from __future__ import annotations
@@ -35,7 +33,7 @@ import torch
 from hvdtrain.data import embedded
 from hvdtrain.data.files import write_atomic
 from hvdtrain import config as C
-from hvdtrain import dist, exitmark, logs, preempt, provenance, report, session
+from hvdtrain import dist, exitmark, exits, logs, preempt, provenance, report, session
 from hvdtrain import slo as S
 from hvdtrain import timing
 from hvdtrain.loader import DataError
@@ -130,21 +128,21 @@ def main(argv: list[str] | None = None) -> int:
         S.load(extra.get("slo"))  # a bad SLO file fails before any work
     except (C.ConfigError, OSError, ValueError) as e:
         print(f"hvdtrain.sanity: {e}", file=sys.stderr)
-        return 2
+        return exits.REFUSED
     dist.init()
     out: dict = {}
 
     def go() -> int:
         out.update(run(cfg, extra.get("slo")))
-        return 0
-    code = session.guarded("hvdtrain.sanity", go, codes={DataError: 2})
+        return exits.OK
+    code = session.guarded("hvdtrain.sanity", go, codes={DataError: exits.REFUSED})
     if code:
         return code
     if dist.is_primary():
         write(out)
     # horovodrun kills the other ranks when one exits non-zero: leave together, after rank 0 wrote
     dist.barrier()
-    return 0 if out["verdict"] == "GO" else 1
+    return exits.OK if out["verdict"] == "GO" else exits.FAILED
 
 
 if __name__ == "__main__":

@@ -10,13 +10,8 @@ optimizer, the train and val loaders (`loader.from_config`), the logs (console, 
 metrics.jsonl, TensorBoard), the watchdog and the GPU monitor, which samples from the
 end of the warm-up (the first log interval, or a bench's warm-up steps) to the end.
 
-Exit codes (`main`): 0 done; 1 the run failed while training (non-finite loss, val-loss
-guard, bad sample, checkpoint write); 2 refused to start (data, classes, lock, resume
-checks); 3 another rank stopped or hung (a failed collective, or the watchdog:
-`hvdtrain.watchdog`); 4 preempted, resume me: every rank agreed to stop at one step
-(SIGUSR1, SIGTERM or the batch shell's request file: `hvdtrain.preempt`), rank 0 wrote
-a checkpoint there and preempted.json (a run without checkpoints, the sanity, exits 4
-too but cannot be resumed).
+`guarded` turns what can stop a run into its exit code (`hvdtrain.exits`, the one table)
+and one clear message.
 """
 from __future__ import annotations
 
@@ -31,7 +26,7 @@ from hvdtrain.data.tarindex import ShardError
 from hvdtrain import kernels
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
-from hvdtrain import dist, logs, optim, provenance, report
+from hvdtrain import dist, exits, logs, optim, provenance, report
 from hvdtrain import valpass as E
 from hvdtrain import preempt as P
 from hvdtrain import loader as L
@@ -43,8 +38,8 @@ from hvdtrain import task as TK
 from hvdtrain import timing
 from hvdtrain.gpumon import GpuMonitor, not_evaluated
 from hvdtrain.loader import DataError
-from hvdtrain.resume import Refused
-from hvdtrain.watchdog import EXIT_STALLED, Watchdog
+from hvdtrain.exits import Refused
+from hvdtrain.watchdog import Watchdog
 
 
 def open_data(cfg: C.Config, alone: bool = False) -> tuple[ShardSet, ShardSet | None, dict]:
@@ -296,7 +291,7 @@ class Run:
                                  self.on_log, self.on_step, self.stop_requested)
             self.preempt.drain()
             if res.stopped:
-                self.stop_preempted()  # raises P.Preempted: main exits 4
+                self.stop_preempted()  # raises P.Preempted: exits.PREEMPTED
         finally:
             self.dog.stop()
             gpu = self._stop_gpu()
@@ -395,30 +390,29 @@ class Run:
 def fit(cfg: C.Config) -> int:
     with Run(cfg) as run:
         run.train()
-    return 0
+    return exits.OK
 
 
 def guarded(prog: str, fn, codes: dict | None = None) -> int:
-    """Run `fn()` and map what can stop a run to an exit code with one clear message:
-    Refused -> 2, a data/training/checkpoint error -> 1, a failed collective -> 3,
-    a preemption -> 4.
-    `codes` overrides the code per exception class (the sanity maps data errors to 2)."""
+    """Run `fn()` and map what can stop a run to its exit code (`hvdtrain.exits`) with one
+    clear message: Refused -> REFUSED, a data/training/checkpoint error -> FAILED, a failed
+    collective -> STALLED, a preemption -> PREEMPTED. `codes` overrides the code per
+    exception class (the sanity refuses on a bad sample: DataError -> REFUSED)."""
     codes = codes or {}
     try:
         return fn()
     except P.Preempted as e:
-        if dist.is_primary():
-            print(f"{prog}: {e}", file=sys.stderr, flush=True)
-        return P.EXIT_PREEMPTED
+        logs.say(f"{prog}: {e}", file=sys.stderr)
+        return exits.PREEMPTED
     except Refused as e:
         if dist.is_primary():  # every rank refuses together; one message is enough
             print(f"{prog}: {e}", file=sys.stderr, flush=True)
         else:
             print(f"{prog}: rank {dist.rank()}: refused to start, as rank 0 says", file=sys.stderr, flush=True)
-        return codes.get(Refused, 2)
+        return codes.get(Refused, exits.REFUSED)
     except (DataError, S.TrainingError, ckpt.CheckpointError) as e:
         print(f"{prog}: rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
-        return codes.get(type(e), 1)
+        return codes.get(type(e), exits.FAILED)
     except RuntimeError as e:
         if not dist.is_collective_failure(e):
             raise
@@ -427,7 +421,7 @@ def guarded(prog: str, fn, codes: dict | None = None) -> int:
                  if dist.last_placement else "")
         print(f"{prog}: rank {dist.rank()}: a collective failed, most likely because another rank "
               f"stopped (the launcher's message names it): {first}{where}", file=sys.stderr, flush=True)
-        return EXIT_STALLED
+        return exits.STALLED
 
 
 def main(cfg: C.Config) -> int:

@@ -116,3 +116,18 @@ def test_readme_model_table_is_the_registry():
 
     assert M.readme_table() in open(os.path.join(ROOT, "README.md")).read(), \
         "README's model table differs from `python -m hvdtrain.model`: paste its output"
+
+
+def test_exit_codes_have_one_table():
+    """hvdtrain/exits.py is the table of exit codes; the modules that end a run name its
+    constants instead of writing (or describing) the numbers again."""
+    from hvdtrain import exits
+
+    assert (exits.OK, exits.FAILED, exits.REFUSED, exits.STALLED, exits.PREEMPTED) == (0, 1, 2, 3, 4)
+    assert sorted(exits.MEANING) == [0, 1, 2, 3, 4] and all(exits.MEANING.values())
+    numbers = re.compile(r"\bexits? [1-4]\b|\bExit codes: [0-4]|os\._exit\([1-4]\)|SystemExit\([0-4]\)|return [0-4]$",
+                         re.M)
+    found = [f"{mod}: {m.group()}" for mod in ("session", "watchdog", "preempt", "sanity", "train", "evaluate",
+                                                "export", "dist", "elastic", "resume")
+             for m in numbers.finditer(open(os.path.join(ROOT, "hvdtrain", f"{mod}.py")).read())]
+    assert not found, found
