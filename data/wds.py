@@ -181,16 +181,3 @@ def write_split(samples: Iterable[Sample], split_dir: str, classes: list[str], s
         raise ShardError(f"{split_dir}: no samples to write for split {split!r}")
     return write_info(split_dir, shards, classes, split, extra)
 
-
-_MOVED = {"expand_braces": "data.shards", "resolve_shards": "data.shards", "ShardSet": "data.shards",
-          "open_shards": "data.shards", "rank_range": "data.dataset", "read_index": "data.tarindex"}
-
-
-def __getattr__(name: str):
-    """Names that moved when data.wds was split by job (data.shards: opening shards;
-    data.dataset: one rank's view; data.tarindex: index files): kept importable from here."""
-    if name not in _MOVED:
-        raise AttributeError(f"module 'data.wds' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_MOVED[name]), name)
