@@ -21,7 +21,7 @@ import sys
 
 from hvdtrain.bench import report
 from hvdtrain import config as C
-from hvdtrain import dist, exitmark, exits, session, timing
+from hvdtrain import dist, exitmark, exits, session, step, timing
 from hvdtrain import report as R
 from hvdtrain import slo as S
 from hvdtrain.synthetic import SyntheticLoader
@@ -47,6 +47,21 @@ def table(cfg, run, loader: str, real, synth, ratio, warmup, checks, slos) -> st
         "", S.table(checks, slos)])
 
 
+def measure(run: session.Run, loader, warmup: int, steps: int) -> tuple[step.LoopResult, dict]:
+    """A window of `run`: `warmup` steps, then `steps` timed ones with the GPU sampled (no
+    validation, no checkpoints). Returns the timed steps' result and the GPU's."""
+    beat = lambda st: run.dog.beat(f"bench step {st.step}")  # noqa: E731
+    run.dog.start()
+    try:
+        step.run_loop(run.state, loader, warmup, on_step=beat)
+        run.start_gpu(fresh=True)
+        res = step.run_loop(run.state, loader, steps, on_step=beat)
+    finally:
+        run.dog.stop()
+        gpu = run.stop_gpu()  # also when a step raised: no sampler thread or dmon left behind
+    return res, gpu
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -65,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         with session.Run(cfg, checkpoints=False) as run:
-            res, gpu = run.measure(run.loader, warmup, cfg.train.steps)
+            res, gpu = measure(run, run.loader, warmup, cfg.train.steps)
             real = run.summarise(res)
             synthetic = SyntheticLoader(cfg, run.train_data.num_classes, dist.rank(), dist.device())
-            res, _ = run.measure(synthetic, warmup, cfg.train.steps)
+            res, _ = measure(run, synthetic, warmup, cfg.train.steps)
             synth = run.summarise(res)
             out.update(run=run, real=real, synth=synth, gpu=gpu, loader=run.loader.describe())
             del synthetic

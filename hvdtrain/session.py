@@ -178,7 +178,7 @@ class Run:
         if self.dog is not None:
             self.dog.stop()
         if getattr(self, "gpu_started", False):
-            self._stop_gpu()
+            self.stop_gpu()
         self.release_loaders()
         if self.logs is not None:
             self.logs.close()
@@ -218,13 +218,16 @@ class Run:
         self.close()
 
     # ---------------------------------------------------------------- the loop's hooks
-    def _start_gpu(self) -> None:
-        """The one rule for GPU sampling: from the end of the warm-up on."""
+    def start_gpu(self, fresh: bool = False) -> None:
+        """The one rule for GPU sampling: from the end of the warm-up on. `fresh`: a new
+        window with a monitor of its own (a bench measures more than one)."""
+        if fresh:
+            self.gpu, self.gpu_started = GpuMonitor(self.state.device), False
         if not self.gpu_started:
             self.gpu.start()
             self.gpu_started = True
 
-    def _stop_gpu(self) -> dict:
+    def stop_gpu(self) -> dict:
         started, self.gpu_started = self.gpu_started, False
         if started:
             self._gpu_summary = self.gpu.stop()
@@ -240,7 +243,7 @@ class Run:
                "train_loss_per_step": values, "phase_share": timing.shares(res.interval_phase_s)}
         if "grad_norm" in out:
             rec["grad_norm"] = float(out["grad_norm"])
-        self._start_gpu()  # the first log line ends the warm-up
+        self.start_gpu()  # the first log line ends the warm-up
         self.logs.record(rec, f"step {step:6d}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.3g}  "
                               f"{res.interval_img_s:.0f} img/s (all ranks)  epoch {self.loader.epoch}")
 
@@ -294,7 +297,7 @@ class Run:
                 self.stop_preempted()  # raises P.Preempted: exits.PREEMPTED
         finally:
             self.dog.stop()
-            gpu = self._stop_gpu()
+            gpu = self.stop_gpu()
         return self.finish(res, gpu)
 
     def stop_requested(self, st) -> bool:
@@ -314,23 +317,6 @@ class Run:
             path = os.path.join(self.dir, f"ckpt-{st.step:08d}.pt")
         raise P.stopped(self.preempt, self.dir, st.step, self.cfg.train.steps, path, time.perf_counter() - t0,
                         len(P.received()) - n)
-
-    def measure(self, loader, warmup: int, steps: int) -> tuple[S.LoopResult, dict]:
-        """A bench's window: `warmup` steps, then `steps` timed ones with the GPU sampled
-        (no validation, no checkpoints). Returns the timed steps' result and the GPU's."""
-        beat = lambda st: self.dog.beat(f"bench step {st.step}")  # noqa: E731
-        self.dog.start()
-        gpu = None
-        try:
-            S.run_loop(self.state, loader, warmup, on_step=beat)
-            self.gpu = GpuMonitor(self.state.device)
-            self.gpu_started = False
-            self._start_gpu()
-            res = S.run_loop(self.state, loader, steps, on_step=beat)
-        finally:
-            self.dog.stop()
-            gpu = self._stop_gpu()  # also when a step raised: no sampler thread or dmon left behind
-        return res, gpu
 
     def fetch_stats(self) -> dict | None:
         """The node's fetcher counters (bucket data read through the cache), or None."""
