@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 
+from hvdtrain.bench import report as R  # torch only once a report is written: after the pools, which fork
 from hvdtrain.data import pool
 from hvdtrain.data.files import atomic_file
 
@@ -288,15 +289,8 @@ def run(a) -> dict:
         # last: it imports torch and DALI, after which pools are spawned, not forked
         "stall": lambda: {k: {m: boundary_stall(sets[k], m == "on") for m in ("off", "on")} for k in ("part", "full")},
     }
-    for name, fn in sections.items():
-        if name in skip:
-            continue
-        try:
-            res[name] = fn()
-        except Exception as e:  # noqa: BLE001 - one failed section is reported, the others still run
-            res.setdefault("errors", {})[name] = f"{e.__class__.__name__}: {e}"[:2000]
-        print(f"bench.datascale: {name}: {json.dumps(res.get(name) or res['errors'][name])}", flush=True)
-    return res
+    return R.run_sections(sections, skip, res, after=lambda name: print(
+        f"bench.datascale: {name}: {json.dumps(res.get(name) or res['errors'][name])}", flush=True))
 
 
 def _count(tar: str) -> int:
@@ -396,7 +390,6 @@ def main(argv: list[str] | None = None) -> int:
         res, err = {}, f"{e.__class__.__name__}: {e}"
     if res.get("errors"):
         err = "; ".join(f"{k}: {v}" for k, v in res["errors"].items())
-    from hvdtrain.bench import report as R  # imports torch: after the pools above, which fork
 
     text = table(res) if res else f"bench.datascale failed: {err}"
     print(text, flush=True)
