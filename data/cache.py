@@ -78,7 +78,7 @@ def used(p: str) -> None:
         if time.time() - os.stat(p).st_mtime > USED_EVERY_S:
             os.utime(p)
     except OSError:
-        pass  # gone (pruned meanwhile: built again when needed) or not ours to touch
+        pass  # gone (pruned meanwhile: built again when needed) or not this user's to touch
 
 
 def read_json(p: str) -> dict | None:

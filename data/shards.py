@@ -193,7 +193,7 @@ def ensure_indexes(paths: list[str], index_dir: str = "", want_meta: bool = Fals
     if jobs:
         key = hashlib.sha256("\n".join(os.path.abspath(p) for p in paths).encode()).hexdigest()[:16]
         with cache.lock(f"index-{key}", log, f"indexing {len(jobs)} shard(s)"):
-            jobs, idx, where = plan()  # another process may have built them while we waited
+            jobs, idx, where = plan()  # another process may have built them during the wait
             if jobs:
                 run_jobs(jobs, workers, log)
                 where["built"] = len(jobs)

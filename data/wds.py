@@ -27,7 +27,7 @@ from hvdtrain.data.tarindex import ShardError, split_name, write_index_rows, wal
 INFO_NAME = "_info.json"
 INFO_FORMAT = "hvdtrain-shards-v1"
 # image members a sample may carry (any letter case): JPEG, PNG, WebP, BMP, TIFF, JPEG 2000
-# and PNM, each decoded by DALI 2.4's CPU backend here (GIF and AVIF are not: refused by name)
+# and PNM, each checked to decode on DALI 2.4's CPU backend (GIF and AVIF do not: refused by name)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "jp2", "j2k", "pnm", "ppm", "pgm", "pbm")
 # PIL's format name -> the member extension make_shards writes
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "JPEG2000": "jp2",

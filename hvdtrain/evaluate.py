@@ -13,7 +13,7 @@ pipeline come from the checkpoint's config; the data is opened as training opens
 own val data the top-1 equals the run's final val top-1. Only the keys of how the data is
 read and computed may be overridden (`--data.val`, `--data.val_batch_size`,
 `--data.threads`, `--data.loader`, ..., `--train.torch_threads`). On a CPU-only machine
-`--train.torch_threads=1` leaves DALI's thread a core of its own: on the 2-core machine,
+`--train.torch_threads=1` leaves DALI's thread a core of its own: on a 2-core machine,
 1 rank, batches of 8 at 32 px: 256 img/s with the default 2 torch threads, 2,849 and 4,356
 (two runs) with 1.
 

@@ -186,7 +186,7 @@ class DaliLoader:
 
     def checkpoint(self) -> bytes:
         """The reader position and random states after the last batch handed out (the
-        iterator accounts for batches DALI has prefetched but we have not consumed);
+        iterator accounts for batches DALI has prefetched but the loader has not handed out);
         windowed: with the window it belongs to."""
         dali = self._part["it"].checkpoints()[0]
         if not self.plan.windowed:

@@ -20,7 +20,8 @@ Two ways in, and neither does anything but leave a mark that the loop reads late
 `Preempt.requested()` makes the local marks one decision with one allreduce of three
 numbers per optimizer step, so every rank stops at the same step and none stops alone.
 The allreduce is started after one step and read after the next, so it never makes the
-loop wait (a blocking one cost 6 ms median, 10 ms mean per step on 2 CPU ranks here).
+loop wait (a blocking one cost 6 ms median, 10 ms mean per step on 2 CPU ranks of a
+2-core machine).
 """
 from __future__ import annotations
 

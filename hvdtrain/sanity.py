@@ -1,4 +1,4 @@
-"""The GO/NO-GO run: does this machine train, fast enough, on the data we think?
+"""The GO/NO-GO run: does this machine train, fast enough, on the data it was given?
 
     horovodrun -np 2 python -m hvdtrain.sanity                      # embedded synthetic data
     horovodrun -np 2 python -m hvdtrain.sanity --data.train=DIR --slo slo.json
@@ -9,7 +9,7 @@ It is a training run with the sanity preset (`session.Run`, no checkpoints), the
 judgement: the SLOs of hvdtrain/slo.py (loader >= 300 img/s, loss reduction >= 0.15,
 time <= 25 min, GPU utilisation >= 85 %; NOT EVALUATED with no GPU) and where the step
 time went (`hvdtrain.timing`): a NO-GO on throughput or utilisation names the dominant
-cause with its share and the next thing to try. Defaults are the seed's Day-2
+cause with its share and the next thing to try. Defaults are the GO/NO-GO
 configuration: batch 16 per rank, grad_accum_steps 8, 24 DALI threads (capped to the
 cores per rank), lr 5e-4, embed_dim 256, seed 1337, 200 optimizer steps of a two-view
 InfoNCE encoder (loss starts near ln 16 = 2.7726). Rank 0 writes runs/<run-id>/

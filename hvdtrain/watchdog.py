@@ -2,7 +2,7 @@
 letting it hang.
 
 A rank that dies is the launcher's to see: horovodrun (and `srun --kill-on-bad-exit`)
-ends the job when any process exits non-zero — under a second here. A rank that hangs
+ends the job when any process exits non-zero, in under a second. A rank that hangs
 (stopped, stuck in I/O, a peer wedged in a collective) exits nothing, and Gloo waits in
 the collective for a long time. The watchdog is a daemon thread: if the training loop
 has not called `beat()` for `timeout_s`, it prints which rank, since when and after

@@ -25,7 +25,7 @@ def pids(args=(), env=(), without=(), python: bool = False, among=None) -> list[
             argv = _words(str(pid), "cmdline")
             environ = _words(str(pid), "environ") if env else []
         except OSError:
-            continue  # gone meanwhile, or not ours to read
+            continue  # gone meanwhile, or another user's
         if python and not argv[0].endswith(b"python"):
             continue
         if (all(a.encode() in argv for a in args) and not any(a.encode() in argv for a in without)

@@ -96,7 +96,7 @@ def test_the_import_graph_has_no_circle():
 
 
 def test_no_floor_imports_a_floor_above_it():
-    """data/ and kernels/ import nothing of ours above them; hvdtrain/ imports neither
+    """data/ and kernels/ import nothing of hvdtrain's above them; hvdtrain/ imports neither
     bench/ nor launch/ (the trainer does not depend on its own benchmark or launchers)."""
     bad = [f"{m} imports {n}" for m, deps in graph().items() for n in deps
            if room_of(n) != room_of(m) and FLOOR[room_of(n)] >= FLOOR[room_of(m)]]
