@@ -3,8 +3,9 @@ folder's pid lock. Which checkpoint a run continues from, and the checks that re
 are `hvdtrain.resume`.
 
 A checkpoint is `<run>/ckpt-<step:08d>.pt`, written under a temporary name, fsynced and
-renamed, then the folder is fsynced (`data.files.write_atomic`): a kill at any moment leaves either the old set or
-the old set plus a complete new file, never a half file under a checkpoint's name.
+renamed, then the folder is fsynced (`data.files.write_atomic`): a kill at any moment
+leaves either the old set or the old set plus a complete new file, never a half file
+under a checkpoint's name.
 `best.pt` is a hard link to the checkpoint with the lowest validation loss.
 
 Files are read with `torch.load(weights_only=True)`: tensors, numbers, strings, bytes,

@@ -127,8 +127,9 @@ def read_curves(metrics_path: str) -> tuple[dict, dict]:
 def curve_panels(train: dict, val: dict) -> list[str]:
     """The panels of curves.png that have data: loss, val accuracy (with a val set only)
     and learning rate."""
-    return [name for name, has in (("loss", train or val), ("val accuracy", any("val_top1" in r for r in val.values())),
-                                   ("learning rate", any("lr" in r for r in train.values()))) if has]
+    has = {"loss": bool(train or val), "val accuracy": any("val_top1" in r for r in val.values()),
+           "learning rate": any("lr" in r for r in train.values())}
+    return [name for name, yes in has.items() if yes]
 
 
 def curves_plot(metrics_path: str, path: str, title: str) -> str | None:

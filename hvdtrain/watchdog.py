@@ -7,8 +7,8 @@ ends the job when any process exits non-zero, in under a second. A rank that han
 the collective for a long time. The watchdog is a daemon thread: if the training loop
 has not called `beat()` for `timeout_s`, it prints which rank, since when and after
 what, and which peers it was waiting on, and ends the process at once with
-`hvdtrain.exits.STALLED`; the launcher then ends the other ranks. A node that lost power or its link looks exactly like this: no
-reset ever arrives, so only a timeout can tell.
+`hvdtrain.exits.STALLED`; the launcher then ends the other ranks. A node that lost power
+or its link looks exactly like this: no reset ever arrives, so only a timeout can tell.
 """
 from __future__ import annotations
 
