@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         result = report.envelope("allreduce", vars(a), None, ranks=n, results=rows)
 
-        def chart(path):
-            import matplotlib.pyplot as plt
-
+        def chart(plt):
             fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
             for fp16 in (False, True):
                 pts = [r for r in rows if r["fp16"] == fp16]
@@ -85,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_title(f"Horovod allreduce, {n} ranks", fontsize=9)
             ax.legend()
             ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(path)
-            plt.close(fig)
+            return fig
         report.publish(a.run_dir, "allreduce", result, table, chart)
     dist.barrier()
     return 0

@@ -40,7 +40,9 @@ import time
 
 import numpy as np
 
+from hvdtrain.bench import report as R  # torch only once a report is written: after the pools, which fork
 from hvdtrain.data import pool
+from hvdtrain.data.files import atomic_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {"rss_ratio_2_vs_1": 0.55, "index_build_s_full": 10.0, "index_vs_wds2idx": 3.0,
@@ -63,14 +65,12 @@ def _tiny_jpegs(n: int = 64) -> list[bytes]:
 def _write_tar(job: tuple[str, int, int]) -> int:
     path, first, n = job
     jpgs = _tiny_jpegs()
-    tmp = path + ".tmp"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as t:
+    with atomic_file(path) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as t:
         for i in range(first, first + n):
             for ext, data in (("jpg", jpgs[i % len(jpgs)]), ("cls", str(i % 1000).encode())):
                 info = tarfile.TarInfo(f"n{i:08d}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 t.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
     return n
 
 
@@ -289,15 +289,8 @@ def run(a) -> dict:
         # last: it imports torch and DALI, after which pools are spawned, not forked
         "stall": lambda: {k: {m: boundary_stall(sets[k], m == "on") for m in ("off", "on")} for k in ("part", "full")},
     }
-    for name, fn in sections.items():
-        if name in skip:
-            continue
-        try:
-            res[name] = fn()
-        except Exception as e:  # noqa: BLE001 - one failed section is reported, the others still run
-            res.setdefault("errors", {})[name] = f"{e.__class__.__name__}: {e}"[:2000]
-        print(f"bench.datascale: {name}: {json.dumps(res.get(name) or res['errors'][name])}", flush=True)
-    return res
+    return R.run_sections(sections, skip, res, after=lambda name: print(
+        f"bench.datascale: {name}: {json.dumps(res.get(name) or res['errors'][name])}", flush=True))
 
 
 def _count(tar: str) -> int:
@@ -397,7 +390,6 @@ def main(argv: list[str] | None = None) -> int:
         res, err = {}, f"{e.__class__.__name__}: {e}"
     if res.get("errors"):
         err = "; ".join(f"{k}: {v}" for k, v in res["errors"].items())
-    from hvdtrain.bench import report as R  # imports torch: after the pools above, which fork
 
     text = table(res) if res else f"bench.datascale failed: {err}"
     print(text, flush=True)

@@ -222,18 +222,14 @@ def report_all(shards, a, slos) -> int:
                      f"{r.get('cpu_cores_used') or '-'} | {r.get('vs_ceiling') or '-'} | "
                      f"{window_cells(r) if r.get('windows') else '-'} |" for k, r in results.items())
 
-    def chart(path):
-        import matplotlib.pyplot as plt
-
+    def chart(plt):
         keys = [k for k, r in results.items() if r["img_s"]]
         fig, ax = plt.subplots(figsize=(6, 0.5 + 0.3 * len(keys)), dpi=110)
         ax.barh(keys, [results[k]["img_s"] for k in keys])
         ax.set_xlabel(f"images/s (median), crop {a.size}, batch {a.batch_size}")
         ax.set_title(f"bench.loader, {os.cpu_count()} cores", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        return fig
     report.publish(a.run_dir, "loader", result, "", chart,
                    markdown="| loader | threads | hw load | img/s | cores used | vs ceiling | windows (* rebuilt) |\n"
                             "|---|---|---|---|---|---|---|\n" + rows)

@@ -21,7 +21,7 @@ import sys
 
 from hvdtrain.bench import report
 from hvdtrain import config as C
-from hvdtrain import dist, exitmark, session, timing
+from hvdtrain import dist, exitmark, exits, session, step, timing
 from hvdtrain import report as R
 from hvdtrain import slo as S
 from hvdtrain.synthetic import SyntheticLoader
@@ -47,6 +47,21 @@ def table(cfg, run, loader: str, real, synth, ratio, warmup, checks, slos) -> st
         "", S.table(checks, slos)])
 
 
+def measure(run: session.Run, loader, warmup: int, steps: int) -> tuple[step.LoopResult, dict]:
+    """A window of `run`: `warmup` steps, then `steps` timed ones with the GPU sampled (no
+    validation, no checkpoints). Returns the timed steps' result and the GPU's."""
+    beat = lambda st: run.dog.beat(f"bench step {st.step}")  # noqa: E731
+    run.dog.start()
+    try:
+        step.run_loop(run.state, loader, warmup, on_step=beat)
+        run.start_gpu(fresh=True)
+        res = step.run_loop(run.state, loader, steps, on_step=beat)
+    finally:
+        run.dog.stop()
+        gpu = run.stop_gpu()  # also when a step raised: no sampler thread or dmon left behind
+    return res, gpu
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -56,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup = int(extra.get("warmup", 3))
     except (C.ConfigError, OSError, ValueError) as e:
         print(f"bench.throughput: {e}", file=sys.stderr)
-        return 2
+        return exits.REFUSED
     dist.init()
     if not cfg.data.train and cfg.data.loader != "synthetic":
         cfg.data.train = embedded.ensure(cfg.seed)
@@ -65,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         with session.Run(cfg, checkpoints=False) as run:
-            res, gpu = run.measure(run.loader, warmup, cfg.train.steps)
+            res, gpu = measure(run, run.loader, warmup, cfg.train.steps)
             real = run.summarise(res)
             synthetic = SyntheticLoader(cfg, run.train_data.num_classes, dist.rank(), dist.device())
-            res, _ = run.measure(synthetic, warmup, cfg.train.steps)
+            res, _ = measure(run, synthetic, warmup, cfg.train.steps)
             synth = run.summarise(res)
             out.update(run=run, real=real, synth=synth, gpu=gpu, loader=run.loader.describe())
             del synthetic
-        return 0  # leaving the block released the loaders (session.Run.release_loaders) before the barrier
+        return exits.OK  # leaving the block released the loaders (session.Run.release_loaders) before the barrier
     code = session.guarded("bench.throughput", go)
     if code:
         return code
@@ -87,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                  real_over_synthetic=ratio, data=run.data, warmup_steps=warmup, gpu=gpu,
                                  slos=checks, breakdown=real["breakdown"], run_dir=run.dir)
 
-        def chart(path):
-            import matplotlib.pyplot as plt
-
+        def chart(plt):
             fig, axes = plt.subplots(1, 2 if timeline else 1, figsize=(9 if timeline else 5, 3), dpi=110,
                                      squeeze=False)
             ax = axes[0][0]
@@ -98,12 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_title(f"real/synthetic {ratio:.3f}", fontsize=9)
             if timeline:
                 R.util_axes(axes[0][1], timeline)
-            fig.tight_layout()
-            fig.savefig(path)
-            plt.close(fig)
+            return fig
         report.publish(run.dir, "train", result, text, chart)
     dist.barrier()
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-from hvdtrain.data.tarindex import write_atomic
+from hvdtrain.data.files import write_atomic
 
 VERSION = "v1"
 KINDS = ("indexes", "shards", "verify", "skip")  # records; `prune` also clears old `jobs` specs
@@ -78,7 +78,7 @@ def used(p: str) -> None:
         if time.time() - os.stat(p).st_mtime > USED_EVERY_S:
             os.utime(p)
     except OSError:
-        pass  # gone (pruned meanwhile: built again when needed) or not ours to touch
+        pass  # gone (pruned meanwhile: built again when needed) or not this user's to touch
 
 
 def read_json(p: str) -> dict | None:

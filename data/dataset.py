@@ -29,6 +29,7 @@ import os
 import numpy as np
 
 from hvdtrain.data import cache
+from hvdtrain.data.files import write_atomic
 from hvdtrain.data.nodecache import local_copy
 from hvdtrain.data.shards import ShardSet, open_shards
 from hvdtrain.data.tarindex import ShardError, index_text, walk
@@ -171,9 +172,7 @@ def _view(shards: ShardSet, mine: np.ndarray, extra: int, out_dir: str, lines: I
         else:
             body = lines.rows(t, a, b) + (lines.rows(t, b - 1, b) * extra if last else b"")
             p = os.path.join(out_dir, f"{prefix}{i:06d}.idx")
-            with open(p + ".tmp", "wb") as f:
-                f.write(f"v1.2 {n}\n".encode() + body)
-            os.replace(p + ".tmp", p)
+            write_atomic(p, f"v1.2 {n}\n".encode() + body)
             idx_paths.append(p)
         paths.append(shards.paths[t])
         counts.append(n)

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from hvdtrain.data import pool
 from hvdtrain.data.shards import ensure_indexes, resolve_shards
-from hvdtrain.data.tarindex import ShardError, read_index_count, write_atomic
+from hvdtrain.data.files import write_atomic
+from hvdtrain.data.tarindex import ShardError, read_index_count
 from hvdtrain.data.wds import IMAGE_EXTS, PIL_FORMATS, Sample, index_path_for, shard_name, write_info, write_shard
 
 
@@ -107,7 +108,7 @@ def load_checked(item: Item) -> tuple[bytes, str] | str:
         with Image.open(item.path) as im:
             fmt = im.format
             im.load()  # full decode: catches truncated and corrupted files
-    except Exception as e:  # noqa: BLE001 - PIL raises many types; we report them all
+    except Exception as e:  # noqa: BLE001 - PIL raises many types; each is reported
         return f"{e.__class__.__name__}: {e}"
     ext = PIL_FORMATS.get(fmt)
     return (data, ext) if ext else f"unsupported image format {fmt} (the reader decodes {', '.join(IMAGE_EXTS)})"

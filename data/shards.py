@@ -17,12 +17,10 @@ refuse a wrong task before any DALI pipeline is built, without reading every ind
 """
 from __future__ import annotations
 
-import collections
 import glob
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -30,10 +28,11 @@ import time
 from dataclasses import dataclass, field
 
 from hvdtrain.data import cache
-from hvdtrain.data.records import META_VERSION, expand_braces, quick_fingerprint, shard_meta  # noqa: F401 (expand_braces)
+from hvdtrain.data.files import write_atomic
+from hvdtrain.data.records import META_VERSION, expand_braces, quick_fingerprint, shard_meta
 from hvdtrain.data.tarindex import (ShardError, compressed_error, compression_of_name, index_problem, index_text,
-                           read_index_count, split_name, walk, write_atomic)
-from hvdtrain.data.wds import INFO_FORMAT, INFO_NAME, LABEL_EXT, LABEL_WIDTH, index_path_for, is_image_ext
+                                    read_index_count, walk)
+from hvdtrain.data.wds import INFO_FORMAT, INFO_NAME, LABEL_EXT, index_path_for
 
 
 
@@ -194,7 +193,7 @@ def ensure_indexes(paths: list[str], index_dir: str = "", want_meta: bool = Fals
     if jobs:
         key = hashlib.sha256("\n".join(os.path.abspath(p) for p in paths).encode()).hexdigest()[:16]
         with cache.lock(f"index-{key}", log, f"indexing {len(jobs)} shard(s)"):
-            jobs, idx, where = plan()  # another process may have built them while we waited
+            jobs, idx, where = plan()  # another process may have built them during the wait
             if jobs:
                 run_jobs(jobs, workers, log)
                 where["built"] = len(jobs)

@@ -16,7 +16,7 @@ are grouped by key over the whole tar, not only when adjacent: GNU `tar -cf x.ta
 writes a folder in directory order, which scatters a sample's members (`./s3.cls`,
 `./s1.JPEG`, `./s1.cls`, `./s3.JPEG`, ...); `wds2idx` then splits each sample in two and
 DALI stops with "Underful sample". For tars whose members are adjacent (webdataset's,
-ours) the index is byte-identical to `wds2idx`'s. A member name with whitespace would
+`data.wds`'s) the index is byte-identical to `wds2idx`'s. A member name with whitespace would
 break DALI's whitespace-separated index lines: its whitespace is %-encoded there.
 """
 from __future__ import annotations
@@ -27,6 +27,8 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
+
+from hvdtrain.data.files import write_atomic
 
 BLOCK = 512
 ZERO = bytes(BLOCK)
@@ -248,14 +250,6 @@ def write_index_rows(idx_path: str, samples: list[list[tuple[str, int, int, str]
     """Write a wds2idx v1.2 index listing `samples` (atomically); returns their count."""
     write_atomic(idx_path, index_text(samples).encode("utf-8", "surrogateescape"))
     return len(samples)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: a reader never sees half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def read_index(idx_path: str) -> list[list[tuple[str, int, int, str]]]:

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from hvdtrain.data import cache, pool
+from hvdtrain.data.files import write_atomic
 from hvdtrain.data.nodecache import local_copy
 from hvdtrain.data.shards import ShardSet, locate_index, resolve_shards
 from hvdtrain.data.tarindex import ShardError, index_problem, read_index, split_name, walk
@@ -378,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(rep.problems)} problem(s) in {time.perf_counter() - t0:.1f} s" if rep.problems
           else f"OK ({time.perf_counter() - t0:.1f} s)")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"splits": rep.splits, "problems": [asdict(x) for x in rep.problems]}, f, indent=1)
+        write_atomic(a.json, json.dumps({"splits": rep.splits, "problems": [asdict(x) for x in rep.problems]},
+                                        indent=1))
     return 0 if rep.ok else 1
 
 

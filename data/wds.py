@@ -21,12 +21,13 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from hvdtrain.data.tarindex import ShardError, split_name, write_atomic, write_index_rows, walk  # noqa: F401 (ShardError)
+from hvdtrain.data.files import temp_name, write_atomic
+from hvdtrain.data.tarindex import ShardError, split_name, write_index_rows, walk
 
 INFO_NAME = "_info.json"
 INFO_FORMAT = "hvdtrain-shards-v1"
 # image members a sample may carry (any letter case): JPEG, PNG, WebP, BMP, TIFF, JPEG 2000
-# and PNM, each decoded by DALI 2.4's CPU backend here (GIF and AVIF are not: refused by name)
+# and PNM, each checked to decode on DALI 2.4's CPU backend (GIF and AVIF do not: refused by name)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "jp2", "j2k", "pnm", "ppm", "pgm", "pbm")
 # PIL's format name -> the member extension make_shards writes
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "JPEG2000": "jp2",
@@ -78,7 +79,7 @@ def write_shard(out_dir: str, name: str, samples: Iterable[Sample]) -> dict:
     taken as the tar is written (nothing is read back). The tar is written under a temporary
     name and renamed when it is complete, after its index. Returns its `_info.json` record."""
     path = os.path.join(out_dir, name)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temp_name(path)
     rows: list[list[tuple[str, int, int, str]]] = []
     with open(tmp, "wb") as raw:
         sink = _Hashing(raw)
@@ -180,16 +181,3 @@ def write_split(samples: Iterable[Sample], split_dir: str, classes: list[str], s
         raise ShardError(f"{split_dir}: no samples to write for split {split!r}")
     return write_info(split_dir, shards, classes, split, extra)
 
-
-_MOVED = {"expand_braces": "data.shards", "resolve_shards": "data.shards", "ShardSet": "data.shards",
-          "open_shards": "data.shards", "rank_range": "data.dataset", "read_index": "data.tarindex"}
-
-
-def __getattr__(name: str):
-    """Names that moved when data.wds was split by job (data.shards: opening shards;
-    data.dataset: one rank's view; data.tarindex: index files): kept importable from here."""
-    if name not in _MOVED:
-        raise AttributeError(f"module 'data.wds' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_MOVED[name]), name)

@@ -1,9 +1,11 @@
-"""Checkpoints: atomic save on rank 0, keep-last-N plus best, safe load, resume checks,
-and the run folder's pid lock.
+"""Checkpoint files: atomic save on rank 0, keep-last-N plus best, safe load, and the run
+folder's pid lock. Which checkpoint a run continues from, and the checks that refuse one,
+are `hvdtrain.resume`.
 
-A checkpoint is `<run>/ckpt-<step:08d>.pt`, written as `<name>.tmp-<pid>`, fsynced and
-renamed, then the folder is fsynced: a kill at any moment leaves either the old set or
-the old set plus a complete new file, never a half file under a checkpoint's name.
+A checkpoint is `<run>/ckpt-<step:08d>.pt`, written under a temporary name, fsynced and
+renamed, then the folder is fsynced (`data.files.write_atomic`): a kill at any moment
+leaves either the old set or the old set plus a complete new file, never a half file
+under a checkpoint's name.
 `best.pt` is a hard link to the checkpoint with the lowest validation loss.
 
 Files are read with `torch.load(weights_only=True)`: tensors, numbers, strings, bytes,
@@ -21,6 +23,8 @@ import time
 
 import torch
 
+from hvdtrain.data import files
+
 FORMAT = "hvdtrain-ckpt-v1"
 _NAME = re.compile(r"ckpt-(\d{8})\.pt$")
 LOCK_NAME = ".lock"
@@ -30,39 +34,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the file."""
 
 
-class ResumeRefused(RuntimeError):
-    """The checkpoint belongs to another config or data set (see --resume-anyway)."""
-
-
 class LockError(RuntimeError):
     """The run folder is in use by a live run."""
 
 
 # ---------------------------------------------------------------- writing
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_save(payload: dict, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
     buf = io.BytesIO()
     torch.save(payload, buf)  # in memory first: a failed file write then raises OSError with its
     try:                      # errno (ENOSPC, EFBIG), where torch.save's own writer only says "enforce fail"
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path) or ".")
+        files.write_atomic(path, buf.getbuffer(), fsync=True)
     except (OSError, RuntimeError) as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         prev = latest_path(os.path.dirname(path))
         keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
@@ -83,12 +65,13 @@ def save(run_dir: str, payload: dict, step: int, keep_last: int, best: bool = Fa
     path = os.path.join(run_dir, f"ckpt-{step:08d}.pt")
     _atomic_save(payload, path)
     if best:
-        tmp = os.path.join(run_dir, f"best.pt.tmp-{os.getpid()}")
+        best_path = os.path.join(run_dir, "best.pt")
+        tmp = files.temp_name(best_path)
         if os.path.exists(tmp):
             os.remove(tmp)
         os.link(path, tmp)  # same inode: pruning ckpt-<step>.pt later leaves best.pt whole
-        os.replace(tmp, os.path.join(run_dir, "best.pt"))
-        _fsync_dir(run_dir)
+        os.replace(tmp, best_path)
+        files.fsync_dir(run_dir)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         os.remove(old)
     return path
@@ -133,57 +116,7 @@ def resolve(path: str) -> tuple[str, str]:
     return newest, "the run folder's newest checkpoint; it has no best.pt"
 
 
-def find_resume(run_dir: str, log=print) -> tuple[str, dict] | None:
-    """The newest checkpoint in `run_dir` that loads; unreadable ones are reported and skipped."""
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            return path, load(path)
-        except CheckpointError as e:
-            log(f"warning: skipping {e}")
-    return None
-
-
-def check_provenance(saved: dict, current: dict, anyway: bool) -> list[str]:
-    """Compare a checkpoint's config hash and data fingerprints with this run's.
-    Raises ResumeRefused naming both values unless `anyway`; returns the differences."""
-    diffs = []
-    if saved.get("config_hash") != current["config_hash"]:
-        diffs.append(f"config hash {saved.get('config_hash')} (checkpoint) != {current['config_hash']} (this run)")
-    for split, fp in current["data_fingerprint"].items():
-        old = saved.get("data_fingerprint", {}).get(split)
-        if split != "train" and old is None:
-            continue  # a val set added on resume: nothing to compare it with
-        if old != fp:
-            diffs.append(f"{split} data fingerprint {old} (checkpoint) != {fp} (this run)")
-    if diffs and not anyway:
-        raise ResumeRefused("refusing to resume: " + "; ".join(diffs) +
-                            ". Pass --resume-anyway to continue on purpose, or start a fresh --run.dir")
-    return diffs
-
-
 # ---------------------------------------------------------------- the run folder's lock
-def _proc_start(pid: int) -> str | None:
-    """Process start time in clock ticks (/proc/<pid>/stat field 22): tells a live pid from
-    a recycled one."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    if pid <= 0:  # never os.kill(-1, ...): that addresses every process
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start is None or _proc_start(pid) in (None, start)
-
-
 class RunLock:
     """`<run>/.lock` holding this process's pid, host and start time (O_EXCL create).
 
@@ -192,7 +125,7 @@ class RunLock:
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK_NAME)
-        self.me = {"pid": os.getpid(), "host": platform.node(), "start": _proc_start(os.getpid()),
+        self.me = {"pid": os.getpid(), "host": platform.node(), "start": files.proc_start(os.getpid()),
                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.held = False
 
@@ -206,7 +139,7 @@ class RunLock:
                     raise LockError(f"run folder {os.path.dirname(self.path)} is locked by pid "
                                     f"{holder.get('pid')} on host {holder.get('host')} (since "
                                     f"{holder.get('since')}); if that run is dead, delete {self.path}")
-                if _alive(int(holder.get("pid", -1)), holder.get("start")):
+                if files.pid_alive(int(holder.get("pid", -1)), holder.get("start")):
                     raise LockError(f"run folder {os.path.dirname(self.path)} is in use by a live run "
                                     f"(pid {holder['pid']} since {holder.get('since')}); wait for it, "
                                     f"stop it, or choose another --run.dir")

@@ -46,7 +46,7 @@ class DataConfig:
     decode: str = "auto"     # auto | cpu | mixed (mixed = nvJPEG on the GPU)
     hw_decoder_load: float = 0.99  # mixed decode: share of images for the hardware JPEG decoder (the rest
                              # entropy-decode on the CPU threads); MLPerf's H100 ResNet-50 setting. Unmeasured
-                             # here: `bench.loader --hw-decoder-load 0,0.65,0.9,0.99` on a GPU picks it
+                             # without a GPU: `bench.loader --hw-decoder-load 0,0.65,0.9,0.99` on a GPU picks it
     loader: str = "dali"     # dali | torch (DataLoader + PIL, the baseline) | synthetic (random batches made
                              # on the device, no reader; num_classes 0 = 1000: hvdtrain/synthetic.py)
     shuffle_buffer: int = 1024  # DALI initial_fill: samples in the shuffle buffer

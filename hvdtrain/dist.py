@@ -20,6 +20,8 @@ import torch
 import horovod.torch as hvd
 from horovod.common.exceptions import HorovodInternalError
 
+from hvdtrain import exits
+
 _initialised = False
 
 
@@ -50,8 +52,8 @@ def gpu_for_rank(local_rank: int, local_size: int, visible_gpus: int) -> int | N
 
 def init() -> None:
     """Start Horovod (idempotent) and pin this process to its GPU before DALI or NCCL
-    touch one. More local ranks than GPUs stops every rank at once (exit 2) with the
-    command to run instead."""
+    touch one. More local ranks than GPUs stops every rank at once (exits.REFUSED) with
+    the command to run instead."""
     global _initialised
     if not _initialised:
         hvd.init()
@@ -62,7 +64,7 @@ def init() -> None:
         except GpuLayoutError as e:
             if local_rank() == 0:
                 print(f"hvdtrain: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+            raise SystemExit(exits.REFUSED) from None
         torch.cuda.set_device(gpu)
 
 

@@ -20,7 +20,7 @@ weights, optimizer state and step from the sync.
 """
 from __future__ import annotations
 
-from hvdtrain import dist, optim, report
+from hvdtrain import dist, logs, optim
 from hvdtrain import loader as L
 from hvdtrain import step as S
 from hvdtrain import timing
@@ -58,7 +58,7 @@ def elastic_loop(run) -> S.LoopResult:
         run.dog.beat("an elastic reset")
         run.preempt.forget()
         if dist.is_primary() and not run.logs.on:  # rank 0 was lost: this rank logs from now on
-            run.logs = report.Logs(cfg, run.dir, est.step)
+            run.logs = logs.Logs(cfg, run.dir, est.step)
         what = "DALI pipeline" if isinstance(run.loader, L.DaliLoader) else "torch loader"
         print(f"elastic: rank {dist.rank()} of {dist.size()} now; rebuilt its {what} (shard {dist.rank()} of "
               f"{dist.size()}){' and its val loader' if run.val_loader else ''} and resumes from the commit at step "
@@ -84,7 +84,7 @@ def elastic_loop(run) -> S.LoopResult:
                 setattr(total, k, getattr(total, k) + getattr(r, k))
             total.step_losses += r.step_losses
             timing.add(total.phase_s, r.phase_s)
-            if r.stopped:  # preempted: the run checkpoints this step and exits 4 (session.Run.train)
+            if r.stopped:  # preempted: the run checkpoints this step and ends PREEMPTED (session.Run.train)
                 total.stopped = True
                 return
             # a diverged model must not become the state a reset rolls back to; the weights

@@ -13,15 +13,14 @@ pipeline come from the checkpoint's config; the data is opened as training opens
 own val data the top-1 equals the run's final val top-1. Only the keys of how the data is
 read and computed may be overridden (`--data.val`, `--data.val_batch_size`,
 `--data.threads`, `--data.loader`, ..., `--train.torch_threads`). On a CPU-only machine
-`--train.torch_threads=1` leaves DALI's thread a core of its own: on the 2-core machine,
+`--train.torch_threads=1` leaves DALI's thread a core of its own: on a 2-core machine,
 1 rank, batches of 8 at 32 px: 256 img/s with the default 2 torch threads, 2,849 and 4,356
 (two runs) with 1.
 
-A checkpoint whose classes do not fit the data is refused (exit 2), naming both: by
+A checkpoint whose classes do not fit the data is refused (REFUSED), naming both: by
 count (`_info.json`'s classes, or the labels of shards without one), and by name where
 both the checkpoint and `_info.json` name them. Rank 0 prints a table, writes `--json
-PATH` if given, and ends with one line `EVAL_JSON {...}`. Exit codes: 0 done, 1 a bad
-sample while reading, 2 refused (usage, checkpoint, classes, data), 3 another rank died.
+PATH` if given, and ends with one line `EVAL_JSON {...}`. Exit codes: `hvdtrain.exits`.
 """
 from __future__ import annotations
 
@@ -31,13 +30,13 @@ import time
 
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
-from hvdtrain import dist, provenance, report, session
+from hvdtrain import dist, exits, provenance, report, session
 from hvdtrain import loader as L
 from hvdtrain import model as M
 from hvdtrain import step as S
 from hvdtrain import task as TK
 from hvdtrain import valpass as V
-from hvdtrain.resume import Refused
+from hvdtrain.exits import Refused
 
 # the config keys a user may change: where the data is and how it is read and computed, not what
 # the model sees
@@ -196,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         path, json_path, overrides = parse(argv)
     except C.ConfigError as e:
         print(f"hvdtrain.evaluate: {e}", file=sys.stderr)
-        return 2
+        return exits.REFUSED
     dist.init()
     out: dict = {}
-    code = session.guarded("hvdtrain.evaluate", lambda: out.update(run(path, overrides)) or 0)
+    code = session.guarded("hvdtrain.evaluate", lambda: out.update(run(path, overrides)) or exits.OK)
     if code:
         return code
     if dist.is_primary():
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"json: {json_path}", flush=True)
         print("EVAL_JSON " + json.dumps(out, default=str), flush=True)
     dist.barrier()
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":

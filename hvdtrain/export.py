@@ -24,7 +24,7 @@ as `hvdtrain.evaluate`). The format follows the suffix of `--out` (`.safetensors
     model = load("tiny200.safetensors")           # rebuilt from the JSON, weights loaded, eval mode
     encoder = load("encoder.encoder.pt")          # a contrastive run's encoder
 
-Exit codes: 0 written, 2 refused (usage, an unreadable checkpoint, a suffix and a
+Exit codes: `hvdtrain.exits` (REFUSED: usage, an unreadable checkpoint, a suffix and a
 --format that disagree).
 """
 from __future__ import annotations
@@ -37,8 +37,10 @@ import sys
 
 import torch
 
+from hvdtrain.data.files import temp_name, write_atomic
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
+from hvdtrain import exits
 from hvdtrain import model as M
 from hvdtrain import task as TK
 from hvdtrain.pipeline import MEAN, STD
@@ -74,7 +76,7 @@ def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
 def write_weights(tensors: dict, path: str, fmt: str, meta: dict[str, str]) -> dict:
     """One state dict to `path` (atomically); its file entry for the JSON."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temp_name(path)
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
@@ -122,9 +124,7 @@ def export(checkpoint: str, out: str, flag: str | None = None) -> dict:
         enc = encoder_of(model)
         doc["encoder"] = {**write_weights(enc.state_dict(), files["encoder"], fmt, {**meta, "part": "encoder"}),
                           "module": type(enc).__name__}
-    with open(files["json"] + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(files["json"] + ".tmp", files["json"])
+    write_atomic(files["json"], json.dumps(doc, indent=1))
     return doc
 
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = export(a.checkpoint, a.out, a.format)
     except (ExportError, ckpt.CheckpointError, KeyError, RuntimeError) as e:
         print(f"hvdtrain.export: {e}", file=sys.stderr)
-        return 2
+        return exits.REFUSED
     w, files = doc["weights"], paths_for(a.out)
     print(f"hvdtrain.export: {doc['checkpoint']['path']} ({doc['checkpoint']['chosen']}), step "
           f"{doc['checkpoint']['step']}, {doc['model']['name']} {doc['task']}")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  encoder  {files['encoder']}  ({e['module']}, {e['tensors']} tensors, {e['numel']} values)")
     print(f"  json     {files['json']}  (model config, classes, input, provenance: code "
           f"{doc['provenance']['git_sha']}, config {doc['provenance']['config_hash']})")
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 the driver's last sample window; it is not SM occupancy, so reports put throughput
 beside it. NVML indices ignore CUDA_VISIBLE_DEVICES: the GPU is found by this process's
 CUDA device UUID (falling back to PCI bus id), never by index. With no GPU the result
-is "not evaluated" — never 0.0 (the seed's 0.00 % was a measurement fault).
+is "not evaluated" — never 0.0 (a 0.00 % reading beside 1.27 GB of VRAM in use is a
+measurement fault, not a reading).
 
 Two readings back the kernel-time figure where the GPU supports them, each "not
 evaluated" with NVML's reason where it does not (never 0):

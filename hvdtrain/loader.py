@@ -186,7 +186,7 @@ class DaliLoader:
 
     def checkpoint(self) -> bytes:
         """The reader position and random states after the last batch handed out (the
-        iterator accounts for batches DALI has prefetched but we have not consumed);
+        iterator accounts for batches DALI has prefetched but the loader has not handed out);
         windowed: with the window it belongs to."""
         dali = self._part["it"].checkpoints()[0]
         if not self.plan.windowed:
@@ -317,7 +317,7 @@ def from_config(cfg, shards: ShardSet, split: str = "train", threads: int = 1, c
     """The loader `cfg` asks for on this rank: shard_id = global rank, device_id = local
     rank. split="val": the whole set once per pass, partial last batch kept.
     `--data.loader=synthetic`: `shards` is hvdtrain.synthetic's stand-in, and there is no val."""
-    from hvdtrain import dist
+    from hvdtrain import dist, logs
 
     if cfg.data.loader == "synthetic":
         from hvdtrain.synthetic import SyntheticLoader
@@ -334,8 +334,4 @@ def from_config(cfg, shards: ShardSet, split: str = "train", threads: int = 1, c
         from hvdtrain.torch_loader import TorchLoader
 
         return TorchLoader(shards, spec, **kw)
-    return DaliLoader(shards, spec, log=_log, **kw)
-
-
-def _log(line: str) -> None:
-    print(line, flush=True)
+    return DaliLoader(shards, spec, log=logs.say_here, **kw)

@@ -6,8 +6,8 @@ gradient accumulation equals one large batch), global average pooling and a line
 projection to `embed_dim`.
 
 `ResNet` is ResNet-18 / ResNet-50 (He et al. 2015, torchvision's v1.5 layout: stride in
-the 3x3 conv of a bottleneck), written here because there is no CPU build of
-torchvision on our machines. The last norm of each residual branch starts at zero
+the 3x3 conv of a bottleneck), written here so that hvdtrain needs no torchvision (whose
+build must match torch's). The last norm of each residual branch starts at zero
 (Goyal et al.), so every block starts as the identity. `norm="gn"` swaps BatchNorm for
 GroupNorm where batch-independence matters (the np=1 / np=2 equality).
 """
@@ -213,24 +213,6 @@ def readme_table() -> str:
     rows = ["| `--model.name` | what |", "| --- | --- |"]
     rows += [f"| `{e.name}` | {e.about} |" for e in REGISTRY.values()]
     return "\n".join(rows)
-
-
-def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather=None, rank: int = 0) -> torch.Tensor:
-    """Symmetric two-view InfoNCE: view i of one image must pick view i of the same image
-    among the B images of its micro-batch. With uninformative embeddings every choice is
-    equally likely, so the loss starts at ln(B) (ln 16 = 2.7726 for the sanity).
-
-    `gather` (dist.allgather_grad): the candidates are every rank's views (B x ranks
-    negatives, gradients flow back through the gather); `rank` places this rank's rows."""
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
-    target = torch.arange(z1.shape[0], device=z1.device)
-    if gather is None:
-        logits = z1 @ z2.t() / temperature
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-    all1, all2 = gather(z1), gather(z2)
-    target = target + rank * z1.shape[0]
-    return 0.5 * (F.cross_entropy(z1 @ all2.t() / temperature, target)
-                  + F.cross_entropy(z2 @ all1.t() / temperature, target))
 
 
 if __name__ == "__main__":  # python -m hvdtrain.model: the registry as the README's table

@@ -1,6 +1,6 @@
 """Preemption and time limits: Slurm's warning reaches the ranks, every rank agrees to
-stop at the same optimizer step, rank 0 checkpoints there, and the run exits 4
-("preempted, resume me"; `hvdtrain.session`). launch/slurm_run.sh then requeues the job,
+stop at the same optimizer step, rank 0 checkpoints there, and the run ends with
+`hvdtrain.exits.PREEMPTED` ("preempted, resume me"). launch/slurm_run.sh then requeues the job,
 which continues with --resume auto in the same run folder:
 
     #SBATCH --signal=B:USR1@90   # launch/train.sbatch: Slurm warns the batch shell 90 s before the end
@@ -20,7 +20,8 @@ Two ways in, and neither does anything but leave a mark that the loop reads late
 `Preempt.requested()` makes the local marks one decision with one allreduce of three
 numbers per optimizer step, so every rank stops at the same step and none stops alone.
 The allreduce is started after one step and read after the next, so it never makes the
-loop wait (a blocking one cost 6 ms median, 10 ms mean per step on 2 CPU ranks here).
+loop wait (a blocking one cost 6 ms median, 10 ms mean per step on 2 CPU ranks of a
+2-core machine).
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ import signal
 import sys
 import time
 
-EXIT_PREEMPTED = 4
+from hvdtrain.data.files import write_atomic
+from hvdtrain import exits
+
 REQUEST_NAME = "preempt.request"
 RECORD_NAME = "preempted.json"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -50,15 +53,15 @@ def install() -> None:
 
 
 def leave(rc: int) -> None:
-    """End the process with `rc`. A refusal (2) leaves at once, stdio flushed: it wrote
-    nothing to tear down, and under horovodrun the first rank to exit makes the launcher
-    SIGTERM the others, which would otherwise die of it in interpreter shutdown (exit 143)
-    after deciding on 2 themselves."""
+    """End the process with `rc`. A refusal (exits.REFUSED) leaves at once, stdio flushed:
+    it wrote nothing to tear down, and under horovodrun the first rank to exit makes the
+    launcher SIGTERM the others, which would otherwise die of it in interpreter shutdown
+    (exit 143) after deciding on a refusal themselves."""
     retire()
-    if rc == 2:
+    if rc == exits.REFUSED:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(2)
+        os._exit(exits.REFUSED)
     sys.exit(rc)
 
 
@@ -78,7 +81,7 @@ def received() -> list[str]:
 
 
 class Preempted(Exception):
-    """The run stopped at an optimizer-step boundary because it was preempted; `main` exits 4."""
+    """The run stopped at an optimizer-step boundary because it was preempted: exits.PREEMPTED."""
 
 
 class Preempt:
@@ -165,9 +168,7 @@ def stopped(p: Preempt, run_dir: str, step: int, steps: int, checkpoint: str | N
                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
         path = os.path.join(run_dir, RECORD_NAME)
-        with open(path + ".tmp", "w") as f:
-            json.dump(rec, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps(rec, indent=1))
         p.consume()
     dist.barrier()
     if checkpoint is None:

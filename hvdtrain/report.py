@@ -1,26 +1,25 @@
-"""Report writers: JSON, Markdown and PNG beside each other in the run folder, and a
-training run's logs (console lines, tqdm, metrics.jsonl, TensorBoard: `Logs`)."""
+"""Report writers: JSON, Markdown and PNG beside each other in the run folder (a run's live
+logs are `hvdtrain.logs`)."""
 from __future__ import annotations
 
 import json
 import os
-import sys
 
-from hvdtrain import config as C
-from hvdtrain import dist
+from hvdtrain.data.files import write_atomic
 from hvdtrain import slo as S
 from hvdtrain import timing
 
 
 def write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    """`obj` as indented JSON (values JSON lacks as their str), written atomically."""
+    write_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
-def _pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is missing."""
+def plot(path: str, draw) -> str | None:
+    """The one matplotlib set-up, for every PNG hvdtrain and its benches write: `draw(plt)`
+    makes a figure with pyplot on the file-only Agg backend and returns it; it is laid out,
+    written to `path` and closed. Returns `path`, or None (and no file) where matplotlib is
+    missing."""
     try:
         import matplotlib
 
@@ -28,37 +27,35 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    return plt
+    fig = draw(plt)
+    try:
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def loss_plot(path: str, losses: list[float], title: str) -> str | None:
     """Loss per optimizer step as a PNG; None (and no file) if matplotlib is missing."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-    ax.plot(range(1, len(losses) + 1), losses, lw=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over ranks)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+        ax.plot(range(1, len(losses) + 1), losses, lw=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (mean over ranks)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        return fig
+    return plot(path, draw)
 
 
 def util_plot(path: str, timeline: list[tuple[float, float]]) -> str | None:
     """The GPU utilisation timeline of the measured window as a PNG."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=110)
-    util_axes(ax, timeline)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6, 3), dpi=110)
+        util_axes(ax, timeline)
+        return fig
+    return plot(path, draw)
 
 
 def util_axes(ax, timeline: list[tuple[float, float]]) -> None:
@@ -116,86 +113,55 @@ def sanity_markdown(r: dict) -> str:
             f"Versions: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}.\n")
 
 
-def curves_plot(metrics_path: str, path: str, title: str) -> str | None:
-    """curves.png from metrics.jsonl: train and val loss, val accuracy, learning rate.
-    A resumed run logs some steps twice; the later record of a step wins."""
-    plt = _pyplot()
-    if plt is None or not os.path.exists(metrics_path):
-        return None
+def read_curves(metrics_path: str) -> tuple[dict, dict]:
+    """(train records, val records) of metrics.jsonl, each by step. A resumed run logs some
+    steps twice; the later record of a step wins."""
     train, val = {}, {}
     with open(metrics_path) as f:
         for line in f:
             rec = json.loads(line)
             (val if "val_loss" in rec else train)[rec["step"]] = rec
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=100)
+    return train, val
+
+
+def curve_panels(train: dict, val: dict) -> list[str]:
+    """The panels of curves.png that have data: loss, val accuracy (with a val set only)
+    and learning rate."""
+    has = {"loss": bool(train or val), "val accuracy": any("val_top1" in r for r in val.values()),
+           "learning rate": any("lr" in r for r in train.values())}
+    return [name for name, yes in has.items() if yes]
+
+
+def curves_plot(metrics_path: str, path: str, title: str) -> str | None:
+    """curves.png from metrics.jsonl, a panel 4 inches wide for each of `curve_panels`:
+    train and val loss, val accuracy, learning rate."""
+    if not os.path.exists(metrics_path):
+        return None
+    train, val = read_curves(metrics_path)
+    panels = curve_panels(train, val)
+    if not panels:
+        return None
     ts, vs = sorted(train), sorted(val)
-    axes[0].plot(ts, [train[s]["train_loss"] for s in ts], lw=1, label="train (mean over ranks)")
-    if vs:
-        axes[0].plot(vs, [val[s]["val_loss"] for s in vs], "o-", ms=3, label="val")
-        axes[1].plot(vs, [val[s]["val_top1"] for s in vs], "o-", ms=3, label="top-1")
-        axes[1].plot(vs, [val[s]["val_top5"] for s in vs], "o-", ms=3, label="top-5")
-    axes[2].plot(ts, [train[s]["lr"] for s in ts], lw=1)
-    for ax, name in zip(axes, ("loss", "val accuracy", "learning rate")):
-        ax.set_xlabel("optimizer step")
-        ax.set_title(name, fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    if vs:
-        axes[1].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
-
-class Logs:
-    """Rank 0's console lines, progress bar, metrics.jsonl and TensorBoard scalars."""
-
-    def __init__(self, cfg: C.Config, run_dir: str, start_step: int):
-        self.on = dist.is_primary()
-        self.bar = self.tb = self.metrics = None
-        self.tty = False
-        if not self.on:
-            return
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        if cfg.run.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(run_dir)
-        if cfg.run.progress:
-            from tqdm import tqdm
-
-            self.tty = sys.stderr.isatty()  # under horovodrun never: a redraw every 30 s, not 2 per second
-            # (tqdm's monitor thread would redraw every maxinterval, 10 s by default, whatever mininterval says)
-            self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            mininterval=0.5 if self.tty else 30, maxinterval=10 if self.tty else 60,
-                            file=sys.stderr)
-
-    def record(self, rec: dict, line: str | None = None) -> None:
-        if not self.on:
-            return
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, rec["step"])
-        if line:  # on a terminal, above the bar; in a log file (horovodrun, sbatch), a plain line
-            (self.bar.write if self.bar is not None and self.tty else print)(line, flush=True)
-        if self.bar is not None and "throughput_img_s" in rec:
-            self.bar.set_postfix({"loss": f"{rec['train_loss']:.4f}", "img/s": f"{rec['throughput_img_s']:.0f}"},
-                                 refresh=False)
-
-    def tick(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if not self.on:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        self.metrics.close()
+    def draw(plt):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=100, squeeze=False)
+        ax = dict(zip(panels, axes[0]))
+        if "loss" in ax:
+            if ts:
+                ax["loss"].plot(ts, [train[s]["train_loss"] for s in ts], lw=1, label="train (mean over ranks)")
+            if vs:
+                ax["loss"].plot(vs, [val[s]["val_loss"] for s in vs], "o-", ms=3, label="val")
+            ax["loss"].legend(fontsize=7)
+        if "val accuracy" in ax:
+            ax["val accuracy"].plot(vs, [val[s]["val_top1"] for s in vs], "o-", ms=3, label="top-1")
+            ax["val accuracy"].plot(vs, [val[s]["val_top5"] for s in vs], "o-", ms=3, label="top-5")
+            ax["val accuracy"].legend(fontsize=7)
+        if "learning rate" in ax:
+            ax["learning rate"].plot(ts, [train[s]["lr"] for s in ts], lw=1)
+        for name, a in ax.items():
+            a.set_xlabel("optimizer step")
+            a.set_title(name, fontsize=9)
+            a.grid(alpha=0.3)
+        fig.suptitle(title, fontsize=9)
+        return fig
+    return plot(path, draw)

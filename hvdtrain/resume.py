@@ -1,6 +1,8 @@
-"""Start-up and resume: the run folder and its lock, which checkpoint to continue from
-(checked against this run's config hash and data fingerprints), each rank's share of
-it, and writing checkpoints (`save_checkpoint`).
+"""Start-up and resume, the one home of the resume policy: the run folder and its lock,
+which checkpoint to continue from (`find_resume`), the checks that refuse it (this run's
+config hash and data fingerprints: `check_provenance`; its head's classes), each rank's
+share of it, and writing checkpoints (`save_checkpoint`). A refusal is `exits.Refused`.
+The files themselves (atomic save, safe load, the lock) are `hvdtrain.checkpoint`.
 
 Decisions that only rank 0 can make (the folder, the lock, which checkpoint) are made
 there and broadcast, so every rank starts, resumes or refuses together.
@@ -14,18 +16,39 @@ import torch
 
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
-from hvdtrain import dist, provenance
+from hvdtrain import dist, logs, provenance
 from hvdtrain import step as S
 from hvdtrain import task as TK
+from hvdtrain.exits import Refused
 
 
-class Refused(RuntimeError):
-    """The run must not start; the message says why and what to do."""
+# ---------------------------------------------------------------- the policy: which checkpoint, and may it continue
+def find_resume(run_dir: str, log=print) -> tuple[str, dict] | None:
+    """The newest checkpoint in `run_dir` that loads; unreadable ones are reported and skipped."""
+    for path in reversed(ckpt.list_checkpoints(run_dir)):
+        try:
+            return path, ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            log(f"warning: skipping {e}")
+    return None
 
 
-def _say(msg: str) -> None:
-    if dist.is_primary():
-        print(msg, flush=True)
+def check_provenance(saved: dict, current: dict, anyway: bool) -> list[str]:
+    """Compare a checkpoint's config hash and data fingerprints with this run's.
+    Raises Refused naming both values unless `anyway`; returns the differences."""
+    diffs = []
+    if saved.get("config_hash") != current["config_hash"]:
+        diffs.append(f"config hash {saved.get('config_hash')} (checkpoint) != {current['config_hash']} (this run)")
+    for split, fp in current["data_fingerprint"].items():
+        old = saved.get("data_fingerprint", {}).get(split)
+        if split != "train" and old is None:
+            continue  # a val set added on resume: nothing to compare it with
+        if old != fp:
+            diffs.append(f"{split} data fingerprint {old} (checkpoint) != {fp} (this run)")
+    if diffs and not anyway:
+        raise Refused("refusing to resume: " + "; ".join(diffs) +
+                      ". Pass --resume-anyway to continue on purpose, or start a fresh --run.dir")
+    return diffs
 
 
 # ---------------------------------------------------------------- start: folder, lock, resume
@@ -37,13 +60,13 @@ def _prepare_primary(cfg: C.Config, current: dict, num_classes: int | None, chec
     run_dir = cfg.run.dir or os.path.join("runs", provenance.run_id(cfg.run.name))
     os.makedirs(run_dir, exist_ok=True)
     lock = ckpt.RunLock(run_dir)
-    lock.acquire(log=_say)
+    lock.acquire(log=logs.say)
     try:
         payload, path, notes = None, None, []
         if not checkpoints:
             pass
         elif cfg.run.resume == "auto":
-            found = ckpt.find_resume(run_dir, log=_say)
+            found = find_resume(run_dir, log=logs.say)
             if found is None:
                 notes.append(f"resume: no checkpoint in {run_dir}: starting from step 0")
             else:
@@ -54,14 +77,14 @@ def _prepare_primary(cfg: C.Config, current: dict, num_classes: int | None, chec
             raise Refused(f"{run_dir} already holds checkpoints ({os.path.basename(ckpt.latest_path(run_dir))}); "
                           f"continue it with --resume auto, or choose another --run.dir")
         if payload is not None:
-            diffs = ckpt.check_provenance(payload["provenance"], current, cfg.run.resume_anyway)
+            diffs = check_provenance(payload["provenance"], current, cfg.run.resume_anyway)
             notes += [f"warning: --resume-anyway: {d}" for d in diffs]
             if TK.get(cfg.train.task).needs_classes and payload.get("num_classes") != num_classes:
                 raise Refused(f"checkpoint {path} has a {payload.get('num_classes')}-class head but the data has "
                               f"{num_classes} classes")
             notes.append(f"resume: {path} (step {payload['step']}, epoch {payload['epoch']}, "
                          f"saved by {payload['world_size']} rank(s) at {payload['provenance']['git_sha'][:12]})")
-    except (ckpt.CheckpointError, ckpt.ResumeRefused, Refused):
+    except (ckpt.CheckpointError, Refused):
         lock.release()
         raise
     return run_dir, lock, payload, path, notes
@@ -76,7 +99,7 @@ def prepare(cfg: C.Config, current: dict, num_classes: int | None, checkpoints: 
             resume = None if payload is None else {k: payload[k] for k in ("step", "epoch", "world_size", "ranks",
                                                                               "best_val_loss")}
             info = {"error": None, "run_dir": run_dir, "resume": resume, "path": path, "notes": notes}
-        except (ckpt.CheckpointError, ckpt.ResumeRefused, ckpt.LockError, Refused) as e:
+        except (ckpt.CheckpointError, ckpt.LockError, Refused) as e:
             info = {"error": str(e)}
     info = dist.broadcast_object(info, name="prepare")  # small: per-rank reader states, not weights
     if info["error"]:

@@ -1,4 +1,4 @@
-"""The GO/NO-GO run: does this machine train, fast enough, on the data we think?
+"""The GO/NO-GO run: does this machine train, fast enough, on the data it was given?
 
     horovodrun -np 2 python -m hvdtrain.sanity                      # embedded synthetic data
     horovodrun -np 2 python -m hvdtrain.sanity --data.train=DIR --slo slo.json
@@ -9,17 +9,15 @@ It is a training run with the sanity preset (`session.Run`, no checkpoints), the
 judgement: the SLOs of hvdtrain/slo.py (loader >= 300 img/s, loss reduction >= 0.15,
 time <= 25 min, GPU utilisation >= 85 %; NOT EVALUATED with no GPU) and where the step
 time went (`hvdtrain.timing`): a NO-GO on throughput or utilisation names the dominant
-cause with its share and the next thing to try. Defaults are the seed's Day-2
+cause with its share and the next thing to try. Defaults are the GO/NO-GO
 configuration: batch 16 per rank, grad_accum_steps 8, 24 DALI threads (capped to the
 cores per rank), lr 5e-4, embed_dim 256, seed 1337, 200 optimizer steps of a two-view
 InfoNCE encoder (loss starts near ln 16 = 2.7726). Rank 0 writes runs/<run-id>/
 sanity.json, sanity.md and loss.png beside the run's config.json, metrics.jsonl and
 summary.json.
 
-Exit codes: 0 GO; 1 NO-GO (an SLO failed, or training failed: non-finite loss, a
-checkpoint write); 2 refused to start (usage, SLO file, data, run-folder lock, a bad
-sample); 3 another rank died or hung; 4 preempted (SIGUSR1, SIGTERM or the batch shell's
-request: `hvdtrain.preempt`): every rank stopped at the same step, and the sanity cannot be
+Exit codes: `hvdtrain.exits`; here OK is GO and FAILED is a NO-GO (an SLO failed) as
+well as a failed run, a bad sample refuses (REFUSED), and a PREEMPTED sanity cannot be
 resumed (it writes no checkpoints): run it again. launch/slurm_run.sh does not requeue it.
 """
 from __future__ import annotations
@@ -33,8 +31,9 @@ import time
 import torch
 
 from hvdtrain.data import embedded
+from hvdtrain.data.files import write_atomic
 from hvdtrain import config as C
-from hvdtrain import dist, exitmark, preempt, provenance, report, session
+from hvdtrain import dist, exitmark, exits, logs, preempt, provenance, report, session
 from hvdtrain import slo as S
 from hvdtrain import timing
 from hvdtrain.loader import DataError
@@ -75,7 +74,7 @@ def run(cfg: C.Config, slo_file: str | None) -> dict:
     t_start = time.perf_counter()
     synthetic = cfg.data.loader == "synthetic"
     if not cfg.data.train and not synthetic:
-        cfg.data.train = embedded.ensure(cfg.seed, log=lambda s: dist.is_primary() and print(s, flush=True))
+        cfg.data.train = embedded.ensure(cfg.seed, log=logs.say)
     with session.Run(cfg, checkpoints=False) as r:
         loader_img_s = None if synthetic else probe_loader(r.loader)  # no reader to measure
         result = r.train()
@@ -116,8 +115,7 @@ def write(r: dict) -> None:
     if r["gpu"].get("timeline"):
         report.util_plot(os.path.join(d, "gpu_util.png"), r["gpu"]["timeline"])
     report.write_json(os.path.join(d, "sanity.json"), r)
-    with open(os.path.join(d, "sanity.md"), "w") as f:
-        f.write(report.sanity_markdown(r))
+    write_atomic(os.path.join(d, "sanity.md"), report.sanity_markdown(r))
     print("\n" + report.sanity_table(r))
     print(f"report: {os.path.join(d, 'sanity.md')}  json: {os.path.join(d, 'sanity.json')}", flush=True)
 
@@ -130,21 +128,21 @@ def main(argv: list[str] | None = None) -> int:
         S.load(extra.get("slo"))  # a bad SLO file fails before any work
     except (C.ConfigError, OSError, ValueError) as e:
         print(f"hvdtrain.sanity: {e}", file=sys.stderr)
-        return 2
+        return exits.REFUSED
     dist.init()
     out: dict = {}
 
     def go() -> int:
         out.update(run(cfg, extra.get("slo")))
-        return 0
-    code = session.guarded("hvdtrain.sanity", go, codes={DataError: 2})
+        return exits.OK
+    code = session.guarded("hvdtrain.sanity", go, codes={DataError: exits.REFUSED})
     if code:
         return code
     if dist.is_primary():
         write(out)
     # horovodrun kills the other ranks when one exits non-zero: leave together, after rank 0 wrote
     dist.barrier()
-    return 0 if out["verdict"] == "GO" else 1
+    return exits.OK if out["verdict"] == "GO" else exits.FAILED
 
 
 if __name__ == "__main__":

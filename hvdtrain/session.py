@@ -10,17 +10,11 @@ optimizer, the train and val loaders (`loader.from_config`), the logs (console, 
 metrics.jsonl, TensorBoard), the watchdog and the GPU monitor, which samples from the
 end of the warm-up (the first log interval, or a bench's warm-up steps) to the end.
 
-Exit codes (`main`): 0 done; 1 the run failed while training (non-finite loss, val-loss
-guard, bad sample, checkpoint write); 2 refused to start (data, classes, lock, resume
-checks); 3 another rank stopped or hung (a failed collective, or the watchdog:
-`hvdtrain.watchdog`); 4 preempted, resume me: every rank agreed to stop at one step
-(SIGUSR1, SIGTERM or the batch shell's request file: `hvdtrain.preempt`), rank 0 wrote
-a checkpoint there and preempted.json (a run without checkpoints, the sanity, exits 4
-too but cannot be resumed).
+`guarded` turns what can stop a run into its exit code (`hvdtrain.exits`, the one table)
+and one clear message.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -32,7 +26,7 @@ from hvdtrain.data.tarindex import ShardError
 from hvdtrain import kernels
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
-from hvdtrain import dist, optim, provenance, report
+from hvdtrain import dist, exits, logs, optim, provenance, report
 from hvdtrain import valpass as E
 from hvdtrain import preempt as P
 from hvdtrain import loader as L
@@ -44,8 +38,8 @@ from hvdtrain import task as TK
 from hvdtrain import timing
 from hvdtrain.gpumon import GpuMonitor, not_evaluated
 from hvdtrain.loader import DataError
-from hvdtrain.resume import Refused
-from hvdtrain.watchdog import EXIT_STALLED, Watchdog
+from hvdtrain.exits import Refused
+from hvdtrain.watchdog import Watchdog
 
 
 def open_data(cfg: C.Config, alone: bool = False) -> tuple[ShardSet, ShardSet | None, dict]:
@@ -56,14 +50,10 @@ def open_data(cfg: C.Config, alone: bool = False) -> tuple[ShardSet, ShardSet | 
         return synthetic.open_data(cfg, dist.size())
     gather = (lambda obj, name=None: [obj]) if alone else dist.allgather_object
     try:
-        return dataset.open_data(cfg, dist.rank(), dist.size(), gather, log=_log0,
+        return dataset.open_data(cfg, dist.rank(), dist.size(), gather, log=logs.say_here,
                                  needs_classes=TK.get(cfg.train.task).needs_classes)
     except ShardError as e:
         raise Refused(f"data error: {e}") from e
-
-
-def _log0(line: str) -> None:
-    print(line, flush=True)
 
 
 @dataclass
@@ -125,7 +115,7 @@ class Run:
         self.loader, self.val_loader = self._agreed(lambda: (
             L.from_config(cfg, self.train_data, "train", self.dali_threads, loader_state, epoch), self._val_loader()),
             alone=bool(joined))
-        self.logs = report.Logs(cfg, self.dir, self.state.step)
+        self.logs = logs.Logs(cfg, self.dir, self.state.step)
         self.bound = TK.val_bound(cfg.train.val_loss_bound, self.state.task, self.train_data.num_classes,
                                   cfg.data.val_batch_size or cfg.train.batch_size)
         self.best_val = joined["best_val"] if joined else info["resume"]["best_val_loss"] if info["resume"] else None
@@ -188,7 +178,7 @@ class Run:
         if self.dog is not None:
             self.dog.stop()
         if getattr(self, "gpu_started", False):
-            self._stop_gpu()
+            self.stop_gpu()
         self.release_loaders()
         if self.logs is not None:
             self.logs.close()
@@ -228,13 +218,16 @@ class Run:
         self.close()
 
     # ---------------------------------------------------------------- the loop's hooks
-    def _start_gpu(self) -> None:
-        """The one rule for GPU sampling: from the end of the warm-up on."""
+    def start_gpu(self, fresh: bool = False) -> None:
+        """The one rule for GPU sampling: from the end of the warm-up on. `fresh`: a new
+        window with a monitor of its own (a bench measures more than one)."""
+        if fresh:
+            self.gpu, self.gpu_started = GpuMonitor(self.state.device), False
         if not self.gpu_started:
             self.gpu.start()
             self.gpu_started = True
 
-    def _stop_gpu(self) -> dict:
+    def stop_gpu(self) -> dict:
         started, self.gpu_started = self.gpu_started, False
         if started:
             self._gpu_summary = self.gpu.stop()
@@ -250,7 +243,7 @@ class Run:
                "train_loss_per_step": values, "phase_share": timing.shares(res.interval_phase_s)}
         if "grad_norm" in out:
             rec["grad_norm"] = float(out["grad_norm"])
-        self._start_gpu()  # the first log line ends the warm-up
+        self.start_gpu()  # the first log line ends the warm-up
         self.logs.record(rec, f"step {step:6d}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.3g}  "
                               f"{res.interval_img_s:.0f} img/s (all ranks)  epoch {self.loader.epoch}")
 
@@ -301,10 +294,10 @@ class Run:
                                  self.on_log, self.on_step, self.stop_requested)
             self.preempt.drain()
             if res.stopped:
-                self.stop_preempted()  # raises P.Preempted: main exits 4
+                self.stop_preempted()  # raises P.Preempted: exits.PREEMPTED
         finally:
             self.dog.stop()
-            gpu = self._stop_gpu()
+            gpu = self.stop_gpu()
         return self.finish(res, gpu)
 
     def stop_requested(self, st) -> bool:
@@ -324,23 +317,6 @@ class Run:
             path = os.path.join(self.dir, f"ckpt-{st.step:08d}.pt")
         raise P.stopped(self.preempt, self.dir, st.step, self.cfg.train.steps, path, time.perf_counter() - t0,
                         len(P.received()) - n)
-
-    def measure(self, loader, warmup: int, steps: int) -> tuple[S.LoopResult, dict]:
-        """A bench's window: `warmup` steps, then `steps` timed ones with the GPU sampled
-        (no validation, no checkpoints). Returns the timed steps' result and the GPU's."""
-        beat = lambda st: self.dog.beat(f"bench step {st.step}")  # noqa: E731
-        self.dog.start()
-        gpu = None
-        try:
-            S.run_loop(self.state, loader, warmup, on_step=beat)
-            self.gpu = GpuMonitor(self.state.device)
-            self.gpu_started = False
-            self._start_gpu()
-            res = S.run_loop(self.state, loader, steps, on_step=beat)
-        finally:
-            self.dog.stop()
-            gpu = self._stop_gpu()  # also when a step raised: no sampler thread or dmon left behind
-        return res, gpu
 
     def fetch_stats(self) -> dict | None:
         """The node's fetcher counters (bucket data read through the cache), or None."""
@@ -400,30 +376,29 @@ class Run:
 def fit(cfg: C.Config) -> int:
     with Run(cfg) as run:
         run.train()
-    return 0
+    return exits.OK
 
 
 def guarded(prog: str, fn, codes: dict | None = None) -> int:
-    """Run `fn()` and map what can stop a run to an exit code with one clear message:
-    Refused -> 2, a data/training/checkpoint error -> 1, a failed collective -> 3,
-    a preemption -> 4.
-    `codes` overrides the code per exception class (the sanity maps data errors to 2)."""
+    """Run `fn()` and map what can stop a run to its exit code (`hvdtrain.exits`) with one
+    clear message: Refused -> REFUSED, a data/training/checkpoint error -> FAILED, a failed
+    collective -> STALLED, a preemption -> PREEMPTED. `codes` overrides the code per
+    exception class (the sanity refuses on a bad sample: DataError -> REFUSED)."""
     codes = codes or {}
     try:
         return fn()
     except P.Preempted as e:
-        if dist.is_primary():
-            print(f"{prog}: {e}", file=sys.stderr, flush=True)
-        return P.EXIT_PREEMPTED
+        logs.say(f"{prog}: {e}", file=sys.stderr)
+        return exits.PREEMPTED
     except Refused as e:
         if dist.is_primary():  # every rank refuses together; one message is enough
             print(f"{prog}: {e}", file=sys.stderr, flush=True)
         else:
             print(f"{prog}: rank {dist.rank()}: refused to start, as rank 0 says", file=sys.stderr, flush=True)
-        return codes.get(Refused, 2)
+        return codes.get(Refused, exits.REFUSED)
     except (DataError, S.TrainingError, ckpt.CheckpointError) as e:
         print(f"{prog}: rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
-        return codes.get(type(e), 1)
+        return codes.get(type(e), exits.FAILED)
     except RuntimeError as e:
         if not dist.is_collective_failure(e):
             raise
@@ -432,7 +407,7 @@ def guarded(prog: str, fn, codes: dict | None = None) -> int:
                  if dist.last_placement else "")
         print(f"{prog}: rank {dist.rank()}: a collective failed, most likely because another rank "
               f"stopped (the launcher's message names it): {first}{where}", file=sys.stderr, flush=True)
-        return EXIT_STALLED
+        return exits.STALLED
 
 
 def main(cfg: C.Config) -> int:

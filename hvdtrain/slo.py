@@ -2,8 +2,8 @@
 
 The GO/NO-GO (`hvdtrain.sanity`) owns them; the benches (`bench/`) import them from here.
 
-Defaults are the seed's: loader >= 300 img/s, loss reduction >= 0.15, sanity time
-<= 25 min, GPU utilisation >= 85 %. Override any threshold with a JSON or TOML file:
+Defaults: loader >= 300 img/s, loss reduction >= 0.15, sanity time <= 25 min, GPU
+utilisation >= 85 %. Override any threshold with a JSON or TOML file:
 
     {"loader_img_s": 500, "gpu_util_pct": 90}
 

@@ -4,9 +4,10 @@
     --train.task=contrastive  two-view InfoNCE; val reports retrieval top-1/top-5
 
 A task says how many views the pipeline makes per image, whether the model gets a
-classifier head, its training loss and its validation sums. The step (`hvdtrain.step`),
-the val pass (`hvdtrain.evaluate`) and the run (`hvdtrain.session`) ask it instead of
-branching on the task's name. Collectives come in as arguments (`gather`), so this
+classifier head, its training loss (`info_nce` here; mixup's soft cross-entropy is a
+kernel, `kernels.mixup`) and its validation sums. The step (`hvdtrain.step`), the val
+pass (`hvdtrain.valpass`) and the run (`hvdtrain.session`) ask it instead of branching
+on the task's name. Collectives come in as arguments (`gather`), so this
 module does not import Horovod's wrapper.
 """
 from __future__ import annotations
@@ -16,8 +17,25 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hvdtrain import model as M
 from hvdtrain.kernels import mixup
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather=None, rank: int = 0) -> torch.Tensor:
+    """Symmetric two-view InfoNCE: view i of one image must pick view i of the same image
+    among the B images of its micro-batch. With uninformative embeddings every choice is
+    equally likely, so the loss starts at ln(B) (ln 16 = 2.7726 for the sanity).
+
+    `gather` (dist.allgather_grad): the candidates are every rank's views (B x ranks
+    negatives, gradients flow back through the gather); `rank` places this rank's rows."""
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    target = torch.arange(z1.shape[0], device=z1.device)
+    if gather is None:
+        logits = z1 @ z2.t() / temperature
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    all1, all2 = gather(z1), gather(z2)
+    target = target + rank * z1.shape[0]
+    return 0.5 * (F.cross_entropy(z1 @ all2.t() / temperature, target)
+                  + F.cross_entropy(z2 @ all1.t() / temperature, target))
 
 
 class Classify:
@@ -64,12 +82,12 @@ class Contrastive:
     def loss(self, cfg, model, views, labels, num_classes, gen, gather=None, rank: int = 0) -> torch.Tensor:
         z1, z2 = model(views[0]), model(views[1])
         g = gather if cfg.model.gather_negatives else None
-        return M.info_nce(z1.float(), z2.float(), cfg.model.temperature, g, rank)
+        return info_nce(z1.float(), z2.float(), cfg.model.temperature, g, rank)
 
     def eval_sums(self, cfg, model, views, labels) -> torch.Tensor:
         z1, z2 = model(views[0]).float(), model(views[1]).float()
         n = z1.shape[0]
-        loss = M.info_nce(z1, z2, cfg.model.temperature)
+        loss = info_nce(z1, z2, cfg.model.temperature)
         # retrieval accuracy: view 1 of image i finds view 2 of image i among the batch
         logits = F.normalize(z1, dim=1) @ F.normalize(z2, dim=1).t()
         hit = logits.topk(min(5, n), dim=1).indices == torch.arange(n, device=z1.device)[:, None]

@@ -4,9 +4,7 @@ in `hvdtrain.session`, the step and loop below it in `hvdtrain.step`).
     horovodrun -np 2 python -m hvdtrain.train --preset tinyimagenet \
         --data.train=shards/tiny/train --data.val=shards/tiny/val [--resume auto]
 
-Exit codes: 0 done, 1 failed while training, 2 refused to start, 3 another rank died or
-hung, 4 preempted: checkpointed, resume with --resume auto (see hvdtrain/session.py and
-hvdtrain/preempt.py; launch/train.sbatch requeues itself on 4).
+Exit codes: `hvdtrain.exits` (launch/train.sbatch requeues itself on PREEMPTED).
 """
 from __future__ import annotations
 
@@ -18,18 +16,18 @@ if __name__ == "__main__":  # before the heavy imports below: a SIGUSR1 or SIGTE
     preempt.install()       # is recorded (the run stops after step 1), not fatal
 
 from hvdtrain import config as C  # noqa: E402
-from hvdtrain import dist, session  # noqa: E402
+from hvdtrain import dist, exits, session  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, start Horovod, run `session.fit`, exit 0 / 1 / 2 / 3 / 4."""
+    """Parse, start Horovod, run `session.fit`; the exit code (`hvdtrain.exits`)."""
     preempt.install()
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, _ = C.parse_args(argv, default_preset="sanity")
     except C.ConfigError as e:
         print(f"hvdtrain.train: {e}", file=sys.stderr)
-        return 2
+        return exits.REFUSED
     dist.init()
     return session.main(cfg)
 

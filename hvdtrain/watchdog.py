@@ -2,13 +2,13 @@
 letting it hang.
 
 A rank that dies is the launcher's to see: horovodrun (and `srun --kill-on-bad-exit`)
-ends the job when any process exits non-zero — under a second here. A rank that hangs
+ends the job when any process exits non-zero, in under a second. A rank that hangs
 (stopped, stuck in I/O, a peer wedged in a collective) exits nothing, and Gloo waits in
 the collective for a long time. The watchdog is a daemon thread: if the training loop
 has not called `beat()` for `timeout_s`, it prints which rank, since when and after
-what, and which peers it was waiting on, and calls `os._exit(3)`; the launcher then
-ends the other ranks. A node that lost power or its link looks exactly like this: no
-reset ever arrives, so only a timeout can tell.
+what, and which peers it was waiting on, and ends the process at once with
+`hvdtrain.exits.STALLED`; the launcher then ends the other ranks. A node that lost power
+or its link looks exactly like this: no reset ever arrives, so only a timeout can tell.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-EXIT_STALLED = 3
+from hvdtrain import exits
 
 
 class Watchdog:
@@ -51,7 +51,7 @@ class Watchdog:
                       f"or hung, or a read is stuck; ending rank {self.rank} so the launcher ends the job. "
                       f"Resume with --resume auto.{peers_state(self.placement, self.rank)}", file=sys.stderr,
                       flush=True)
-                os._exit(EXIT_STALLED)
+                os._exit(exits.STALLED)
 
 
 def peers_state(placement: list[dict], me: int) -> str:

@@ -11,10 +11,11 @@
 # waits, so the shell can take Slurm's warning (`#SBATCH --signal=B:USR1@90`, or
 # `scancel --signal=USR1 --batch JOBID`; SIGTERM too): it writes <run dir>/preempt.request,
 # which rank 0 reads, and keeps waiting. When hvdtrain.train stops for it (its ranks exit
-# 4 after rank 0 wrote a checkpoint and preempted.json) on a USR1, this shell runs
-# `scontrol requeue` and exits 0; the requeued job (SLURM_RESTART_COUNT > 0) continues with
-# --resume auto in the same runs/slurm-<job id>. A stop on SIGTERM alone (scancel, the time
-# limit) and any other module that was preempted exit 4, not requeued.
+# 4, PREEMPTED in hvdtrain/exits.py, after rank 0 wrote a checkpoint and preempted.json)
+# on a USR1, this shell runs `scontrol requeue` and exits 0; the requeued job
+# (SLURM_RESTART_COUNT > 0) continues with --resume auto in the same runs/slurm-<job id>.
+# A stop on SIGTERM alone (scancel, the time limit) and any other module that was
+# preempted exit 4, not requeued.
 set -euo pipefail
 ROOT=${HVDTRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 cd "$ROOT"

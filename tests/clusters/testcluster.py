@@ -238,32 +238,48 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def parse_cli(argv: list[str], nodes: int) -> tuple[str, str, int] | None:
-    """`up|down DIR [--nodes N]` (this module's and tests/clusters/testhosts.py's): (command,
-    absolute DIR, nodes), or None for anything else."""
-    if len(argv) == 4 and argv[2] == "--nodes" and argv[3].isdigit():
+def parse_cli(argv: list[str], nodes: int | None) -> tuple[str, str, int | None] | None:
+    """`up|down DIR [--nodes N]` (`--nodes` only where `nodes`, its default, is given):
+    (command, absolute DIR, nodes), or None for anything else."""
+    if nodes is not None and len(argv) == 4 and argv[2] == "--nodes" and argv[3].isdigit():
         nodes, argv = int(argv[3]), argv[:2]
     if len(argv) != 2 or argv[0] not in ("up", "down"):
         return None
     return argv[0], os.path.abspath(argv[1]), nodes
 
 
-def main(argv: list[str]) -> int:
-    parsed = parse_cli(argv, nodes=1)
+def cli(prog: str, doc: str, argv: list[str], up_line, down, errors: tuple, nodes: int | None = None,
+        leftovers=None) -> int:
+    """The test clusters' command line (this module, testnet, testhosts): `up DIR` prints
+    `up_line(DIR, nodes)` (`up_line(DIR)` without --nodes), `down DIR` runs `down(DIR)`
+    and fails naming what `leftovers(DIR)` still finds. 2: usage; 1: one of `errors`."""
+    parsed = parse_cli(argv, nodes)
     if parsed is None:
-        print(__doc__, file=sys.stderr)
+        print(doc, file=sys.stderr)
         return 2
-    cmd, d, nodes = parsed
+    cmd, d, n = parsed
     try:
         if cmd == "up":
-            up(d, nodes)
-            print(f"export SLURM_CONF={d}/slurm.conf")
-        else:
-            down(d)
-    except ClusterError as e:
-        print(f"testcluster: {e}", file=sys.stderr)
+            print(up_line(d) if nodes is None else up_line(d, n))
+            return 0
+        down(d)
+        left = leftovers(d) if leftovers else []
+    except errors as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    if left:
+        print(f"{prog}: left behind: {left}", file=sys.stderr)
         return 1
     return 0
+
+
+def _up_line(d: str, nodes: int) -> str:
+    up(d, nodes)
+    return f"export SLURM_CONF={d}/slurm.conf"
+
+
+def main(argv: list[str]) -> int:
+    return cli("testcluster", __doc__, argv, _up_line, down, (ClusterError,), nodes=1)
 
 
 if __name__ == "__main__":

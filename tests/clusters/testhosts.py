@@ -35,9 +35,8 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
-from launch import testcluster, testnet
+from tests.clusters import testcluster, testnet
 
 NODES = ("h1", "h2", "h3")
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "sinfo")
@@ -290,27 +289,15 @@ def leftovers(d: str) -> list[str]:
     return left
 
 
+def _up_line(d: str, nodes: int) -> str:
+    up(d, nodes)
+    return (f"export PATH={d}/bin:$PATH SLURM_CONF={d}/slurm.conf "
+            f"HOROVODRUN_ARGS='--ssh-port {SSH_PORT} --ssh-identity-file {d}/ssh/id_ed25519'")
+
+
 def main(argv: list[str]) -> int:
-    parsed = testcluster.parse_cli(argv, nodes=3)
-    if parsed is None:
-        print(__doc__, file=sys.stderr)
-        return 2
-    cmd, d, nodes = parsed
-    try:
-        if cmd == "up":
-            up(d, nodes)
-            print(f"export PATH={d}/bin:$PATH SLURM_CONF={d}/slurm.conf "
-                  f"HOROVODRUN_ARGS='--ssh-port {SSH_PORT} --ssh-identity-file {d}/ssh/id_ed25519'")
-        else:
-            down(d)
-            left = leftovers(d)
-            if left:
-                print(f"testhosts: left behind: {left}", file=sys.stderr)
-                return 1
-    except (HostsError, testcluster.ClusterError) as e:
-        print(f"testhosts: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return testcluster.cli("testhosts", __doc__, argv, _up_line, down, (HostsError, testcluster.ClusterError),
+                           nodes=3, leftovers=leftovers)
 
 
 if __name__ == "__main__":

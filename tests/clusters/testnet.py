@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from launch import testcluster
+from tests.clusters import testcluster
 
 HOSTS = "/etc/hosts"
 ADDRS = {"n1": "127.0.0.1", "n2": "127.0.0.2"}
@@ -121,20 +121,13 @@ def down(d: str, timeout_s: float = 10) -> bool:
     return bool(testcluster.stop_daemons(d, ["sshd"], timeout_s, group=True))  # sshd and its sessions
 
 
+def _up_line(d: str) -> str:
+    net = up(d)
+    return f"export PATH={net['path']}:$PATH HOROVODRUN_ARGS='{ssh_args(net)}'"
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("up", "down"):
-        print(__doc__, file=sys.stderr)
-        return 2
-    try:
-        if argv[0] == "up":
-            net = up(argv[1])
-            print(f"export PATH={net['path']}:$PATH HOROVODRUN_ARGS='{ssh_args(net)}'")
-        else:
-            down(argv[1])
-    except NetError as e:
-        print(f"testnet: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return testcluster.cli("testnet", __doc__, argv, _up_line, down, (NetError,))
 
 
 if __name__ == "__main__":

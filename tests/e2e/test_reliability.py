@@ -17,6 +17,7 @@ from PIL import Image
 from hvdtrain.data.wds import file_sha256, write_index, write_info
 from tests.conftest import ROOT, jpeg
 from tests.e2e.harness import CI, HOROVODRUN, TRAIN, exit_code, finish, run, wait_for
+from tests.procs import rank_pid
 
 PY = [sys.executable]
 
@@ -193,21 +194,6 @@ def test_empty_shard_lists_are_refused_naming_the_pattern(tmp_path, spec, says):
 
 
 # ---------------------------------------------------------------- faults
-def rank_pid(run_dir: str, rank: int) -> int:
-    """The python process of `rank` in the job writing to `run_dir` (read from /proc: `ps`
-    cuts horovodrun's long `env HOROVOD_RANK=... python ...` command lines)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if (args[0].endswith(b"python") and b"hvdtrain.train" in args and f"--run.dir={run_dir}".encode() in args
-                and f"HOROVOD_RANK={rank}".encode() in env):
-            return int(pid)
-    raise AssertionError(f"no rank {rank} process for {run_dir}")
-
-
 def start_and_wait(tmp_path, synth_data, *extra):
     args = CI + [f"--data.train={synth_data}/train", "--train.steps=100000", f"--run.dir={tmp_path}/run", *extra]
     p = subprocess.Popen(HOROVODRUN + TRAIN + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -225,7 +211,7 @@ def wait_end(p, limit_s):
 
 def test_a_rank_killed_mid_step_ends_the_job_naming_it(tmp_path, synth_data):
     p = start_and_wait(tmp_path, synth_data)
-    os.kill(rank_pid(str(tmp_path / "run"), 1), signal.SIGKILL)
+    os.kill(rank_pid("hvdtrain.train", str(tmp_path / "run"), rank=1), signal.SIGKILL)
     took, out, err = wait_end(p, 60)
     assert p.returncode != 0
     assert "Process name: 1" in err and "Exit code: 137" in err  # horovodrun names the dead rank
@@ -234,7 +220,7 @@ def test_a_rank_killed_mid_step_ends_the_job_naming_it(tmp_path, synth_data):
 
 def test_a_hung_rank_is_ended_by_the_watchdog(tmp_path, synth_data):
     p = start_and_wait(tmp_path, synth_data, "--run.watchdog_s=8")
-    stuck = rank_pid(str(tmp_path / "run"), 1)
+    stuck = rank_pid("hvdtrain.train", str(tmp_path / "run"), rank=1)
     os.kill(stuck, signal.SIGSTOP)  # alive but silent: horovodrun cannot see it, Gloo waits
     try:
         took, out, err = wait_end(p, 90)
@@ -276,17 +262,7 @@ def test_elastic_training_continues_on_the_survivor_when_a_worker_dies(tmp_path,
                          start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
     wait_for("step 15 logged", lambda: metrics.exists() and '"step": 15,' in metrics.read_text(), 150, p, 0.05)
-    victim = None
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if args[0].endswith(b"python") and b"hvdtrain.train" in args and b"HOROVOD_HOSTNAME=127.0.0.1" in env \
-                and f"--run.dir={run_dir}".encode() in args:
-            victim = int(pid)
-    assert victim, "no worker on 127.0.0.1"
+    victim = rank_pid("hvdtrain.train", str(run_dir), env=("HOROVOD_HOSTNAME=127.0.0.1",))  # the worker on 127.0.0.1
     os.kill(victim, signal.SIGKILL)
     took, out, err = wait_end(p, 200)
     assert p.returncode == 0, (out + err)[-3000:]

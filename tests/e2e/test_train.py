@@ -50,7 +50,7 @@ def test_kill9_then_resume_auto_gives_the_same_losses(tmp_path, synth_data, inte
     every step after it must equal the uninterrupted run's bit for bit (same threads, CPU)."""
     steps = 40
     args = CI + [f"--data.train={synth_data}/train", "--train.log_every=1", "--train.ckpt_every=5",
-                 f"--train.steps={steps}", f"--data.shard_shuffle={interleave}"]  # on: epochs rebuilt from the seed
+                 f"--train.steps={steps}", f"--data.shard_shuffle={interleave}"]  # on: epochs rebuilt from the run's seed
     full = run(HOROVODRUN + TRAIN + args + [f"--run.dir={tmp_path}/full"])
     assert full.returncode == 0, (full.stdout + full.stderr)[-3000:]
     metrics = tmp_path / "cut" / "metrics.jsonl"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hvdtrain.data.wds import Sample, open_shards, write_split
+from hvdtrain.data.shards import open_shards
+from hvdtrain.data.wds import Sample, write_split
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ from hvdtrain import config as C
 from hvdtrain import dist
 from hvdtrain import valpass as E
 from hvdtrain import loader as L
-from hvdtrain import model as M
 from hvdtrain import step as T
+from hvdtrain import task as TK
 from hvdtrain.loader import Batch
 from tests.parallel.harness import make_data, param_vector
 
@@ -61,8 +61,8 @@ def test_gathered_negatives_use_every_ranks_batch_and_carry_gradients():
     b = 16
     z1 = torch.randn(b, 4096, requires_grad=True)
     z2 = torch.randn(b, 4096)
-    gathered = M.info_nce(z1, z2, 1.0, gather=dist.allgather_grad, rank=dist.rank())
-    local = M.info_nce(z1, z2, 1.0)
+    gathered = TK.info_nce(z1, z2, 1.0, gather=dist.allgather_grad, rank=dist.rank())
+    local = TK.info_nce(z1, z2, 1.0)
     assert gathered.item() == pytest.approx(math.log(b * dist.size()), abs=0.05)
     assert local.item() == pytest.approx(math.log(b), abs=0.05)
     gathered.backward()

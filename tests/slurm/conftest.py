@@ -5,7 +5,7 @@ import tempfile
 
 import pytest
 
-from launch import testcluster, testnet
+from tests.clusters import testcluster, testnet
 from tests.slurm.jobs import assert_nothing_left, drain
 
 
@@ -33,7 +33,7 @@ def hosts():
     testhosts.up's answer. Skipped with the reason where namespaces cannot be made, unless
     HVDTRAIN_REQUIRE_NETNS=1 (.ci/run), which makes that a failure. At the end every job is
     cancelled, and the namespaces, links, /etc/hosts lines and daemons must all be gone."""
-    from launch import testhosts
+    from tests.clusters import testhosts
 
     why = testhosts.capable()
     if why:

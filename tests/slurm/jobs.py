@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from launch import testcluster
+from tests.clusters import testcluster
 from tests.conftest import ROOT
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",

@@ -25,8 +25,9 @@ import time
 import pytest
 
 from hvdtrain import checkpoint as ckpt
-from launch import testhosts
 from launch.slurm import expand_nodelist
+from tests import procs
+from tests.clusters import testhosts
 from tests.conftest import ROOT
 from tests.e2e.harness import HOROVODRUN, TRAIN, losses, run
 from tests.slurm.jobs import job_field, output, sbatch, wait_job, wait_until
@@ -207,15 +208,10 @@ def throttle(pid: int, stop: threading.Event, on_s=0.03, off_s=0.07) -> None:
 
 
 def rank_on(hosts, node, module):
+    """The pid of `python -m MODULE` on `node` (in its namespace), or None."""
     ns = testhosts._state(hosts["dir"])["ns"][node]
-    for pid in testhosts.ns_pids(ns):
-        try:
-            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if module.encode() in argv and b"launch.slurm" not in argv:
-            return pid
-    return None
+    found = procs.pids(args=(module,), without=("launch.slurm",), among=testhosts.ns_pids(ns))
+    return found[0] if found else None
 
 
 def test_a_throttled_node_is_named_the_straggler(hosts, synth_data):

@@ -48,7 +48,8 @@ def test_the_loader_bench_reads_shards_as_training_does_and_marks_rebuilds(tmp_p
     epoch's rebuild fell in is counted and starred in the table."""
     from hvdtrain.bench.loader import parser, window_cells
     from hvdtrain.bench.loader_runs import run_one
-    from hvdtrain.data.wds import Sample, open_shards, write_split
+    from hvdtrain.data.shards import open_shards
+    from hvdtrain.data.wds import Sample, write_split
     from tests.conftest import jpeg, unique_shards
 
     a = parser().parse_args(["--size", "32", "--batch-size", "8", "--threads", "1", "--windows", "3",

@@ -16,7 +16,7 @@ def test_no_visible_gpu_is_the_cpu_path():
 
 def test_more_ranks_than_gpus_stops_and_says_what_to_run():
     with pytest.raises(GpuLayoutError) as e:
-        gpu_for_rank(1, 2, 1)  # the seed's `horovodrun -np 2` on a one-GPU machine
+        gpu_for_rank(1, 2, 1)  # `horovodrun -np 2` on a one-GPU machine
     msg = str(e.value)
     assert "2 ranks on this node but it shows 1 GPU(s)" in msg
     assert "horovodrun -np 1 -H localhost:1" in msg and "CUDA_VISIBLE_DEVICES= horovodrun -np 2" in msg

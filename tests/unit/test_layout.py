@@ -96,7 +96,7 @@ def test_the_import_graph_has_no_circle():
 
 
 def test_no_floor_imports_a_floor_above_it():
-    """data/ and kernels/ import nothing of ours above them; hvdtrain/ imports neither
+    """data/ and kernels/ import nothing of hvdtrain's above them; hvdtrain/ imports neither
     bench/ nor launch/ (the trainer does not depend on its own benchmark or launchers)."""
     bad = [f"{m} imports {n}" for m, deps in graph().items() for n in deps
            if room_of(n) != room_of(m) and FLOOR[room_of(n)] >= FLOOR[room_of(m)]]
@@ -116,3 +116,18 @@ def test_usage_model_table_is_the_registry():
 
     assert M.readme_table() in open(os.path.join(ROOT, "docs", "usage.md")).read(), \
         "docs/usage.md's model table differs from `python -m hvdtrain.model`: paste its output"
+
+
+def test_exit_codes_have_one_table():
+    """hvdtrain/exits.py is the table of exit codes; the modules that end a run name its
+    constants instead of writing (or describing) the numbers again."""
+    from hvdtrain import exits
+
+    assert (exits.OK, exits.FAILED, exits.REFUSED, exits.STALLED, exits.PREEMPTED) == (0, 1, 2, 3, 4)
+    assert sorted(exits.MEANING) == [0, 1, 2, 3, 4] and all(exits.MEANING.values())
+    numbers = re.compile(r"\bexits? [1-4]\b|\bExit codes: [0-4]|os\._exit\([1-4]\)|SystemExit\([0-4]\)|return [0-4]$",
+                         re.M)
+    found = [f"{mod}: {m.group()}" for mod in ("session", "watchdog", "preempt", "sanity", "train", "evaluate",
+                                                "export", "dist", "elastic", "resume")
+             for m in numbers.finditer(open(os.path.join(ROOT, "hvdtrain", f"{mod}.py")).read())]
+    assert not found, found

@@ -16,6 +16,7 @@ import torch
 from hvdtrain.data.shards import open_shards
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
+from hvdtrain import exits
 from hvdtrain import loader as L
 from hvdtrain import preempt as P
 from hvdtrain import step as S
@@ -153,7 +154,7 @@ def test_train_exits_4_with_a_checkpoint_and_resume_auto_continues_from_it(synth
     p = start(cmd, run_dir)
     p.send_signal(signal.SIGUSR1)
     out, err = finish_run(p)
-    assert p.returncode == P.EXIT_PREEMPTED, err[-3000:]
+    assert p.returncode == exits.PREEMPTED, err[-3000:]
     rec = json.load(open(os.path.join(run_dir, P.RECORD_NAME)))
     k = rec["step"]
     assert rec["reason"] == "SIGUSR1 on 1 of 1 rank(s)" and rec["resumable"] and 1 <= k < 100000
@@ -166,7 +167,7 @@ def test_train_exits_4_with_a_checkpoint_and_resume_auto_continues_from_it(synth
     with open(os.path.join(run_dir, P.REQUEST_NAME), "w") as f:
         f.write("SIGUSR1 from a test\n")
     out, err = finish_run(p)
-    assert p.returncode == P.EXIT_PREEMPTED, err[-3000:]
+    assert p.returncode == exits.PREEMPTED, err[-3000:]
     assert f"resume: {run_dir}/ckpt-{k:08d}.pt (step {k}" in out
     again = json.load(open(os.path.join(run_dir, P.RECORD_NAME)))
     assert again["step"] > k and again["reason"] == f"{P.REQUEST_NAME} from the batch shell"
@@ -179,7 +180,7 @@ def test_sanity_exits_4_saying_it_cannot_be_resumed(synth_data, tmp_path):
                         "--run.progress=False", f"--run.dir={run_dir}"], run_dir)
     p.send_signal(signal.SIGTERM)
     out, err = finish_run(p)
-    assert p.returncode == P.EXIT_PREEMPTED, err[-3000:]
+    assert p.returncode == exits.PREEMPTED, err[-3000:]
     assert "hvdtrain.sanity: preempted (SIGTERM on 1 of 1 rank(s))" in err and "cannot be resumed" in err
     rec = json.load(open(os.path.join(run_dir, P.RECORD_NAME)))
     assert rec["resumable"] is False and rec["checkpoint"] is None

@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from hvdtrain.data.wds import Sample, open_shards, write_split
+from hvdtrain.data.shards import open_shards
+from hvdtrain.data.wds import Sample, write_split
 from hvdtrain.loader import DaliLoader
 from hvdtrain.pipeline import PipeSpec
 from tests.conftest import jpeg

@@ -1,4 +1,4 @@
-"""Shards: our writer, DALI indexes, _info.json, path expansion, other tools' shards."""
+"""Shards: hvdtrain's writer (data.wds), DALI indexes, _info.json, path expansion, other tools' shards."""
 import json
 import os
 import subprocess
@@ -9,8 +9,10 @@ import webdataset as wds
 from PIL import Image
 
 from hvdtrain.data import make_shards
-from hvdtrain.data.wds import (INFO_NAME, ShardError, expand_braces, iter_samples, open_shards, resolve_shards,
-                      write_index)
+from hvdtrain.data.records import expand_braces
+from hvdtrain.data.shards import open_shards, resolve_shards
+from hvdtrain.data.tarindex import ShardError
+from hvdtrain.data.wds import INFO_NAME, iter_samples, write_index
 from tests.conftest import jpeg, unique_shards
 
 WDS2IDX = os.path.join(os.path.dirname(sys.executable), "wds2idx")

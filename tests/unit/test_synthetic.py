@@ -1,5 +1,5 @@
 """--data.loader=synthetic: batches of the config's shapes made on the device, labels
-drawn from the seed, and a run that says SYNTHETIC wherever it records its data."""
+drawn from the run's seed, and a run that says SYNTHETIC wherever it records its data."""
 import json
 
 import pytest

@@ -9,10 +9,13 @@ import sys
 import pytest
 import torch
 
+from hvdtrain.data import files
 from hvdtrain import checkpoint as ckpt
 from hvdtrain import config as C
+from hvdtrain import exits
 from hvdtrain import model as M
 from hvdtrain import optim
+from hvdtrain import resume as R
 from tests.conftest import ROOT
 
 
@@ -142,16 +145,16 @@ def test_save_keeps_the_newest_n_and_best_survives_pruning(tmp_path):
     names = sorted(os.listdir(tmp_path))
     assert names == ["best.pt", "ckpt-00000015.pt", "ckpt-00000020.pt"]
     assert ckpt.load(str(tmp_path / "best.pt"))["step"] == 5  # a hard link: outlives ckpt-5
-    assert ckpt.find_resume(str(tmp_path))[1]["step"] == 20
+    assert R.find_resume(str(tmp_path))[1]["step"] == 20
 
 
 def test_an_unreadable_newest_checkpoint_is_skipped_with_a_message(tmp_path):
     ckpt.save(str(tmp_path), payload(5), 5, keep_last=3)
     good = (tmp_path / "ckpt-00000005.pt").read_bytes()
     (tmp_path / "ckpt-00000010.pt").write_bytes(good[: len(good) // 2])   # a torn file from a plain writer
-    (tmp_path / "ckpt-00000015.pt.tmp-123").write_bytes(good[:100])      # our writer's leftover temp
+    (tmp_path / "ckpt-00000015.pt.tmp-123-456").write_bytes(good[:100])  # an atomic writer's leftover (data.files)
     said = []
-    path, got = ckpt.find_resume(str(tmp_path), log=said.append)
+    path, got = R.find_resume(str(tmp_path), log=said.append)
     assert path.endswith("ckpt-00000005.pt") and got["step"] == 5
     assert len(said) == 1 and "ckpt-00000010.pt is unreadable" in said[0]
 
@@ -175,17 +178,18 @@ def test_loading_never_runs_code_from_the_file(tmp_path, monkeypatch):
 def test_resume_refusal_names_both_hashes_and_fingerprints():
     saved = {"config_hash": "aaa", "data_fingerprint": {"train": "d1", "val": "v1"}}
     now = {"config_hash": "bbb", "data_fingerprint": {"train": "d2", "val": "v1"}}
-    with pytest.raises(ckpt.ResumeRefused) as e:
-        ckpt.check_provenance(saved, now, anyway=False)
+    with pytest.raises(exits.Refused) as e:
+        R.check_provenance(saved, now, anyway=False)
     msg = str(e.value)
     assert "config hash aaa (checkpoint) != bbb (this run)" in msg
     assert "train data fingerprint d1 (checkpoint) != d2 (this run)" in msg and "val data" not in msg
-    assert len(ckpt.check_provenance(saved, now, anyway=True)) == 2
+    assert len(R.check_provenance(saved, now, anyway=True)) == 2
 
 
 _KILL_WRITER = """
 import sys, torch
 sys.path.insert(0, {root!r})
+from hvdtrain.data import files
 from hvdtrain import checkpoint as ckpt
 step = 1
 while True:
@@ -207,12 +211,13 @@ def test_kill9_while_writing_leaves_a_loadable_previous_checkpoint(tmp_path):
         p.wait()
     found = ckpt.list_checkpoints(str(tmp_path))
     assert found and all(ckpt.load(f)["w"].numel() == 8_000_000 for f in found)
-    assert ckpt.find_resume(str(tmp_path))[1]["step"] >= 2
+    assert R.find_resume(str(tmp_path))[1]["step"] >= 2
 
 
 _FULL_DISK = """
 import resource, signal, sys, torch
 sys.path.insert(0, {root!r})
+from hvdtrain.data import files
 from hvdtrain import checkpoint as ckpt
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # a write past the limit fails with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))  # files up to 4 MiB: a small disk
@@ -256,7 +261,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
     try:
         lock = ckpt.RunLock(str(tmp_path))
         (tmp_path / ".lock").write_text(json.dumps({"pid": live.pid, "host": lock.me["host"],
-                                                    "start": ckpt._proc_start(live.pid), "since": "then"}))
+                                                    "start": files.proc_start(live.pid), "since": "then"}))
         with pytest.raises(ckpt.LockError, match=f"in use by a live run \\(pid {live.pid}"):
             lock.acquire()
     finally:
