@@ -297,14 +297,9 @@ def run(a) -> dict:
         "launch": lambda: launches(a, work),
         "clients": lambda: {k: clients(p + "jpeg/", jpegs) for k, p in buckets.items() if p},
     }
-    for name, fn in sections.items():
-        if name in skip:
-            continue
-        try:
-            res[name] = fn()
-        except Exception as e:  # noqa: BLE001 - one failed section is reported, the others still run
-            res.setdefault("errors", {})[name] = f"{e.__class__.__name__}: {e}"[:2000]
-        print(f"bench.remote: {name} done", flush=True)
+    from hvdtrain.bench.report import run_sections
+
+    run_sections(sections, skip, res, after=lambda name: print(f"bench.remote: {name} done", flush=True))
     return res
 
 

@@ -23,7 +23,8 @@ import time
 from hvdtrain.data import cache, nodecache, remote
 from hvdtrain.data.records import META_VERSION, quick_fingerprint, shard_meta
 from hvdtrain.data.store import Obj, RemoteError, retrying
-from hvdtrain.data.tarindex import ShardError, index_problem, index_text, read_index_count, walk, write_atomic
+from hvdtrain.data.files import write_atomic
+from hvdtrain.data.tarindex import ShardError, index_problem, index_text, read_index_count, walk
 from hvdtrain.data.wds import INFO_FORMAT, INFO_NAME, LABEL_EXT
 
 READ_AHEAD = 64 << 10

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from hvdtrain.data import remote, store
+from hvdtrain.data.files import pid_alive
 from hvdtrain.data.store import Obj, RemoteError
 
 TICK_S = 0.05
@@ -154,7 +155,7 @@ class Fetcher:
 
     def _live(self, w: dict, path: str) -> bool:
         if w.get("host") == self.cache.host:
-            if _alive(int(w["pid"])):
+            if pid_alive(int(w["pid"])):
                 return True
             try:
                 os.remove(path)  # a dead process's wants
@@ -343,13 +344,3 @@ class Fetcher:
 
 def gb(n: float) -> str:
     return f"{n / 1e9:.3g} GB"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

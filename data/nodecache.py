@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 from hvdtrain.data.store import Obj, RemoteError
-from hvdtrain.data.tarindex import write_atomic
+from hvdtrain.data.files import write_atomic
 
 DEFAULT_BOUND_GB = 100.0
 WAIT_POLL_S = 0.02

@@ -16,7 +16,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from hvdtrain.data.tarindex import ShardError, write_atomic
+from hvdtrain.data.files import write_atomic
+from hvdtrain.data.tarindex import ShardError
 
 _USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)([^/@\s]+)@", re.I)
 RETRY_S = 60.0        # default: seconds without a byte of progress before a read fails

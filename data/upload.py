@@ -18,7 +18,7 @@ import os
 
 from hvdtrain.data import cache, remote
 from hvdtrain.data.store import RemoteError
-from hvdtrain.data.tarindex import write_atomic
+from hvdtrain.data.files import write_atomic
 from hvdtrain.data.wds import INFO_NAME, index_path_for
 
 

@@ -45,7 +45,23 @@ def _wait_listening(port: int, p: subprocess.Popen, log: str, timeout_s: float =
     raise RuntimeError(f"server did not listen on {port} within {timeout_s} s: {open(log).read()[-2000:]}")
 
 
-class _Server:
+class _Process:
+    """A server process of the test's own: killed on stop, and when its `with` block ends."""
+    proc: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _Server(_Process):
     def __init__(self, cmd: list[str], port: int, env: dict | None = None):
         self.port = port
         self.dir = tempfile.mkdtemp(prefix="hvdtrain-store-")
@@ -59,16 +75,6 @@ class _Server:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def upload(self, folder: str, bucket: str, prefix: str, create: bool = True) -> list[str]:
         """The folder's files as `prefix<name>` objects (the bucket made first with `create`)."""
@@ -169,7 +175,7 @@ class GCSServer(_Server):
         self.client().bucket(bucket).blob(key).upload_from_filename(path)
 
 
-class FaultProxy:
+class FaultProxy(_Process):
     """tests.faultproxy in front of `server`, as its own process."""
 
     def __init__(self, server: _Server):
@@ -213,13 +219,3 @@ class FaultProxy:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.control}/stats", timeout=10) as r:
             return json.loads(r.read())
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
