@@ -7,7 +7,7 @@ NP      ?= 2
 ARGS    ?=
 # every multi-process test and run is bounded: a hung collective fails, never blocks CI
 TIMEOUT ?= 1200
-# --gloo: our Horovod is built with Gloo only; without the flag horovodrun first forks a
+# --gloo: make setup builds Horovod with Gloo only; without the flag horovodrun first forks a
 # process that imports torch to ask whether MPI is built (3.4 s per launch on 2 cores)
 
 .PHONY: setup sanity test test-unit test-parallel test-e2e test-slurm bench gpu-check clean
@@ -17,17 +17,25 @@ EXTRAS  ?=
 setup:
 	@HVDTRAIN_EXTRAS="$(EXTRAS)" install/setup.sh
 
-## set-up, the embedded synthetic data set, then the 2-rank GO/NO-GO run (seed config);
+## set-up, the embedded synthetic data set, then the 2-rank GO/NO-GO run (the sanity preset);
 ## horovodrun's "[rank]<stdout>:" prefixes (also after a progress bar's \r) are taken off so the report reads as it is
 ## written to runs/<run-id>/sanity.md (the exit status is horovodrun's: pipefail)
 sanity: setup
 	timeout -k 30 $(TIMEOUT) $(HVDRUN) --gloo -np $(NP) -H localhost:$(NP) $(PY) -m hvdtrain.sanity $(ARGS) 2>&1 \
 		| sed -u -E 's/(^|\r)\[[0-9]+\]<std(out|err)>:/\1/g'
 
-## set-up, then every test: one process, 2 Horovod ranks, whole commands, a real Slurm cluster
-test: EXTRAS += remote test
-test: setup
-	$(MAKE) --no-print-directory test-unit test-parallel test-e2e test-slurm
+## set-up, then every test: one process, 2 Horovod ranks, whole commands, a real Slurm cluster;
+## it stops at the first room that fails, and ends with each room's time
+test:
+	@t_all=$$(date +%s); rc=0; times=""; \
+	for room in setup test-unit test-parallel test-e2e test-slurm; do \
+		t0=$$(date +%s); $(MAKE) --no-print-directory $$room EXTRAS="$(EXTRAS) remote test" || rc=$$?; \
+		times="$$times$$(printf '\n  %-14s %5d s  %s' $$room $$(( $$(date +%s) - t0 )) $$([ $$rc = 0 ] && echo passed || echo FAILED))"; \
+		[ $$rc = 0 ] || break; \
+	done; \
+	printf 'make test: the rooms, in order%s\n  %-14s %5d s  %s\n' "$$times" total $$(( $$(date +%s) - t_all )) \
+		$$([ $$rc = 0 ] && echo passed || echo FAILED); \
+	exit $$rc
 
 # tests/gpu: skipped with the reason on a machine with no GPU (HVDTRAIN_REQUIRE_GPU=1 makes them required)
 test-unit:
@@ -40,7 +48,7 @@ test-parallel:
 	CUDA_VISIBLE_DEVICES= timeout -k 30 $(TIMEOUT) $(HVDRUN) --gloo -np 2 -H localhost:2 $(PY) -m pytest -q -x -p no:cacheprovider tests/parallel
 
 test-e2e:
-	$(PY) -m pytest -q tests/e2e
+	$(PY) -m pytest -q --durations=10 tests/e2e
 
 # a one-node Slurm cluster on loopback (apt-get installs Debian's packages if missing;
 # HVDTRAIN_SKIP_SLURM=1 leaves this room out and says so)
@@ -49,7 +57,7 @@ ifeq ($(HVDTRAIN_SKIP_SLURM),1)
 	@echo "test-slurm: SKIPPED (HVDTRAIN_SKIP_SLURM=1): the sbatch scripts were not tested"
 else
 	tests/clusters/install_slurm.sh
-	$(PY) -m pytest -q tests/slurm
+	$(PY) -m pytest -q --durations=10 tests/slurm
 endif
 
 bench:
