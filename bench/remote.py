@@ -38,6 +38,7 @@ import argparse
 import itertools
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -189,56 +190,67 @@ def epochs_bytes(spec: str, cache_gb: float, epochs: int, gets_log: str | None =
                                                                                            shards.objects.values())}
 
 
-def clients(spec: str, folder: str) -> dict:
-    """Seconds to download every shard of the set with each client (8 at a time)."""
+def clients(spec: str, rounds: int) -> dict:
+    """Seconds to download every shard of the set with each client (8 at a time), the
+    clients alternated `rounds` times (a noisy machine drifts): the median round of each,
+    every round beside it. A client whose first round takes over 30 s runs once."""
     from concurrent.futures import ThreadPoolExecutor
 
     from hvdtrain.data import nodecache, remote
 
     objs, _ = remote.resolve(spec)
     total = sum(o.size for o in objs)
-    res = {}
-
-    def timed(name, fn):
-        t0 = time.monotonic()
-        try:
-            fn()
-            dt = time.monotonic() - t0
-            res[name] = {"s": dt, "mb_s": total / 1e6 / dt}
-        except ImportError as e:
-            res[name] = {"skipped": f"not installed ({e.name})"}
-    timed("hvdtrain (ranged GETs, 16 MiB)", lambda: nodecache.get(nodecache.Options(
-        cache_dir=tempfile.mkdtemp(prefix="bench-clients-"))).fetch("clients", objs))
-    nodecache.close_all()
+    bucket_key = [(o.url.split("/")[2], o.url.split("/", 3)[3]) for o in objs]
     dest = tempfile.mkdtemp(prefix="bench-clients-dl-")
+    files = [os.path.join(dest, o.name) for o in objs]
+    res: dict = {}
+
+    def fsspec(module: str, cls: str, **kw):
+        """An fsspec file system that has listed the prefix once (untimed: gcsfs's first
+        call against an emulator waits out a gRPC probe), or None where not installed."""
+        try:
+            fs = getattr(__import__(module), cls)(**kw)
+        except ImportError as e:
+            res[module] = {"skipped": f"not installed ({e.name})"}
+            return None
+        fs.ls(spec)
+        return fs
+
+    def hvdtrain_get():
+        nodecache.get(nodecache.Options(cache_dir=dest)).fetch("clients", objs)
+        nodecache.close_all()
+
+    def pool(get):
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(get, bucket_key, files))
+
+    lines = {"hvdtrain (ranged GETs, 16 MiB)": hvdtrain_get}
+    store = remote.store_for(spec)
     if spec.startswith("s3://"):
-        def boto3_tm():
-            store = remote.store_for(spec)
-            with ThreadPoolExecutor(8) as ex:
-                list(ex.map(lambda o: store.client().download_file(o.url.split("/")[2], o.url.split("/", 3)[3],
-                                                                   os.path.join(dest, o.name)), objs))
-        timed("boto3 transfer manager", boto3_tm)
-
-        def s3fs_get():
-            import s3fs
-
-            fs = s3fs.S3FileSystem(endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
-            fs.get([o.url for o in objs], [os.path.join(dest, "f-" + o.name) for o in objs])
-        timed("s3fs", s3fs_get)
+        lines["boto3 transfer manager"] = lambda: pool(lambda bk, f: store.client().download_file(*bk, f))
+        fs = fsspec("s3fs", "S3FileSystem", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+        if fs is not None:
+            lines["s3fs"] = lambda: fs.get([o.url for o in objs], files)
     else:
-        def gcs_blobs():
-            store = remote.store_for(spec)
-            with ThreadPoolExecutor(8) as ex:
-                list(ex.map(lambda o: store.client().bucket(o.url.split("/")[2]).blob(o.url.split("/", 3)[3])
-                            .download_to_filename(os.path.join(dest, o.name)), objs))
-        timed("google-cloud-storage download_to_filename", gcs_blobs)
-
-        def gcsfs_get():
-            import gcsfs
-
-            fs = gcsfs.GCSFileSystem(endpoint_url=os.environ.get("STORAGE_EMULATOR_HOST"), token="anon")
-            fs.get([o.url for o in objs], [os.path.join(dest, "f-" + o.name) for o in objs])
-        timed("gcsfs", gcsfs_get)
+        lines["google-cloud-storage download_to_filename"] = lambda: pool(
+            lambda bk, f: store.client().bucket(bk[0]).blob(bk[1]).download_to_filename(f))
+        gfs = fsspec("gcsfs", "GCSFileSystem", endpoint_url=os.environ.get("STORAGE_EMULATOR_HOST"),
+                     token="anon" if os.environ.get("STORAGE_EMULATOR_HOST") else None)
+        if gfs is not None:
+            lines["gcsfs"] = lambda: gfs.get([o.url for o in objs], files)
+    took: dict[str, list[float]] = {k: [] for k in lines}
+    for _ in range(rounds):
+        for name, fn in lines.items():
+            if took[name] and took[name][0] > 30:
+                continue
+            t0 = time.monotonic()
+            fn()
+            took[name].append(time.monotonic() - t0)
+            shutil.rmtree(dest)  # each client writes into an empty folder
+            os.makedirs(dest)
+    for name, ts in took.items():
+        med = statistics.median(ts)
+        res[name] = {"s": med, "mb_s": total / 1e6 / med, "rounds_s": ts}
     return {"set_bytes": total, **res}
 
 
@@ -266,12 +278,12 @@ def launches(a, work: str) -> dict:
 
 
 def run(a) -> dict:
-    from hvdtrain.bench.loader_runs import make_imagenet_like
-
     work = a.work or tempfile.mkdtemp(prefix="bench-remote-")
     os.environ.setdefault("HVDTRAIN_CACHE", os.path.join(work, "cache"))
     jpegs = os.path.join(work, "jpeg")
     if not os.path.isdir(jpegs):
+        from hvdtrain.bench.loader_runs import make_imagenet_like  # torch: not in a clients-only venv
+
         print(f"bench.remote: making {a.images} 500x375 JPEGs in {jpegs} ...", flush=True)
         make_imagenet_like(jpegs, a.images, 0, shard_size=a.shard_size)
     set_bytes = sum(os.path.getsize(os.path.join(jpegs, f)) for f in os.listdir(jpegs) if f.endswith(".tar"))
@@ -295,7 +307,7 @@ def run(a) -> dict:
         "epochs": lambda: {"small_cache": epochs_bytes(a.s3 + "jpeg/", half, 3, a.server_log),
                            "whole_cache": epochs_bytes(a.s3 + "jpeg/", 2 * set_bytes / 1e9, 2, a.server_log)},
         "launch": lambda: launches(a, work),
-        "clients": lambda: {k: clients(p + "jpeg/", jpegs) for k, p in buckets.items() if p},
+        "clients": lambda: {k: clients(p + "jpeg/", a.rounds) for k, p in buckets.items() if p},
     }
     from hvdtrain.bench.report import run_sections
 
@@ -355,8 +367,9 @@ def table(res: dict) -> str:
     for k, c in res.get("clients", {}).items():
         for name, r in c.items():
             if isinstance(r, dict):
-                lines.append(f"client {k} {name:<42} " + (f"{r['s']:.2f} s, {r['mb_s']:.0f} MB/s" if "s" in r
-                                                         else r["skipped"]))
+                lines.append(f"client {k} {name:<42} " + (
+                    f"{r['s']:.2f} s, {r['mb_s']:.0f} MB/s (median of {len(r['rounds_s'])}: "
+                    + " ".join(f"{t:.2f}" for t in r["rounds_s"]) + " s)" if "s" in r else r["skipped"]))
     lines.append("")
     lines.append(f"{'figure':<66} {'target':>18} {'measured':>10}  result")
     for name, target, value, verdict in checks(res):
