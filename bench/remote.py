@@ -388,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="DALI threads")
     p.add_argument("--window-shards", type=int, default=8, help="reader windows, shards (training's default)")
     p.add_argument("--windows", type=int, default=10, help="timed windows of 8 batches per loader line")
-    p.add_argument("--rounds", type=int, default=3, help="local and s3-through-the-cache loader lines, alternated")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of the alternated lines: local against s3 through the cache, and the clients")
     p.add_argument("--launch-shards", type=int, default=1024)
     p.add_argument("--launch-per-shard", type=int, default=1251)
     p.add_argument("--repeats", type=int, default=3, help="launches of each kind, alternated")
