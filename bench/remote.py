@@ -86,8 +86,9 @@ def loader_line(spec: str, a, cache_gb: float, remote_mode: str = "cache", gets_
     opts = nodecache.Options(mode=remote_mode, cache_dir=tempfile.mkdtemp(prefix="bench-remote-cache-"),
                              cache_gb=cache_gb)
     shards = open_shards(spec, remote=opts)
-    la = parser().parse_args(["--threads", str(a.threads), "--batch-size", "64", "--windows", str(windows or a.windows),
-                              "--window-batches", "8", "--warmup", str(warmup), "--data", spec,
+    la = parser().parse_args(["--threads", str(a.threads), "--batch-size", str(a.batch_size),
+                              "--windows", str(windows or a.windows), "--window-batches", "8", "--warmup", str(warmup),
+                              "--data", spec,
                               "--window-shards", str(a.window_shards if window_shards is None else window_shards)])
     g0, c0 = log_gets(gets_log), COUNTERS.snapshot()["gets"]
     server = server_process(spec)
@@ -288,7 +289,7 @@ def run(a) -> dict:
         make_imagenet_like(jpegs, a.images, 0, shard_size=a.shard_size)
     set_bytes = sum(os.path.getsize(os.path.join(jpegs, f)) for f in os.listdir(jpegs) if f.endswith(".tar"))
     half, most = set_bytes / 2 / 1e9, set_bytes * 0.75 / 1e9  # caches smaller than the set
-    epoch = a.images // 64  # warm-up batches: one epoch, so the fetcher is in its steady state (the cold line: 4)
+    epoch = a.images // a.batch_size  # warm-up batches: one epoch, the fetcher in its steady state (cold line: 4)
     res: dict = {"set": {"images": a.images, "bytes": set_bytes, "shards": len([f for f in os.listdir(jpegs)
                                                                               if f.endswith(".tar")])}}
     buckets = {"s3": a.s3, "gs": a.gs}
@@ -302,7 +303,7 @@ def run(a) -> dict:
                          s3_cache=lambda: loader_line(a.s3 + "jpeg/", a, most, "cache", a.server_log, warmup=epoch)),
             "s3_cache_cold": loader_line(a.s3 + "jpeg/", a, most, "cache", a.server_log),
             "local_windows": loader_line(jpegs, a, most, warmup=epoch),
-            "s3_direct": loader_line(a.s3 + "jpeg/", a, most, "direct", a.server_log, windows=3),
+            "s3_direct": loader_line(a.s3 + "jpeg/", a, most, "direct", a.server_log, windows=min(3, a.windows)),
             **({"gs_cache": loader_line(a.gs + "jpeg/", a, most, "cache", warmup=epoch)} if a.gs else {})},
         "epochs": lambda: {"small_cache": epochs_bytes(a.s3 + "jpeg/", half, 3, a.server_log),
                            "whole_cache": epochs_bytes(a.s3 + "jpeg/", 2 * set_bytes / 1e9, 2, a.server_log)},
@@ -388,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="DALI threads")
     p.add_argument("--window-shards", type=int, default=8, help="reader windows, shards (training's default)")
     p.add_argument("--windows", type=int, default=10, help="timed windows of 8 batches per loader line")
+    p.add_argument("--batch-size", type=int, default=64, help="the loader lines' batch")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds of the alternated lines: local against s3 through the cache, and the clients")
     p.add_argument("--launch-shards", type=int, default=1024)

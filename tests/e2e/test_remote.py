@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -295,3 +296,33 @@ def test_on_error_skip_leaves_out_a_bad_sample_of_a_bucket(world, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert ("data    train: skipping 1 bad sample(s) (data.on_error=skip): s3://hvd-train/withbad/part-000002.tar: "
             "broken-0001: undecodable image") in r.stdout, r.stdout[-3000:]
+
+
+def test_bench_remote_measures_each_line_and_prints_bench_json_last(world, tmp_path):
+    """bench.remote as documented, on a small set: every loader line measured (local, through
+    the cache, DALI direct), GETs counted from the S3 server's log, the bytes of each
+    epoch (none in epoch 2 when the cache holds the set), its checks judged, one
+    `BENCH_JSON` line last."""
+    r = run([sys.executable, "-m", "bench.remote", "--s3", "s3://hvd-train/bench/", "--server-log", world["s3"].log,
+             "--images", "512", "--shard-size", "16", "--threads", "1", "--batch-size", "16", "--window-shards", "2",
+             "--windows", "1", "--rounds", "1", "--skip", "launch,clients",
+             "--work", str(tmp_path / "work"), "--run-dir", str(tmp_path / "report")],
+            env=env_with(world["s3"].env(), HVDTRAIN_CACHE=str(tmp_path / "cache")))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("BENCH_JSON "), last
+    doc = json.loads(last[len("BENCH_JSON "):])
+    assert doc["error"] is None and "errors" not in doc["results"], doc["results"].get("errors")
+    lines = doc["results"]["loader"]
+    for name in ("local", "s3_cache", "s3_cache_cold", "local_windows", "s3_direct"):
+        assert lines[name]["error"] is None and lines[name]["img_s"] > 0, (name, lines[name])
+    assert lines["s3_cache"]["gets_from"] == "server log" and lines["s3_direct"]["gets_from"] == "server log"
+    assert lines["s3_direct"]["gets_per_sample"] > 1 > lines["s3_cache"]["gets_per_sample"]
+    whole = doc["results"]["epochs"]["whole_cache"]
+    assert whole["epochs"][0]["fetched_bytes"] == whole["set_bytes"] and whole["epochs"][1]["fetched_bytes"] == 0
+    small = doc["results"]["epochs"]["small_cache"]
+    assert small["max_held_bytes"] <= small["bound_bytes"] < small["set_bytes"]
+    judged = {c["figure"]: c["result"] for c in doc["checks"]}
+    assert judged["launch to first step, bucket vs local"] == "NOT MEASURED"  # skipped
+    assert all(v in ("PASS", "FAIL") for k, v in judged.items() if "launch" not in k), judged
+    assert "loader s3_direct" in r.stdout and os.path.exists(tmp_path / "report" / "bench-remote.md")
