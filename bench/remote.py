@@ -283,7 +283,7 @@ def run(a) -> dict:
     os.environ.setdefault("HVDTRAIN_CACHE", os.path.join(work, "cache"))
     jpegs = os.path.join(work, "jpeg")
     if not os.path.isdir(jpegs):
-        from hvdtrain.bench.loader_runs import make_imagenet_like  # torch: not in a clients-only venv
+        from hvdtrain.bench.loader_runs import make_imagenet_like
 
         print(f"bench.remote: making {a.images} 500x375 JPEGs in {jpegs} ...", flush=True)
         make_imagenet_like(jpegs, a.images, 0, shard_size=a.shard_size)
