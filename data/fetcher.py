@@ -54,6 +54,7 @@ class Fetcher:
         self.blocked_since: dict[str, float] = {}
         self.stats = self._load_stats()
         self.full_note = ""  # set when the disk filled up before the bound
+        self._read: dict[str, tuple] = {}  # wants files parsed at the last tick, by path (_read_wants)
         self._last_stats = 0.0
 
     # ---------------------------------------------------------------- lifecycle
@@ -129,29 +130,49 @@ class Fetcher:
         best: dict[str, tuple[float, Obj]] = {}
         pinned, waiting = set(), set()
         folder = os.path.join(self.cache.root, "wants")
+        read: dict[str, tuple] = {}
         for e in os.scandir(folder):
-            try:
-                with open(e.path) as f:
-                    w = json.load(f)
-            except (OSError, ValueError):
+            got = self._read_wants(e)
+            if got is None:
                 continue
+            read[e.path] = got
+            w, channels = got[1], got[2]
             if not self._live(w, e.path):
                 continue
-            for ch in w["channels"].values():
-                for o in ch["pinned"]:
-                    obj = Obj(**o)
+            for held, rest, chan_waiting in channels:
+                for obj in held:
                     pinned.add(obj.sig)
                     best[obj.sig] = (-1.0, obj)
                 # positions count the channel's pinned objects too: a reader that has pinned its
                 # next window is no nearer to the one after than a reader that has not yet
-                ahead = len(ch["pinned"])
-                held = {Obj(**o).sig for o in ch["pinned"]}
-                for i, o in enumerate(x for x in ch["want"] if Obj(**x).sig not in held):
-                    obj = Obj(**o)
-                    if obj.sig not in best or best[obj.sig][0] > i + ahead:
-                        best[obj.sig] = (float(i + ahead), obj)
-                waiting.update(ch["waiting"])
+                for i, obj in enumerate(rest, start=len(held)):
+                    if obj.sig not in best or best[obj.sig][0] > i:
+                        best[obj.sig] = (float(i), obj)
+                waiting.update(chan_waiting)
+        self._read = read
         return [o for _, o in sorted(best.values(), key=lambda x: x[0])], pinned, waiting
+
+    def _read_wants(self, e: os.DirEntry) -> tuple | None:
+        """A wants file as (stat, its JSON, per channel (pinned objects, wanted objects not
+        pinned, waiting sigs)); parsed again only when it changed (the fetcher ticks every
+        TICK_S, the readers rewrite theirs once a window)."""
+        try:
+            st = e.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            old = self._read.get(e.path)
+            if old is not None and old[0] == stamp:
+                return old
+            with open(e.path) as f:
+                w = json.load(f)
+        except (OSError, ValueError):
+            return None
+        channels = []
+        for ch in w["channels"].values():
+            held = [Obj(**o) for o in ch["pinned"]]
+            sigs = {o.sig for o in held}
+            channels.append((held, [o for o in map(lambda x: Obj(**x), ch["want"]) if o.sig not in sigs],
+                             ch["waiting"]))
+        return stamp, w, channels
 
     def _live(self, w: dict, path: str) -> bool:
         if w.get("host") == self.cache.host:

@@ -8,6 +8,7 @@ carries them is refused (`refuse_credentials_in`) and shown redacted.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import random
@@ -65,7 +66,7 @@ class Obj:
     etag: str            # S3: the ETag; GCS: the generation
     md5: str = ""        # GCS: base64 MD5 of the whole object, when the store keeps one
 
-    @property
+    @functools.cached_property
     def sig(self) -> str:
         """The cache key: bucket, key, size and ETag/generation."""
         return hashlib.sha256(f"{self.url}\n{self.size}\n{self.etag}".encode()).hexdigest()[:32]
